@@ -1,0 +1,5 @@
+import sys
+
+from fluxstudio.cli import main
+
+sys.exit(main())

@@ -1,0 +1,285 @@
+"""One build end to end: resolve -> inspect -> plan -> check disk -> stream -> finalize -> report.
+
+Orchestration only. Everything is written into a hidden `.NAME.partial-*` folder beside the target and renamed
+into place when complete; any failure or cancel removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fluxstudio import __version__
+from fluxstudio.errors import BadInputError, DiskSpaceError, OutputError
+from fluxstudio.fuse import execute, plan
+from fluxstudio.lora import load_lora
+from fluxstudio.memory import MemorySampler
+from fluxstudio.models import open_base
+from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, check, report
+from fluxstudio.quantize import PRECISIONS, make_quantizer
+from fluxstudio.writer import ShardedWriter
+from fluxstudio import snippets
+
+DEFAULT_SHARD_BYTES = 5 * 10**9
+MANIFEST = "fluxstudio.json"
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    ref: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    base: str
+    loras: tuple[LoraRef, ...]
+    precision: str
+    out_dir: Path
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    device: str = "auto"
+    overwrite: bool = False
+    ignore_unmatched: bool = False
+    double_quant: bool = False
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    output_dir: str
+    precision: str
+    seconds: float
+    stage_seconds: dict[str, float]
+    peak_ram_bytes: int
+    peak_anon_bytes: int
+    peak_vram_bytes: int
+    output_bytes: int
+    files: list[str]
+    tensors_fused: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def free_disk_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def resolve_ref(ref: str, kind: str) -> Path:
+    """A local path, or `demo`. (Hub references come through fluxstudio.hub.)"""
+    if ref == "demo":
+        from fluxstudio import demo
+
+        return demo.ensure_base() if kind == "base" else demo.ensure_lora()
+    return Path(ref).expanduser().resolve()
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("No CUDA GPU is available to this program.", "Use --device cpu (or auto).")
+    if device not in ("cpu", "cuda"):
+        raise BadInputError(f"Unknown device {device!r}.", "Use auto, cpu or cuda.")
+    return device
+
+
+def _inside(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    for p in inputs:
+        if _inside(out, p) or _inside(p, out):
+            raise OutputError(
+                f"The output folder {out.name} overlaps an input ({p.name}); FluxStudio never writes over its inputs.",
+                "Choose another output folder.",
+            )
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is a file.", "Choose another output name.")
+    if out.exists() and not overwrite:
+        raise OutputError(f"The output folder {out.name} already exists.", "Choose another name, or allow overwriting.")
+
+
+def _clean_stale(out: Path) -> None:
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def build(
+    req: BuildRequest,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    free_bytes: Callable[[Path], int] = free_disk_bytes,
+) -> BuildResult:
+    if req.precision not in PRECISIONS:
+        raise BadInputError(f"Unknown precision {req.precision!r}.", f"Use one of {', '.join(PRECISIONS)}.")
+    stages: dict[str, float] = {}
+    t0 = time.monotonic()
+    with MemorySampler() as sampler:
+        tick = time.monotonic()
+
+        def stage_done(name: str) -> None:
+            nonlocal tick
+            now = time.monotonic()
+            stages[name] = round(stages.get(name, 0.0) + now - tick, 3)
+            tick = now
+
+        report(progress, ProgressEvent("prepare", message="Preparing inputs"))
+        device = pick_device(req.device)
+        base_path = resolve_ref(req.base, "base")
+        lora_paths = [resolve_ref(r.ref, "lora") for r in req.loras]
+        out = Path(req.out_dir).expanduser().resolve()
+        check_output(out, [base_path, *lora_paths], req.overwrite)
+        stage_done("prepare")
+
+        report(progress, ProgressEvent("inspect", message="Reading the base model and LoRAs"))
+        base = open_base(base_path)
+        loras = []
+        for i, (ref, path) in enumerate(zip(req.loras, lora_paths), start=1):
+            check(cancel)
+            report(progress, ProgressEvent("inspect", i, len(lora_paths), item=path.name, message="Reading LoRAs"))
+            loras.append((load_lora(path, base.family), ref.scale))
+        fplan = plan(base, loras, req.ignore_unmatched)
+        quantizer = make_quantizer(req.precision, base.linear_modules, base.family.model_class(), req.double_quant, device)
+        need = sum(quantizer.estimate_bytes(j.name, _numel(j.out_shape)) for j in fplan.jobs)
+        need += min(req.shard_bytes, need) + (64 << 20)  # the shard being assembled exists twice for a moment
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free = free_bytes(out.parent)
+        if free < need:
+            raise DiskSpaceError(
+                f"Not enough free disk: this build needs about {_gb(need)} and {out.parent} has {_gb(free)} free.",
+                "Free some space or choose another output folder.",
+            )
+        stage_done("inspect")
+
+        _clean_stale(out)
+        tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        writer = ShardedWriter(tmp, req.shard_bytes)
+        try:
+            try:
+                execute(fplan, quantizer.encode, writer.add, device, progress, cancel)
+                stage_done("fuse")
+                report(progress, ProgressEvent("finalize", message="Writing the output"))
+                files = writer.close()
+            except OSError as exc:
+                if exc.errno == 28:
+                    raise DiskSpaceError("The disk ran full while writing the output.", "Free some space and try again.") from None
+                raise
+            finally:
+                writer.abort()
+            config = dict(base.config) | fplan.config_updates
+            qconfig = quantizer.config_block()
+            if qconfig:
+                config["quantization_config"] = qconfig
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            check(cancel)
+            stage_done("finalize")
+            result = BuildResult(
+                output_dir=str(out),
+                precision=req.precision,
+                seconds=round(time.monotonic() - t0, 3),
+                stage_seconds=stages,
+                peak_ram_bytes=sampler.peak_rss_bytes,
+                peak_anon_bytes=sampler.peak_anon_bytes,
+                peak_vram_bytes=sampler.peak_vram_bytes,
+                output_bytes=writer.total_bytes,
+                files=sorted(p.name for p in files),
+                tensors_fused=fplan.fused_count,
+                notes=fplan.notes + [f"{lora.name}: {n}" for lora, _ in loras for n in lora.notes]
+                + [f"{lora.name}: {', '.join(lora.skipped)} parts not fused (transformer only)" for lora, _ in loras if lora.skipped],
+            )
+            manifest = _manifest(req, base, loras, fplan, result)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            (tmp / "README.md").write_text(snippets.readme(out.name, req.precision, base.family, manifest), encoding="utf-8")
+            _move_into_place(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return result
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.replace(old)
+    tmp.replace(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _fingerprint(base) -> str:
+    """A cheap identity of the base weights: file names, sizes and headers (not a full content hash)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for header in base.headers:
+        h.update(header.path.name.encode())
+        h.update(str(header.path.stat().st_size).encode())
+        for name, info in sorted(header.tensors.items()):
+            h.update(f"{name}:{info.dtype}:{info.shape}".encode())
+    return h.hexdigest()
+
+
+def _manifest(req: BuildRequest, base, loras, fplan, result: BuildResult) -> dict:
+    import importlib.metadata as md
+
+    libs = {}
+    for lib in ("torch", "diffusers", "bitsandbytes", "safetensors", "peft", "huggingface_hub"):
+        try:
+            libs[lib] = md.version(lib)
+        except md.PackageNotFoundError:
+            pass
+    return {
+        "fluxstudio_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base": {
+            "ref": req.base if req.base == "demo" else Path(req.base).name,
+            "family": base.family.label,
+            "class_name": base.family.class_name,
+            "variant": base.variant,
+            "dtype": str(base.dtype).removeprefix("torch."),
+            "weights_fingerprint": _fingerprint(base),
+        },
+        "loras": [
+            {
+                "name": lora.name,
+                "sha256": lora.sha256,
+                "scale": scale,
+                "format": lora.format,
+                "ranks": lora.ranks,
+                "modules_matched": fplan.matched.get(lora.name, 0),
+            }
+            for lora, scale in loras
+        ],
+        "precision": req.precision,
+        "double_quant": req.double_quant if req.precision == "nf4" else None,
+        "config_updates": fplan.config_updates,
+        "libraries": libs,
+        "timings": result.stage_seconds,
+        "seconds": result.seconds,
+        "peak_ram_bytes": result.peak_ram_bytes,
+        "output_bytes": result.output_bytes,
+        "notes": result.notes,
+    }

@@ -1,0 +1,164 @@
+"""Command-line front end: `python -m fluxstudio fuse|env|...`. Errors become one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+from fluxstudio import __version__, paths
+from fluxstudio.errors import FluxStudioError
+from fluxstudio.progress import ProgressEvent
+
+log = logging.getLogger("fluxstudio")
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).upper() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 5GB, 500MB)")
+    value = int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the size must be positive")
+    return value
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fluxstudio", description="Fuse LoRAs into FLUX models at full precision, then quantize and save.")
+    p.add_argument("--version", action="version", version=f"FluxStudio {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fuse", help="fuse LoRAs into a base model and save it quantized")
+    f.add_argument("--base", required=True, help="base model: a diffusers folder, or 'demo'")
+    f.add_argument("--lora", action="append", default=[], help="a LoRA .safetensors file, or 'demo' (repeatable)")
+    f.add_argument("--lora-scale", action="append", type=float, default=[], help="scale of the matching --lora (default 1.0; negative allowed)")
+    f.add_argument("--precision", required=True, choices=("bf16", "fp8", "nf4"))
+    f.add_argument("--out", required=True, type=Path, help="output folder (created; must not exist unless --overwrite)")
+    f.add_argument("--shard-size", type=parse_size, default="5GB", help="largest shard file (default 5GB)")
+    f.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
+    f.add_argument("--ignore-unmatched", action="store_true", help="fuse a LoRA even if some of its modules match nothing in the base")
+    f.add_argument("--double-quant", action="store_true", help="nf4: also quantize the scales (smaller, slightly slower)")
+    f.add_argument("--report-json", type=Path, help="also write the final report as JSON to this file")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_fuse)
+    return p
+
+
+class _Bar:
+    """A tqdm bar over bytes for the fuse stage, and one line per other stage."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        if self.quiet:
+            return
+        if ev.stage != "fuse":
+            if ev.stage != self.stage and ev.message:
+                self.close()
+                print(f"{ev.message}...", file=sys.stderr)
+            self.stage = ev.stage
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=ev.bytes_total, unit="B", unit_scale=True, desc="Fusing", file=sys.stderr, dynamic_ncols=True)
+        self.stage = ev.stage
+        self.bar.set_postfix_str(f"{ev.done}/{ev.total} tensors", refresh=False)
+        self.bar.update(ev.bytes_done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from fluxstudio.build import BuildRequest, LoraRef, build
+    from fluxstudio.progress import CancelToken
+    from fluxstudio.snippets import load_snippet
+    from fluxstudio.models import FAMILIES
+
+    if len(args.lora_scale) > len(args.lora):
+        raise FluxStudioError("There are more --lora-scale values than --lora files.", "Give one scale per LoRA, in order.")
+    scales = args.lora_scale + [1.0] * (len(args.lora) - len(args.lora_scale))
+    req = BuildRequest(
+        base=args.base,
+        loras=tuple(LoraRef(r, s) for r, s in zip(args.lora, scales)),
+        precision=args.precision,
+        out_dir=args.out,
+        shard_bytes=args.shard_size if isinstance(args.shard_size, int) else parse_size(args.shard_size),
+        device=args.device,
+        overwrite=args.overwrite,
+        ignore_unmatched=args.ignore_unmatched,
+        double_quant=args.double_quant,
+    )
+    bar = _Bar(args.quiet)
+    try:
+        result = build(req, progress=bar, cancel=CancelToken())
+    finally:
+        bar.close()
+    print(f"Saved {result.precision} model to {result.output_dir}")
+    print(f"  size       {human_bytes(result.output_bytes)} in {len(result.files)} file(s)")
+    print(f"  time       {result.seconds:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in result.stage_seconds.items()) + ")")
+    print(f"  peak RAM   {human_bytes(result.peak_ram_bytes)} (anonymous {human_bytes(result.peak_anon_bytes)})")
+    if result.peak_vram_bytes:
+        print(f"  peak VRAM  {human_bytes(result.peak_vram_bytes)}")
+    print(f"  fused      {result.tensors_fused} tensors")
+    for note in result.notes:
+        print(f"  note       {note}")
+    family = next(f for f in FAMILIES if f.label in json.loads((Path(result.output_dir) / "fluxstudio.json").read_text())["base"]["family"])
+    print("\nLoad it with:\n" + load_snippet(result.output_dir, result.precision, family))
+    if args.report_json:
+        args.report_json.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _setup_logging() -> None:
+    try:
+        paths.logs_dir().mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(paths.logs_dir() / "fluxstudio.log", encoding="utf-8")
+    except OSError:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    for noisy in ("diffusers", "transformers", "bitsandbytes", "huggingface_hub", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return args.func(args)
+    except FluxStudioError as exc:
+        log.info("error: %s", exc)
+        print(f"Error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"       {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("Cancelled. Nothing was saved.", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: a sentence, the details in the log
+        log.exception("unexpected error")
+        print(f"Error: something unexpected went wrong ({type(exc).__name__}: {exc}).", file=sys.stderr)
+        print(f"       Details are in {paths.logs_dir() / 'fluxstudio.log'}.", file=sys.stderr)
+        return 1

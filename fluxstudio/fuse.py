@@ -1,0 +1,189 @@
+"""The streaming engine: plan per base tensor (copy | fuse | widen | replace), then execute one tensor at a time.
+
+W' = W + sum(scale * alpha/rank * B @ A), computed in fp32 and rounded once by the output format. Shapes follow
+diffusers: a LoRA with fewer inputs than the base is zero-padded (Turbo-Alpha on Fill); one with more widens
+the base with zeros and updates the config (Control LoRAs on x_embedder).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fluxstudio.errors import LoraMismatchError, NumericError
+from fluxstudio.lora import LoadedLora
+from fluxstudio.models import BaseModel
+from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, check, report
+from fluxstudio.safefile import TensorInfo
+
+
+@dataclass(frozen=True)
+class Delta:
+    up: torch.Tensor
+    down: torch.Tensor
+    weight: float  # user scale * alpha / rank
+    up_bias: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    name: str
+    source: Path
+    info: TensorInfo
+    out_shape: tuple[int, ...]
+    deltas: tuple[Delta, ...] = ()
+    bias_deltas: tuple[tuple[torch.Tensor, float], ...] = ()
+    replacement: torch.Tensor | None = None
+
+    @property
+    def touched(self) -> bool:
+        return bool(self.deltas or self.bias_deltas) or self.replacement is not None or self.out_shape != self.info.shape
+
+
+@dataclass
+class FusePlan:
+    jobs: list[TensorJob]
+    config_updates: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    matched: dict[str, int] = field(default_factory=dict)  # LoRA name -> modules matched
+
+    @property
+    def fused_count(self) -> int:
+        return sum(1 for j in self.jobs if j.touched)
+
+
+def _list(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def plan(base: BaseModel, loras: list[tuple[LoadedLora, float]], ignore_unmatched: bool = False) -> FusePlan:
+    """Decide what happens to every base tensor. Pure apart from reading shapes; raises on any misfit."""
+    tensors = base.tensors
+    expandable = dict(base.family.expandable)
+    deltas: dict[str, list[Delta]] = {}
+    bias_deltas: dict[str, list[tuple[torch.Tensor, float]]] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    widths: dict[str, int] = {}
+    result = FusePlan(jobs=[])
+    hint = f"Check that the LoRA was made for {base.variant} ({base.family.label})."
+    for lora, scale in loras:
+        unmatched: list[str] = []
+        for m, mod in lora.modules.items():
+            key = f"{m}.weight"
+            if key not in tensors:
+                unmatched.append(m)
+                continue
+            shape = tensors[key][1].shape
+            out_f, in_f = mod.up.shape[0], mod.down.shape[1]
+            if len(shape) != 2 or out_f != shape[0]:
+                raise LoraMismatchError(
+                    f"{lora.name} does not fit this base at {m}: the LoRA has {out_f} outputs, the base {shape[0]}.", hint
+                )
+            if in_f > shape[1]:
+                if m not in expandable:
+                    raise LoraMismatchError(
+                        f"{lora.name} does not fit this base at {m}: the LoRA has {in_f} inputs, the base {shape[1]}.", hint
+                    )
+                widths[m] = max(widths.get(m, shape[1]), in_f)
+            elif in_f < shape[1]:
+                result.notes.append(f"{lora.name}: {m} LoRA inputs zero-padded {in_f}→{shape[1]}")
+            deltas.setdefault(key, []).append(Delta(mod.up, mod.down, scale * mod.factor))
+            if mod.up_bias is not None:
+                if f"{m}.bias" not in tensors:
+                    raise LoraMismatchError(f"{lora.name} adds a bias to {m}, which has none in this base.", hint)
+                bias_deltas.setdefault(f"{m}.bias", []).append((mod.up_bias, scale * mod.factor))
+        for pname, t in lora.replacements.items():
+            if pname not in tensors:
+                unmatched.append(pname)
+            elif tuple(t.shape) != tensors[pname][1].shape:
+                raise LoraMismatchError(f"{lora.name} replaces {pname} with a tensor of another shape.", hint)
+            else:
+                replacements[pname] = t
+        total = len(lora.modules) + len(lora.replacements)
+        if unmatched and (not ignore_unmatched or len(unmatched) == total):
+            raise LoraMismatchError(
+                f"{len(unmatched)} of {total} parts of {lora.name} match nothing in this {base.variant} base: {_list(unmatched)}.",
+                hint + ("" if len(unmatched) == total else " To fuse the rest anyway, ignore unmatched modules."),
+            )
+        if unmatched:
+            result.notes.append(f"{lora.name}: ignored {len(unmatched)} unmatched modules ({_list(unmatched)})")
+        result.matched[lora.name] = total - len(unmatched)
+    for m, width in widths.items():
+        attr = expandable[m]
+        result.config_updates[attr] = width
+        result.notes.append(f"{m} widened {tensors[m + '.weight'][1].shape[1]}→{width} ({attr} = {width})")
+    for h in base.headers:
+        for name, info in h.tensors.items():
+            shape = info.shape
+            module = name.rsplit(".", 1)[0]
+            if name.endswith(".weight") and module in widths:
+                shape = (shape[0], widths[module])
+            result.jobs.append(
+                TensorJob(
+                    name, h.path, info, shape, tuple(deltas.get(name, ())), tuple(bias_deltas.get(name, ())),
+                    replacements.get(name),
+                )
+            )
+    return result
+
+
+def fuse_tensor(job: TensorJob, tensor: torch.Tensor, device: str = "cpu") -> torch.Tensor:
+    """The fused value of one base tensor, in fp32 (or the base tensor itself when nothing changes)."""
+    if job.replacement is not None:
+        return job.replacement.to(torch.float32)
+    if not job.touched:
+        return tensor
+    w = tensor.to(device=device, dtype=torch.float32)
+    if job.out_shape != tuple(w.shape):
+        wide = torch.zeros(job.out_shape, dtype=torch.float32, device=device)
+        wide[:, : w.shape[1]] = w
+        w = wide
+    for d in job.deltas:
+        down = d.down.to(device=device, dtype=torch.float32)
+        if down.shape[1] < w.shape[1]:
+            down = torch.nn.functional.pad(down, (0, w.shape[1] - down.shape[1]))
+        w.addmm_(d.up.to(device=device, dtype=torch.float32), down, alpha=d.weight)
+    for bias, weight in job.bias_deltas:
+        w.add_(bias.to(device=device, dtype=torch.float32), alpha=weight)
+    if not torch.isfinite(w).all():
+        raise NumericError(
+            f"Fusing gave NaN or Inf values in {job.name}.", "A LoRA scale may be far too large: lower it."
+        )
+    return w
+
+
+def execute(
+    fplan: FusePlan,
+    encode: Callable[[str, torch.Tensor], dict[str, torch.Tensor]],
+    write: Callable[[str, torch.Tensor], None],
+    device: str = "cpu",
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> None:
+    """Stream every tensor: read -> fuse -> encode (quantize) -> write. Memory stays at about one tensor."""
+    from safetensors import safe_open
+
+    total = len(fplan.jobs)
+    bytes_total = sum(j.info.nbytes for j in fplan.jobs)
+    done_bytes = 0
+    handles: dict[Path, object] = {}
+    last = 0.0
+    for i, job in enumerate(fplan.jobs, start=1):
+        check(cancel)
+        if job.source not in handles:
+            handles[job.source] = safe_open(str(job.source), framework="pt", device="cpu")
+        tensor = handles[job.source].get_tensor(job.name)
+        fused = fuse_tensor(job, tensor, device)
+        del tensor
+        for key, value in encode(job.name, fused).items():
+            write(key, value)
+        del fused
+        done_bytes += job.info.nbytes
+        now = time.monotonic()
+        if now - last > 0.1 or i == total:
+            last = now
+            report(progress, ProgressEvent("fuse", i, total, done_bytes, bytes_total, item=job.name))

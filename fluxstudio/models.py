@@ -1,0 +1,181 @@
+"""Base models: family detection from config.json and a lazy index of the weights (headers only)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from fluxstudio.errors import BadInputError
+from fluxstudio.safefile import Header, TensorInfo, read_header
+
+
+@dataclass(frozen=True)
+class Family:
+    key: str
+    label: str
+    class_name: str  # diffusers transformer class
+    lora_mixin: str  # diffusers LoRA loader mixin that converts this family's LoRA formats
+    expandable: tuple[tuple[str, str], ...] = ()  # Linear module -> config attribute it sizes
+
+    def model_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.class_name)
+
+    def mixin(self) -> type:
+        from diffusers.loaders import lora_pipeline
+
+        return getattr(lora_pipeline, self.lora_mixin)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("flux1", "FLUX.1", "FluxTransformer2DModel", "FluxLoraLoaderMixin", (("x_embedder", "in_channels"),)),
+    Family("flux2", "FLUX.2", "Flux2Transformer2DModel", "Flux2LoraLoaderMixin"),
+)
+FULL_PRECISION = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def family_for(class_name: str) -> Family:
+    for fam in FAMILIES:
+        if fam.class_name == class_name:
+            return fam
+    supported = ", ".join(f"{f.class_name} ({f.label})" for f in FAMILIES)
+    raise BadInputError(
+        f"This model is a {class_name or 'model of unknown class'}, which FluxStudio does not support.",
+        f"Supported: {supported}.",
+    )
+
+
+def _find_model_folder(path: Path) -> Path:
+    if not path.exists():
+        raise BadInputError(f"The base model folder {path} does not exist.", "Check the path.")
+    if path.is_file():
+        raise BadInputError(
+            f"The base model must be a folder with config.json, not the file {path.name}.",
+            "Pick the model's folder (or its transformer/ subfolder).",
+        )
+    if (path / "transformer" / "config.json").exists():
+        return path / "transformer"
+    if (path / "config.json").exists():
+        return path
+    raise BadInputError(
+        f"The folder {path.name} has no config.json (nor transformer/config.json).",
+        "Pick a diffusers-format model folder.",
+    )
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise BadInputError(f"{indexes[0].name} is not a valid index file.", "Download the model again.") from None
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if any(folder.glob("*.bin")) or any(folder.glob("*.ckpt")) or any(folder.glob("*.pt")):
+        raise BadInputError(f"The model in {folder.name} is stored as pickle files.", "Use its .safetensors version.")
+    raise BadInputError(f"No .safetensors weights in {folder}.", "The download may be incomplete: download it again.")
+
+
+@dataclass
+class BaseModel:
+    """A diffusers-format transformer on disk. Weights are indexed from headers; nothing is loaded."""
+
+    folder: Path
+    config: dict
+    family: Family
+    headers: list[Header]
+
+    @cached_property
+    def tensors(self) -> dict[str, tuple[Path, TensorInfo]]:
+        out: dict[str, tuple[Path, TensorInfo]] = {}
+        for h in self.headers:
+            for name, info in h.tensors.items():
+                out[name] = (h.path, info)
+        return out
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for _, info in self.tensors.values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        counts: dict[torch.dtype, int] = {}
+        for _, info in self.tensors.values():
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
+        return max(counts, key=counts.get)
+
+    @property
+    def variant(self) -> str:
+        """A human name for the FLUX.1 variant, guessed from its shapes."""
+        if self.family.key != "flux1":
+            return self.family.label
+        in_ch = self.config.get("in_channels", 64)
+        if in_ch == 384:
+            return "FLUX.1 Fill"
+        if in_ch == 128:
+            return "FLUX.1 Depth/Canny"
+        return "FLUX.1 dev" if self.config.get("guidance_embeds", True) else "FLUX.1 schnell"
+
+    @cached_property
+    def linear_modules(self) -> frozenset[str]:
+        """Names of the model's nn.Linear modules, from an empty (meta) instance of its diffusers class."""
+        return frozenset(
+            name for name, mod in self.meta_model().named_modules() if isinstance(mod, torch.nn.Linear)
+        )
+
+    def meta_model(self, config: dict | None = None) -> torch.nn.Module:
+        from accelerate import init_empty_weights
+
+        cls = self.family.model_class()
+        with init_empty_weights():
+            return cls.from_config(config or self.config)
+
+
+def open_base(path: str | Path) -> BaseModel:
+    """Open a model folder (or pipeline folder with transformer/) and check it is a usable full-precision base."""
+    folder = _find_model_folder(Path(path).expanduser().resolve())
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise BadInputError(f"{folder / 'config.json'} is not valid JSON.", "Download the model again.") from None
+    family = family_for(str(config.get("_class_name", "")))
+    headers = [read_header(p, "model file") for p in _weight_files(folder)]
+    base = BaseModel(folder, config, family, headers)
+    quantized = {info.dtype for _, info in base.tensors.values()} - set(FULL_PRECISION)
+    if "quantization_config" in config or quantized:
+        raise BadInputError(
+            "This base model is already quantized; fusing into it would throw away most of a LoRA's effect.",
+            "Use the full-precision (bf16/fp16/fp32) base model.",
+        )
+    _check_weights_match(base)
+    return base
+
+
+def _check_weights_match(base: BaseModel) -> None:
+    try:
+        expected = {k: tuple(v.shape) for k, v in base.meta_model().state_dict().items()}
+    except Exception as exc:  # noqa: BLE001 - a config diffusers cannot build
+        raise BadInputError(f"config.json does not describe a valid {base.family.label} model ({exc}).") from None
+    have = {k: info.shape for k, (_, info) in base.tensors.items()}
+    missing = sorted(set(expected) - set(have))
+    extra = sorted(set(have) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(have) if expected[k] != have[k])
+    if missing or extra or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
+        raise BadInputError(
+            f"The weights in {base.folder.name} do not match its config ({'; '.join(parts)}).",
+            "The model files may be from another model or incomplete: download it again.",
+        )

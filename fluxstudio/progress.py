@@ -1,0 +1,63 @@
+"""Typed progress events, a cancel token, and a safe way to report.
+
+Core functions take `progress: ProgressCallback | None` and `cancel: CancelToken | None`. A bug in a
+progress callback is logged and never kills the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fluxstudio.errors import CancelledError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    stage: str  # "prepare", "inspect", "fuse", "finalize", "download", ...
+    done: int = 0
+    total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    item: str = ""  # the tensor or file being worked on
+    message: str = ""
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+class CancelToken:
+    """Set from any thread; the job checks it between units of work and stops cleanly."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise CancelledError("Cancelled.", "Nothing was saved.")
+
+
+def report(progress: ProgressCallback | None, event: ProgressEvent) -> None:
+    """Send an event to the callback; a failing callback is logged, never raised."""
+    if progress is None:
+        return
+    try:
+        progress(event)
+    except Exception:  # noqa: BLE001 - a display bug must not kill the job
+        log.exception("progress callback failed")
+
+
+def check(cancel: CancelToken | None) -> None:
+    if cancel is not None:
+        cancel.check()

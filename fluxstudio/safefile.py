@@ -1,0 +1,133 @@
+"""Read and check .safetensors files without trusting them.
+
+Headers are parsed by hand so that a pickle checkpoint, a truncated download or a garbage file gets a clear
+message before any library touches it. Nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fluxstudio.errors import BadInputError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+PICKLE_HINT = (
+    "FluxStudio reads only .safetensors, because pickle checkpoints (.ckpt/.bin/.pt) can run code when "
+    "opened. Get the .safetensors version of this file."
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+def _sniff_pickle(head: bytes) -> bool:
+    # torch.save zip archives start with a zip magic; raw pickles with PROTO (0x80) and a version 2..5.
+    return head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def read_header(path: str | Path, what: str = "file") -> Header:
+    """Parse and validate a safetensors header; raise BadInputError with a clear message otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"The {what} {path.name} does not exist.", "Check the path.")
+    if not path.is_file():
+        raise BadInputError(f"The {what} {path.name} is not a file.", "Pick a .safetensors file.")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(9)
+        (n,) = struct.unpack("<Q", head[:8]) if len(head) == 9 else (0,)
+        looks_safetensors = len(head) == 9 and head[8:9] == b"{" and 2 <= n <= MAX_HEADER
+        if not looks_safetensors and _sniff_pickle(head):
+            raise BadInputError(f"The {what} {path.name} is a pickle checkpoint, not safetensors.", PICKLE_HINT)
+        if len(head) < 9:
+            raise BadInputError(f"The {what} {path.name} is empty or truncated.", "Download it again.")
+        if not looks_safetensors or 8 + n > size:
+            raise BadInputError(
+                f"The {what} {path.name} is not a valid safetensors file (or is truncated).",
+                "Download it again or pick another file.",
+            )
+        f.seek(8)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+        metadata = header.pop("__metadata__", None) or {}
+        tensors: dict[str, TensorInfo] = {}
+        end_max = 0
+        for name, entry in header.items():
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            start, end = (int(x) for x in entry["data_offsets"])
+            info = TensorInfo(dtype, shape, end - start)
+            if start < 0 or end < start or info.nbytes != info.numel * dtype.itemsize:
+                raise ValueError(f"bad offsets for {name}")
+            end_max = max(end_max, end)
+            tensors[name] = info
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise BadInputError(
+            f"The {what} {path.name} is not a valid safetensors file ({exc}).", "Download it again or pick another file."
+        ) from None
+    if 8 + n + end_max > size:
+        raise BadInputError(
+            f"The {what} {path.name} is truncated ({size:,} of {8 + n + end_max:,} bytes).",
+            "The download was probably interrupted: download it again.",
+        )
+    return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+def load_all(path: Path) -> dict[str, torch.Tensor]:
+    """Load every tensor of an already validated file (for small files such as LoRAs)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise BadInputError(f"Could not read {path.name}: {exc}.", "Download it again or pick another file.") from None
+
+
+def sha256(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,38 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import FLUX1_TINY, FLUX1_WIDE, write_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Point every user folder at a temp dir, so tests never touch the real ones."""
+    home = tmp_path / "fshome"
+    monkeypatch.setenv("FLUXSTUDIO_HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+@pytest.fixture
+def tiny_base(tmp_path) -> Path:
+    return write_model(tmp_path / "base", FLUX1_TINY)
+
+
+@pytest.fixture(scope="session")
+def wide_base(tmp_path_factory) -> Path:
+    """A width-3072 FLUX.1 model (1 double + 1 single block, ~0.5 B params): built once per session."""
+    return write_model(tmp_path_factory.mktemp("wide") / "base", FLUX1_WIDE)
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("FLUXSTUDIO_GPU_TESTS"):
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (set FLUXSTUDIO_GPU_TESTS=1 on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
