@@ -147,3 +147,22 @@ def assert_within_one_ulp(ours: dict, ref: dict, base: Path) -> None:
         tol = bf16_ulp(torch.maximum(torch.maximum(a.abs(), b.abs()), w.abs()))
         bad = (a - b).abs() > tol
         assert not bad.any(), f"{k}: {int(bad.sum())} elements differ by more than one bf16 ulp"
+
+
+def flux1_inputs(config: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    seq, txt = 16, 8
+    return dict(
+        hidden_states=torch.randn(1, seq, config["in_channels"], generator=g).to(dtype),
+        encoder_hidden_states=torch.randn(1, txt, config["joint_attention_dim"], generator=g).to(dtype),
+        pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=g).to(dtype),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(seq, 3),
+        txt_ids=torch.zeros(txt, 3),
+        guidance=torch.tensor([3.5]),
+        return_dict=False,
+    )
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())

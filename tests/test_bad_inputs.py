@@ -1,0 +1,210 @@
+"""Every bad input ends in one clear sentence, a non-zero exit, and no output or temp folder left behind."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fluxstudio.build import BuildRequest, LoraRef, build
+from fluxstudio.errors import (
+    BadInputError, CancelledError, DiskSpaceError, FluxStudioError, LoraMismatchError, NumericError, OutputError,
+)
+from fluxstudio.progress import CancelToken
+from helpers import FLUX1_TINY, FLUX2_TINY, linear_shapes, peft_lora, write_model
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.startswith("out"))
+
+
+def attempt(base, loras, out, error, match, **kw):
+    run_kw = {k: kw.pop(k) for k in ("cancel", "free_bytes", "progress") if k in kw}
+    req = BuildRequest(str(base), tuple(LoraRef(str(p), s) for p, s in loras), kw.pop("precision", "nf4"), out, **kw)
+    with pytest.raises(error, match=match) as info:
+        build(req, **run_kw)
+    assert "Traceback" not in str(info.value)
+    return info.value
+
+
+@pytest.fixture
+def good_lora(tiny_base, tmp_path):
+    return peft_lora(tmp_path / "good.safetensors", linear_shapes(tiny_base))
+
+
+@pytest.fixture
+def work(tmp_path):
+    d = tmp_path / "outputs"
+    d.mkdir()
+    return d
+
+
+def test_missing_lora(tiny_base, work, tmp_path):
+    attempt(tiny_base, [(tmp_path / "nope.safetensors", 1)], work / "out", BadInputError, "does not exist")
+    assert leftovers(work) == []
+
+
+def test_truncated_lora(tiny_base, good_lora, work, tmp_path):
+    data = good_lora.read_bytes()
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(data[: len(data) - 1000])
+    attempt(tiny_base, [(bad, 1)], work / "out", BadInputError, "truncated")
+    assert leftovers(work) == []
+
+
+def test_garbage_lora(tiny_base, work, tmp_path):
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(b"this is not a model at all" * 100)
+    attempt(tiny_base, [(bad, 1)], work / "out", BadInputError, "not a valid safetensors file")
+    assert leftovers(work) == []
+
+
+@pytest.mark.parametrize("name", ["lora.ckpt", "lora.bin", "renamed.safetensors"])
+def test_pickle_is_refused_without_unpickling(tiny_base, work, tmp_path, name):
+    marker = tmp_path / "unpickled"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / name
+    if name.endswith(".bin"):
+        torch.save({"x": torch.zeros(2), "boom": Boom()}, path)
+    else:
+        path.write_bytes(pickle.dumps({"boom": Boom()}, protocol=4))
+    err = attempt(tiny_base, [(path, 1)], work / "out", BadInputError, "pickle checkpoint")
+    assert "can run code" in err.hint
+    assert not marker.exists()
+    assert leftovers(work) == []
+
+
+def test_nan_in_lora(tiny_base, work, tmp_path):
+    shapes = linear_shapes(tiny_base)
+    path = peft_lora(tmp_path / "nan.safetensors", shapes)
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    key = next(iter(sd))
+    sd[key][0, 0] = float("nan")
+    save_file(sd, str(path))
+    attempt(tiny_base, [(path, 1)], work / "out", NumericError, "NaN or Inf")
+    assert leftovers(work) == []
+
+
+def test_inf_in_fused_result(tiny_base, work, tmp_path):
+    huge = peft_lora(tmp_path / "huge.safetensors", linear_shapes(tiny_base), strength=1e4)
+    attempt(tiny_base, [(huge, 1e38)], work / "out", NumericError, "Fusing gave NaN or Inf")
+    assert leftovers(work) == []
+
+
+def test_lora_for_another_family(tiny_base, work, tmp_path):
+    f2 = write_model(tmp_path / "f2", FLUX2_TINY, class_name="Flux2Transformer2DModel")
+    lora = peft_lora(tmp_path / "f2.safetensors", linear_shapes(f2, contains=("to_qkv_mlp_proj", "ff.linear")))
+    err = attempt(tiny_base, [(lora, 1)], work / "out", LoraMismatchError, "match nothing in this FLUX.1 dev base")
+    assert "made for FLUX.1" in err.hint
+    assert leftovers(work) == []
+
+
+def test_unmatched_modules_error_then_ignored(tiny_base, work, tmp_path):
+    shapes = linear_shapes(tiny_base)
+    shapes["transformer_blocks.7.attn.to_q"] = (128, 128)
+    lora = peft_lora(tmp_path / "extra.safetensors", shapes)
+    err = attempt(tiny_base, [(lora, 1)], work / "out", LoraMismatchError, "transformer_blocks.7.attn.to_q")
+    assert "ignore unmatched" in err.hint
+    assert leftovers(work) == []
+    result = build(BuildRequest(str(tiny_base), (LoraRef(str(lora)),), "bf16", work / "out", ignore_unmatched=True))
+    assert any("ignored 1 unmatched" in n for n in result.notes)
+
+
+def test_rank_mismatch(tiny_base, work, tmp_path):
+    sd = {
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(8, 128),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(128, 4),
+    }
+    path = tmp_path / "rank.safetensors"
+    save_file(sd, str(path))
+    attempt(tiny_base, [(path, 1)], work / "out", LoraMismatchError, "do not fit together")
+    assert leftovers(work) == []
+
+
+def test_output_exists_refused_unless_overwrite(tiny_base, good_lora, work):
+    out = work / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    attempt(tiny_base, [(good_lora, 1)], out, OutputError, "already exists")
+    assert (out / "keep.txt").read_text() == "mine"
+    build(BuildRequest(str(tiny_base), (LoraRef(str(good_lora)),), "bf16", out, overwrite=True))
+    assert not (out / "keep.txt").exists() and (out / "fluxstudio.json").exists()
+    assert leftovers(work) == ["out"]
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_output_overlapping_the_base(tiny_base, good_lora, where):
+    out = {"same": tiny_base, "inside": tiny_base / "out", "contains": tiny_base.parent}[where]
+    before = sorted(p.name for p in tiny_base.iterdir())
+    attempt(tiny_base, [(good_lora, 1)], out, OutputError, "overlaps an input", overwrite=True)
+    assert sorted(p.name for p in tiny_base.iterdir()) == before
+
+
+def test_not_enough_disk_is_checked_before_starting(tiny_base, good_lora, work):
+    seen = []
+    err = attempt(
+        tiny_base, [(good_lora, 1)], work / "out", DiskSpaceError, "Not enough free disk",
+        free_bytes=lambda p: seen.append(p) or 1_000_000, progress=lambda ev: seen.append(ev.stage),
+    )
+    assert "fuse" not in seen and err.hint
+    assert leftovers(work) == []
+
+
+def test_cancel_leaves_nothing(tiny_base, good_lora, work):
+    token = CancelToken()
+
+    def progress(ev):
+        if ev.stage == "fuse" and ev.done >= 3:
+            token.cancel()
+
+    attempt(tiny_base, [(good_lora, 1)], work / "out", CancelledError, "Cancelled", cancel=token, progress=progress)
+    assert leftovers(work) == []
+
+
+def test_unknown_model_class(tmp_path, good_lora, work):
+    base = write_model(tmp_path / "sd3", FLUX1_TINY)
+    cfg = (base / "config.json").read_text().replace("FluxTransformer2DModel", "SD3Transformer2DModel")
+    (base / "config.json").write_text(cfg)
+    err = attempt(base, [(good_lora, 1)], work / "out", BadInputError, "SD3Transformer2DModel")
+    assert "FluxTransformer2DModel" in err.hint and "Flux2Transformer2DModel" in err.hint
+
+
+def test_already_quantized_base_is_refused(tiny_base, good_lora, work):
+    build(BuildRequest(str(tiny_base), (), "nf4", work / "q"))
+    attempt(work / "q", [(good_lora, 1)], work / "out", BadInputError, "already quantized")
+
+
+def test_weights_that_do_not_match_the_config(tiny_base, good_lora, work):
+    cfg = (tiny_base / "config.json").read_text().replace('"num_single_layers": 2', '"num_single_layers": 3')
+    (tiny_base / "config.json").write_text(cfg)
+    attempt(tiny_base, [(good_lora, 1)], work / "out", BadInputError, "do not match its config")
+
+
+def test_cli_prints_one_sentence_and_exits_non_zero(tiny_base, tmp_path, work):
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"\x00" * 10)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fluxstudio", "fuse", "--base", str(tiny_base), "--lora", str(bad), "--precision", "nf4",
+         "--out", str(work / "out")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == BadInputError.exit_code
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "x.safetensors" in errors[0]
+    assert leftovers(work) == []
+
+
+def test_every_error_has_a_hint_and_exit_code():
+    for cls in (BadInputError, LoraMismatchError, NumericError, OutputError, DiskSpaceError, CancelledError):
+        assert issubclass(cls, FluxStudioError) and cls.exit_code != 0
