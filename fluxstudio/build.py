@@ -23,7 +23,7 @@ from fluxstudio.memory import MemorySampler
 from fluxstudio.models import open_base
 from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, check, report
 from fluxstudio.quantize import PRECISIONS, make_quantizer
-from fluxstudio.writer import ShardedWriter
+from fluxstudio.writer import ShardedWriter, header_bound
 from fluxstudio import snippets
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -164,7 +164,7 @@ def build(
         _clean_stale(out)
         tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        writer = ShardedWriter(tmp, req.shard_bytes)
+        writer = ShardedWriter(tmp, req.shard_bytes, header_bound([k for j in fplan.jobs for k in quantizer.keys(j.name)]))
         try:
             try:
                 execute(fplan, quantizer.encode, writer.add, device, progress, cancel)

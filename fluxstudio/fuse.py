@@ -7,10 +7,14 @@ the base with zeros and updates the config (Control LoRAs on x_embedder).
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -18,7 +22,7 @@ from fluxstudio.errors import LoraMismatchError, NumericError
 from fluxstudio.lora import LoadedLora
 from fluxstudio.models import BaseModel
 from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, check, report
-from fluxstudio.safefile import TensorInfo
+from fluxstudio.safefile import TensorInfo, read_tensor
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,7 @@ def fuse_tensor(job: TensorJob, tensor: torch.Tensor, device: str = "cpu") -> to
         w.addmm_(d.up.to(device=device, dtype=torch.float32), down, alpha=d.weight)
     for bias, weight in job.bias_deltas:
         w.add_(bias.to(device=device, dtype=torch.float32), alpha=weight)
-    if not torch.isfinite(w).all():
+    if not torch.isfinite(w.sum()):  # NaN/Inf propagate through a sum: one cheap pass instead of a mask
         raise NumericError(
             f"Fusing gave NaN or Inf values in {job.name}.", "A LoRA scale may be far too large: lower it."
         )
@@ -164,26 +168,71 @@ def execute(
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> None:
-    """Stream every tensor: read -> fuse -> encode (quantize) -> write. Memory stays at about one tensor."""
-    from safetensors import safe_open
+    """Stream every tensor: read -> fuse -> encode (quantize) -> write. Memory stays at a few tensors.
 
+    The next tensor is read and the last one written in background threads while this one is computed.
+    """
     total = len(fplan.jobs)
     bytes_total = sum(j.info.nbytes for j in fplan.jobs)
     done_bytes = 0
-    handles: dict[Path, object] = {}
+    files: dict[Path, BinaryIO] = {}
     last = 0.0
-    for i, job in enumerate(fplan.jobs, start=1):
-        check(cancel)
-        if job.source not in handles:
-            handles[job.source] = safe_open(str(job.source), framework="pt", device="cpu")
-        tensor = handles[job.source].get_tensor(job.name)
-        fused = fuse_tensor(job, tensor, device)
-        del tensor
-        for key, value in encode(job.name, fused).items():
-            write(key, value)
-        del fused
-        done_bytes += job.info.nbytes
-        now = time.monotonic()
-        if now - last > 0.1 or i == total:
-            last = now
-            report(progress, ProgressEvent("fuse", i, total, done_bytes, bytes_total, item=job.name))
+
+    def read(job: TensorJob) -> torch.Tensor:
+        if job.source not in files:
+            files[job.source] = job.source.open("rb", buffering=0)
+        return read_tensor(files[job.source], job.info)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, _Writer(write) as writer:
+        pending = reader.submit(read, fplan.jobs[0]) if fplan.jobs else None
+        for i, job in enumerate(fplan.jobs, start=1):
+            check(cancel)
+            tensor = pending.result()
+            pending = reader.submit(read, fplan.jobs[i]) if i < total else None
+            fused = fuse_tensor(job, tensor, device)
+            del tensor
+            for key, value in encode(job.name, fused).items():
+                writer.put(key, value)
+            del fused
+            done_bytes += job.info.nbytes
+            now = time.monotonic()
+            if now - last > 0.1 or i == total:
+                last = now
+                report(progress, ProgressEvent("fuse", i, total, done_bytes, bytes_total, item=job.name))
+        if pending is not None:
+            pending.cancel()
+    for f in files.values():
+        f.close()
+
+
+class _Writer:
+    """Runs `write` in a background thread behind a short queue; re-raises its error in the caller."""
+
+    def __init__(self, write: Callable[[str, torch.Tensor], None], depth: int = 4) -> None:
+        self._write = write
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="write", daemon=True)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._write(*item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    self._error = exc
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((key, value))
+
+    def __enter__(self) -> _Writer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error

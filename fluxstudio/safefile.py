@@ -11,6 +11,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -43,6 +44,7 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # where its data starts in the file
 
     @property
     def numel(self) -> int:
@@ -98,7 +100,7 @@ def read_header(path: str | Path, what: str = "file") -> Header:
             dtype = DTYPES[entry["dtype"]]
             shape = tuple(int(d) for d in entry["shape"])
             start, end = (int(x) for x in entry["data_offsets"])
-            info = TensorInfo(dtype, shape, end - start)
+            info = TensorInfo(dtype, shape, end - start, 8 + n + start)
             if start < 0 or end < start or info.nbytes != info.numel * dtype.itemsize:
                 raise ValueError(f"bad offsets for {name}")
             end_max = max(end_max, end)
@@ -113,6 +115,15 @@ def read_header(path: str | Path, what: str = "file") -> Header:
             "The download was probably interrupted: download it again.",
         )
     return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+def read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
+    """Read one tensor with a plain read (no mmap: memory stays at this tensor, RSS does not grow with the file)."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    f.seek(info.offset)
+    if info.nbytes and f.readinto(buf.numpy()) != info.nbytes:
+        raise BadInputError(f"{Path(f.name).name} is truncated.", "The download was probably interrupted: download it again.")
+    return buf.view(info.dtype).reshape(info.shape)
 
 
 def load_all(path: Path) -> dict[str, torch.Tensor]:

@@ -1,15 +1,15 @@
 """Streaming sharded safetensors writer.
 
-Tensors are appended to a spill file as they come (memory stays at one tensor); when a shard is full its
-final file is assembled: header first, then the data in safetensors' own order (widest dtype first, then
-name, which keeps every tensor aligned). Shards are renamed to `-0000i-of-0000n` and indexed at the end.
+Each shard file starts with a header area reserved up front (an upper bound computed from the tensor names);
+tensors are appended straight after it as they come, so memory stays at one tensor and every byte is written
+once. When the shard is full its real header is written into the reserved area, padded with spaces as the
+safetensors format allows. Shards are renamed to `-0000i-of-0000n` and indexed at the end.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,16 +17,13 @@ import torch
 from fluxstudio.safefile import DTYPE_NAMES
 
 PREFIX = "diffusion_pytorch_model"
-COPY_CHUNK = 16 << 20
+ENTRY_BOUND = 192  # bytes of header per tensor, beside its name: dtype, a 4-d shape and two offsets fit easily
 
 
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int  # in the spill file
-    nbytes: int
+def header_bound(names: list[str]) -> int:
+    """Bytes to reserve for a header that may list any of these tensors (a multiple of 8)."""
+    n = 64 + sum(len(name) + ENTRY_BOUND for name in names)
+    return n + (-n % 8)
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
@@ -35,58 +32,49 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
 
 
 class ShardedWriter:
-    def __init__(self, folder: Path, max_shard_bytes: int) -> None:
+    def __init__(self, folder: Path, max_shard_bytes: int, header_reserve: int) -> None:
         self.folder = folder
         self.max_shard_bytes = max(1, max_shard_bytes)
-        self.shards: list[tuple[Path, list[str]]] = []  # assembled temp file, its tensor names
+        self.header_reserve = header_reserve
+        self.shards: list[tuple[Path, list[str]]] = []  # finished temp file, its tensor names
         self.total_bytes = 0
-        self._entries: list[_Entry] = []
-        self._spill_path = folder / ".spill"
-        self._spill = None
-        self._spill_size = 0
+        self._file = None
+        self._header: dict[str, dict] = {}
+        self._size = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        if self._entries and self._spill_size + nbytes > self.max_shard_bytes:
+        if self._header and self._size + nbytes > self.max_shard_bytes:
             self._close_shard()
-        if self._spill is None:
-            self._spill = self._spill_path.open("wb")
-            self._spill_size = 0
-        self._spill.write(_bytes_view(tensor))
-        self._entries.append(_Entry(name, tensor.dtype, tuple(tensor.shape), self._spill_size, nbytes))
-        self._spill_size += nbytes
+        if self._file is None:
+            path = self.folder / f".shard-{len(self.shards) + 1:05d}"
+            self._file = path.open("wb")
+            self._file.seek(8 + self.header_reserve)
+            self._size = 0
+        self._file.write(_bytes_view(tensor))
+        self._header[name] = {
+            "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self._size, self._size + nbytes],
+        }
+        self._size += nbytes
         self.total_bytes += nbytes
 
     def _close_shard(self) -> None:
-        assert self._spill is not None
-        self._spill.close()
-        self._spill = None
-        entries = sorted(self._entries, key=lambda e: (-e.dtype.itemsize, e.name))
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        pos = 0
-        for e in entries:
-            header[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [pos, pos + e.nbytes]}
-            pos += e.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)
-        path = self.folder / f".shard-{len(self.shards) + 1:05d}"
-        with self._spill_path.open("rb") as src, path.open("wb") as dst:
-            dst.write(len(raw).to_bytes(8, "little"))
-            dst.write(raw)
-            for e in entries:
-                src.seek(e.offset)
-                left = e.nbytes
-                while left:
-                    block = src.read(min(left, COPY_CHUNK))
-                    dst.write(block)
-                    left -= len(block)
-        self._spill_path.unlink()
-        self.shards.append((path, [e.name for e in entries]))
-        self._entries = []
+        f = self._file
+        assert f is not None
+        raw = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode("utf-8")
+        if len(raw) > self.header_reserve:
+            raise RuntimeError(f"safetensors header of {len(raw)} bytes exceeds the {self.header_reserve} reserved")
+        f.seek(0)
+        f.write(self.header_reserve.to_bytes(8, "little"))
+        f.write(raw + b" " * (self.header_reserve - len(raw)))
+        f.close()
+        self.shards.append((Path(f.name), list(self._header)))
+        self._file = None
+        self._header = {}
 
     def close(self) -> list[Path]:
         """Finish the last shard, name the shards, write the index when there are several."""
-        if self._entries:
+        if self._file is not None:
             self._close_shard()
         n = len(self.shards)
         files: list[Path] = []
@@ -102,6 +90,6 @@ class ShardedWriter:
         return files
 
     def abort(self) -> None:
-        if self._spill is not None:
-            self._spill.close()
-            self._spill = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
