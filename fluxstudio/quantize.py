@@ -210,10 +210,16 @@ def _cpu_kernel():
     global _KERNEL
     if _KERNEL is None:
         _bnb()
-        reference = lambda a: torch.ops.bitsandbytes.quantize_4bit.default(a, NF4_BLOCK, "nf4", torch.uint8)  # noqa: E731
+        def reference(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.ops.bitsandbytes.quantize_4bit.default(a, NF4_BLOCK, "nf4", torch.uint8)
+
         try:
             codes = _Nf4Codes()
-            fast = lambda a: _fast_nf4(a, codes)  # noqa: E731
+
+            def fast_nf4(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return _fast_nf4(a, codes)
+
+            fast = fast_nf4
             probe = _probe()
             ok = all(
                 torch.equal(x, y) and x.dtype == y.dtype

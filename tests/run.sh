@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up everything the tests need on a fresh Linux machine, then run them: bash tests/run.sh [pytest args]
+# - a virtual environment in .venv with the CPU build of torch (FLUXSTUDIO_TORCH overrides the pin)
+# - the app's requirements and the test tools
+# - Debian's chromium (browser tests) and shellcheck (launcher tests) when apt-get can install them
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+py=.venv/bin/python
+"$py" -m pip install -q --disable-pip-version-check "${FLUXSTUDIO_TORCH:-torch==2.13.0}"
+"$py" -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt
+
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
+if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+    { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"; } >/dev/null 2>&1 \
+        || echo "note: could not install ${need[*]}; the tests that need them will be skipped" >&2
+fi
+
+exec "$py" -m pytest "$@"

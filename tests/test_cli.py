@@ -1,0 +1,69 @@
+"""The headless CLI: help, the demo flow end to end, the JSON report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, env=None, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "fluxstudio", *map(str, args)], capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT, env=env or os.environ.copy(),
+    )
+
+
+def test_help():
+    proc = cli("--help")
+    assert proc.returncode == 0 and "fuse" in proc.stdout
+    proc = cli("fuse", "--help")
+    assert proc.returncode == 0
+    for flag in ("--base", "--lora", "--lora-scale", "--precision", "--out", "--shard-size", "--device", "--overwrite", "--report-json"):
+        assert flag in proc.stdout
+
+
+def test_demo_fuse_with_report(tmp_path, isolated_home):
+    report = tmp_path / "report.json"
+    out = tmp_path / "demo-nf4"
+    proc = cli("fuse", "--base", "demo", "--lora", "demo", "--lora-scale", "0.8", "--precision", "nf4", "--out", out,
+               "--shard-size", "10MB", "--report-json", report)
+    assert proc.returncode == 0, proc.stderr
+    assert "Fusing" in proc.stderr and "tensors" in proc.stderr  # the progress bar
+    assert "peak RAM" in proc.stdout and "Load it with" in proc.stdout and "from_pretrained" in proc.stdout
+    data = json.loads(report.read_text())
+    for key in ("output_dir", "precision", "seconds", "peak_ram_bytes", "output_bytes", "stage_seconds"):
+        assert key in data
+    assert data["precision"] == "nf4" and Path(data["output_dir"]) == out and data["output_bytes"] > 0
+    assert len(data["files"]) > 1 and (out / "diffusion_pytorch_model.safetensors.index.json").exists()
+    manifest = json.loads((out / "fluxstudio.json").read_text())
+    assert manifest["loras"][0]["scale"] == 0.8 and len(manifest["loras"][0]["sha256"]) == 64
+    assert manifest["libraries"]["bitsandbytes"] and manifest["timings"]
+    assert "FluxTransformer2DModel.from_pretrained" in (out / "README.md").read_text()
+    assert (isolated_home / "demo" / "base" / "config.json").exists()
+    assert "Traceback" not in proc.stderr
+
+
+def test_more_scales_than_loras_is_an_error(tmp_path):
+    proc = cli("fuse", "--base", "demo", "--lora-scale", "0.5", "--precision", "bf16", "--out", tmp_path / "o")
+    assert proc.returncode != 0 and "more --lora-scale values" in proc.stderr
+
+
+def test_bad_shard_size_is_a_usage_error(tmp_path):
+    proc = cli("fuse", "--base", "demo", "--precision", "bf16", "--out", tmp_path / "o", "--shard-size", "lots")
+    assert proc.returncode == 2 and "not a size" in proc.stderr
+
+
+def test_cuda_requested_without_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = cli("fuse", "--base", "demo", "--precision", "bf16", "--out", tmp_path / "o", "--device", "cuda")
+    assert proc.returncode != 0 and "No CUDA GPU" in proc.stderr
