@@ -243,14 +243,8 @@ def _fingerprint(base) -> str:
 
 
 def _manifest(req: BuildRequest, base, loras, fplan, result: BuildResult) -> dict:
-    import importlib.metadata as md
+    from fluxstudio.hardware import library_versions
 
-    libs = {}
-    for lib in ("torch", "diffusers", "bitsandbytes", "safetensors", "peft", "huggingface_hub"):
-        try:
-            libs[lib] = md.version(lib)
-        except md.PackageNotFoundError:
-            pass
     return {
         "fluxstudio_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -276,7 +270,7 @@ def _manifest(req: BuildRequest, base, loras, fplan, result: BuildResult) -> dic
         "precision": req.precision,
         "double_quant": req.double_quant if req.precision == "nf4" else None,
         "config_updates": fplan.config_updates,
-        "libraries": libs,
+        "libraries": library_versions(),
         "timings": result.stage_seconds,
         "seconds": result.seconds,
         "peak_ram_bytes": result.peak_ram_bytes,

@@ -54,7 +54,58 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--report-json", type=Path, help="also write the final report as JSON to this file")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_fuse)
+
+    from fluxstudio.advice import CARDS, MODELS
+
+    e = sub.add_parser("env", help="this machine, the precision advice and library versions (for bug reports)")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.add_argument("--model", choices=sorted(MODELS), default="flux1", help="the model to advise for (default flux1)")
+    e.add_argument("--target", choices=sorted(CARDS), metavar="CARD", help="advise for this card instead of the one here")
+    e.set_defaults(func=cmd_env)
     return p
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    import platform
+    from dataclasses import asdict
+
+    from fluxstudio.advice import CARDS, MODELS, recommend, recommend_here
+    from fluxstudio.hardware import library_versions, probe
+
+    hw = probe()
+    model = MODELS[args.model]
+    rec = recommend(CARDS[args.target], model) if args.target else recommend_here(hw, model)
+    folders = {"home": str(paths.home()), "outputs": str(paths.outputs_dir()), "logs": str(paths.logs_dir())}
+    try:
+        from huggingface_hub import constants
+
+        folders["hf_cache"] = constants.HF_HUB_CACHE
+    except ImportError:
+        pass
+    data = {
+        "fluxstudio": __version__, "python": platform.python_version(), **hw.to_json(),
+        "recommendation": {"model": model.label, **asdict(rec)},
+        "libraries": library_versions(), "folders": folders,
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"FluxStudio {__version__} on {hw.os}, Python {data['python']}")
+    print(f"CPU   {hw.cpu} ({hw.cpu_cores} cores)")
+    print(f"RAM   {human_bytes(hw.ram_total_bytes)} ({human_bytes(hw.ram_available_bytes)} available)")
+    print(f"Disk  {human_bytes(hw.disk_free_bytes)} free at {hw.disk_path}")
+    for a in hw.accelerators:
+        cap = f", compute {a.capability[0]}.{a.capability[1]}" if a.capability else ""
+        print(f"GPU   {a.name} ({a.kind}{cap}, {human_bytes(a.vram_total_bytes)}; driver {a.driver or '?'}, runtime {a.runtime or '?'})")
+    for note in hw.notes:
+        print(f"note  {note}")
+    print(f"\nAdvice for {model.label}{' on ' + rec.target if rec.target else ''}: {rec.precision}\n  {rec.reason}")
+    for alt in rec.alternatives:
+        print(f"  {alt.precision}: {alt.why}")
+    print("\nLibraries  " + ", ".join(f"{k} {v}" for k, v in data["libraries"].items()))
+    for k, v in folders.items():
+        print(f"{k:10} {v}")
+    return 0
 
 
 class _Bar:

@@ -67,3 +67,22 @@ def test_cuda_requested_without_gpu(tmp_path):
         pytest.skip("this machine has a GPU")
     proc = cli("fuse", "--base", "demo", "--precision", "bf16", "--out", tmp_path / "o", "--device", "cuda")
     assert proc.returncode != 0 and "No CUDA GPU" in proc.stderr
+
+
+def test_env_json(isolated_home):
+    proc = cli("env", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert isinstance(data["accelerators"], list)
+    assert data["ram_total_bytes"] > 1e9 and data["disk_free_bytes"] > 0
+    assert data["recommendation"]["precision"] in ("bf16", "fp8", "nf4") and data["recommendation"]["reason"]
+    assert data["libraries"]["torch"] and data["libraries"]["diffusers"]
+    assert data["folders"]["home"] == str(isolated_home)
+    proc = cli("env", "--json", "--target", "RTX 4090 24 GB")
+    rec = json.loads(proc.stdout)["recommendation"]
+    assert rec["precision"] == "fp8" and rec["target"] == "RTX 4090 24 GB"
+
+
+def test_env_text():
+    proc = cli("env")
+    assert proc.returncode == 0 and "Advice for FLUX.1" in proc.stdout and "Libraries" in proc.stdout

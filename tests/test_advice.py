@@ -1,0 +1,127 @@
+"""Precision advice over real card profiles, and the machine probe."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from fluxstudio.advice import CARDS, MODELS, Card, recommend, recommend_here
+from fluxstudio.hardware import probe
+
+FLUX1, FLUX2 = MODELS["flux1"], MODELS["flux2-dev"]
+
+CASES = [
+    # card, model, expected precision, a fact the reason must name
+    ("RTX 3060 12 GB", FLUX1, "nf4", "12 GB"),
+    ("RTX 3080 10 GB", FLUX1, "nf4", "10 GB"),
+    ("RTX 3090 24 GB", FLUX1, "nf4", "8.6"),  # bf16 too big, no native fp8
+    ("RTX 4060 Ti 16 GB", FLUX1, "nf4", "16 GB"),  # fp8 needs ~17 GB with headroom
+    ("RTX 4070 12 GB", FLUX1, "nf4", "12 GB"),
+    ("RTX 4080 16 GB", FLUX1, "nf4", "16 GB"),
+    ("RTX 4090 24 GB", FLUX1, "fp8", "24 GB"),
+    ("L4 24 GB", FLUX1, "fp8", "24 GB"),
+    ("RTX 5080 16 GB", FLUX1, "nf4", "16 GB"),
+    ("RTX 5090 32 GB", FLUX1, "bf16", "32 GB"),
+    ("A100 40 GB", FLUX1, "bf16", "40 GB"),
+    ("A100 80 GB", FLUX1, "bf16", "80 GB"),
+    ("L40S 48 GB", FLUX1, "bf16", "48 GB"),
+    ("H100 80 GB", FLUX1, "bf16", "80 GB"),
+    ("H100 80 GB", FLUX2, "fp8", "80 GB"),  # bf16 FLUX.2-dev does not fit an H100
+    ("H200 141 GB", FLUX2, "bf16", "141 GB"),
+    ("A100 80 GB", FLUX2, "nf4", "8.0"),  # no fp8 compute, bf16 too big
+    ("A100 40 GB", FLUX2, "nf4", "8.0"),
+    ("RTX 4090 24 GB", FLUX2, "nf4", "24 GB"),
+    ("RTX 5090 32 GB", FLUX2, "nf4", "32 GB"),
+    ("L40S 48 GB", FLUX2, "nf4", "48 GB"),  # fp8 needs ~49 GB with headroom
+    ("B200 180 GB", FLUX2, "bf16", "180 GB"),
+    ("RTX 2080 Ti 11 GB", FLUX1, "nf4", "7.5"),
+    ("T4 16 GB", FLUX1, "nf4", "7.5"),
+    ("Apple M-series 64 GB", FLUX1, "bf16", "64 GB"),
+    ("RTX 4090 24 GB", MODELS["flux2-klein-9b"], "bf16", "24 GB"),
+]
+
+
+@pytest.mark.parametrize("card,model,expected,fact", CASES, ids=[f"{c}-{m.key}" for c, m, _, _ in CASES])
+def test_recommendation_per_card(card, model, expected, fact):
+    rec = recommend(CARDS[card], model)
+    assert rec.precision == expected, rec.reason
+    assert fact in rec.reason, rec.reason
+    assert {a.precision for a in rec.alternatives} == {"bf16", "fp8", "nf4"} - {expected}
+    for alt in rec.alternatives:
+        assert alt.why
+
+
+def test_why_not_names_the_need_and_the_card():
+    rec = recommend(CARDS["RTX 3060 12 GB"], FLUX1)
+    bf16 = next(a for a in rec.alternatives if a.precision == "bf16")
+    assert not bf16.fits and bf16.why == "bf16 needs ~27 GB; the RTX 3060 12 GB has 12 GB"
+    fp8 = next(a for a in rec.alternatives if a.precision == "fp8")
+    assert "8.9" in fp8.why and "8.6" in fp8.why
+
+
+def test_model_size_changes_the_advice():
+    assert recommend(CARDS["H100 80 GB"], FLUX1).precision == "bf16"
+    assert recommend(CARDS["H100 80 GB"], FLUX2).precision != "bf16"
+    assert MODELS["flux1"].weight_bytes("bf16") == pytest.approx(23.8e9, rel=0.01)
+    assert MODELS["flux1"].weight_bytes("nf4") == pytest.approx(6.7e9, rel=0.01)
+
+
+def test_nothing_fits_means_offload():
+    rec = recommend(Card("Tiny 4 GB", "NVIDIA CUDA", (8, 9), 4), FLUX1)
+    assert rec.precision == "nf4" and "offload" in rec.reason
+
+
+def test_cpu_only_explains_and_asks_for_a_target():
+    rec = recommend(None, FLUX1)
+    assert "No GPU here" in rec.reason and "Pick the card" in rec.reason
+
+
+def test_probe_on_this_machine(tmp_path):
+    hw = probe(output_dir=tmp_path / "not" / "yet")
+    assert hw.ram_total_bytes > 1e9 and 0 < hw.ram_available_bytes <= hw.ram_total_bytes
+    assert hw.disk_free_bytes > 0 and hw.disk_path == str(tmp_path)
+    assert hw.cpu and hw.cpu_cores >= 1 and hw.os
+    rec = recommend_here(hw, FLUX1)
+    assert rec.precision in ("bf16", "fp8", "nf4") and rec.reason
+
+
+def test_probe_survives_a_broken_cuda(tmp_path):
+    def boom(*a, **k):
+        raise RuntimeError("CUDA driver initialization failed")
+
+    broken = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(is_available=boom, device_count=boom),
+        version=types.SimpleNamespace(cuda="12.8", hip=None),
+        backends=types.SimpleNamespace(mps=types.SimpleNamespace(is_available=boom)),
+    )
+    hw = probe(output_dir=tmp_path, torch_module=broken)
+    assert any("CUDA could not be queried" in n for n in hw.notes)
+    assert hw.ram_total_bytes > 0
+
+
+def test_probe_survives_failing_device_queries(tmp_path):
+    def boom(*a, **k):
+        raise RuntimeError("device lost")
+
+    half = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 1, get_device_properties=boom, mem_get_info=boom),
+        version=types.SimpleNamespace(cuda="12.8", hip=None),
+        backends=types.SimpleNamespace(),
+    )
+    hw = probe(output_dir=tmp_path, torch_module=half, run=boom)
+    assert hw.accelerators == [] and any("GPU 0 could not be read" in n for n in hw.notes)
+
+
+@pytest.mark.gpu
+def test_real_gpu_probe_matches_nvidia_smi(tmp_path):
+    import subprocess
+
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    name, total_mib, cap = (p.strip() for p in out.split(","))
+    gpu = probe(output_dir=tmp_path).accelerators[0]
+    assert gpu.kind == "NVIDIA CUDA" and gpu.name == name
+    assert gpu.capability == tuple(int(x) for x in cap.split("."))
+    assert abs(gpu.vram_total_bytes - int(total_mib) * 2**20) / (int(total_mib) * 2**20) < 0.05
+    assert gpu.fp8_compute == (gpu.capability >= (8, 9)) and gpu.bf16
