@@ -18,6 +18,7 @@ from pathlib import Path
 from fluxstudio import __version__
 from fluxstudio.errors import BadInputError, DiskSpaceError, OutputError
 from fluxstudio.fuse import execute, plan
+from fluxstudio.hub import Hub, parse_ref
 from fluxstudio.lora import load_lora
 from fluxstudio.memory import MemorySampler
 from fluxstudio.models import open_base
@@ -71,13 +72,18 @@ def free_disk_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def resolve_ref(ref: str, kind: str) -> Path:
-    """A local path, or `demo`. (Hub references come through fluxstudio.hub.)"""
-    if ref == "demo":
+def resolve_ref(text: str, kind: str, hub: Hub, progress=None, cancel=None) -> tuple[Path, dict]:
+    """`demo`, a local path, or a Hub reference -> a local path, and where it came from (for the manifest)."""
+    ref = parse_ref(text)
+    if ref.kind == "demo":
         from fluxstudio import demo
 
-        return demo.ensure_base() if kind == "base" else demo.ensure_lora()
-    return Path(ref).expanduser().resolve()
+        return (demo.ensure_base() if kind == "base" else demo.ensure_lora()), {"ref": "demo"}
+    if ref.kind == "local":
+        return ref.path, {"ref": ref.path.name}
+    fetch = hub.fetch_base if kind == "base" else hub.fetch_lora
+    got = fetch(ref, progress, cancel)
+    return got.path, {"ref": ref.display(), "repo_id": ref.repo_id, "revision": got.revision}
 
 
 def pick_device(device: str) -> str:
@@ -119,6 +125,7 @@ def build(
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
     free_bytes: Callable[[Path], int] = free_disk_bytes,
+    hub: Hub | None = None,
 ) -> BuildResult:
     if req.precision not in PRECISIONS:
         raise BadInputError(f"Unknown precision {req.precision!r}.", f"Use one of {', '.join(PRECISIONS)}.")
@@ -135,8 +142,10 @@ def build(
 
         report(progress, ProgressEvent("prepare", message="Preparing inputs"))
         device = pick_device(req.device)
-        base_path = resolve_ref(req.base, "base")
-        lora_paths = [resolve_ref(r.ref, "lora") for r in req.loras]
+        hub = hub or Hub()
+        base_path, base_origin = resolve_ref(req.base, "base", hub, progress, cancel)
+        resolved = [resolve_ref(r.ref, "lora", hub, progress, cancel) for r in req.loras]
+        lora_paths = [p for p, _ in resolved]
         out = Path(req.out_dir).expanduser().resolve()
         check_output(out, [base_path, *lora_paths], req.overwrite)
         stage_done("prepare")
@@ -198,7 +207,7 @@ def build(
                 notes=fplan.notes + [f"{lora.name}: {n}" for lora, _ in loras for n in lora.notes]
                 + [f"{lora.name}: {', '.join(lora.skipped)} parts not fused (transformer only)" for lora, _ in loras if lora.skipped],
             )
-            manifest = _manifest(req, base, loras, fplan, result)
+            manifest = _manifest(base_origin, [o for _, o in resolved], req, base, loras, fplan, result)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             (tmp / "README.md").write_text(snippets.readme(out.name, req.precision, base.family, manifest), encoding="utf-8")
             _move_into_place(tmp, out)
@@ -242,14 +251,14 @@ def _fingerprint(base) -> str:
     return h.hexdigest()
 
 
-def _manifest(req: BuildRequest, base, loras, fplan, result: BuildResult) -> dict:
+def _manifest(base_origin: dict, lora_origins: list[dict], req: BuildRequest, base, loras, fplan, result: BuildResult) -> dict:
     from fluxstudio.hardware import library_versions
 
     return {
         "fluxstudio_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "base": {
-            "ref": req.base if req.base == "demo" else Path(req.base).name,
+            **base_origin,
             "family": base.family.label,
             "class_name": base.family.class_name,
             "variant": base.variant,
@@ -258,6 +267,7 @@ def _manifest(req: BuildRequest, base, loras, fplan, result: BuildResult) -> dic
         },
         "loras": [
             {
+                **origin,
                 "name": lora.name,
                 "sha256": lora.sha256,
                 "scale": scale,
@@ -265,7 +275,7 @@ def _manifest(req: BuildRequest, base, loras, fplan, result: BuildResult) -> dic
                 "ranks": lora.ranks,
                 "modules_matched": fplan.matched.get(lora.name, 0),
             }
-            for lora, scale in loras
+            for (lora, scale), origin in zip(loras, lora_origins)
         ],
         "precision": req.precision,
         "double_quant": req.double_quant if req.precision == "nf4" else None,

@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fuse", help="fuse LoRAs into a base model and save it quantized")
-    f.add_argument("--base", required=True, help="base model: a diffusers folder, or 'demo'")
-    f.add_argument("--lora", action="append", default=[], help="a LoRA .safetensors file, or 'demo' (repeatable)")
+    f.add_argument("--base", required=True, help="base model: Hub repo id (owner/name[@rev]), Hub URL, local folder, or 'demo'")
+    f.add_argument("--lora", action="append", default=[], help="LoRA: Hub repo id (owner/name[/file.safetensors]), Hub URL, local .safetensors, or 'demo' (repeatable)")
     f.add_argument("--lora-scale", action="append", type=float, default=[], help="scale of the matching --lora (default 1.0; negative allowed)")
     f.add_argument("--precision", required=True, choices=("bf16", "fp8", "nf4"))
     f.add_argument("--out", required=True, type=Path, help="output folder (created; must not exist unless --overwrite)")
@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_fuse)
 
+    d = sub.add_parser("download", help="download a base model (or a LoRA) from the Hub into the HF cache")
+    d.add_argument("ref", help="Hub repo id (owner/name[@rev][/path]) or Hub URL")
+    d.add_argument("--lora", action="store_true", help="REF is a LoRA (one .safetensors file)")
+    d.set_defaults(func=cmd_download)
+
     from fluxstudio.advice import CARDS, MODELS
 
     e = sub.add_parser("env", help="this machine, the precision advice and library versions (for bug reports)")
@@ -63,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", choices=sorted(CARDS), metavar="CARD", help="advise for this card instead of the one here")
     e.set_defaults(func=cmd_env)
     return p
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from fluxstudio.hub import Hub, parse_ref
+    from fluxstudio.progress import CancelToken
+
+    ref = parse_ref(args.ref)
+    if ref.kind != "hub":
+        raise FluxStudioError(f"'{args.ref}' is not a Hub reference.", "Use owner/name or a https://huggingface.co/... URL.")
+    bar = _Bar(quiet=False)
+    try:
+        hub = Hub()
+        got = (hub.fetch_lora if args.lora else hub.fetch_base)(ref, progress=bar, cancel=CancelToken())
+    finally:
+        bar.close()
+    note = f"downloaded {human_bytes(got.downloaded_bytes)}" if got.downloaded_bytes else "already in the cache"
+    print(f"{ref.display()} @ {got.revision[:12]}: {note}\n{got.path}")
+    return 0
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -119,18 +142,21 @@ class _Bar:
     def __call__(self, ev: ProgressEvent) -> None:
         if self.quiet:
             return
-        if ev.stage != "fuse":
+        if ev.stage not in ("fuse", "download"):
             if ev.stage != self.stage and ev.message:
                 self.close()
                 print(f"{ev.message}...", file=sys.stderr)
             self.stage = ev.stage
             return
-        if self.bar is None:
+        if self.bar is None or ev.stage != self.stage or ev.bytes_total != self.bar.total:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=ev.bytes_total, unit="B", unit_scale=True, desc="Fusing", file=sys.stderr, dynamic_ncols=True)
+            self.close()
+            desc = "Fusing" if ev.stage == "fuse" else "Downloading"
+            self.bar = tqdm(total=ev.bytes_total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, dynamic_ncols=True)
         self.stage = ev.stage
-        self.bar.set_postfix_str(f"{ev.done}/{ev.total} tensors", refresh=False)
+        unit = "tensors" if ev.stage == "fuse" else "files"
+        self.bar.set_postfix_str(f"{ev.done}/{ev.total} {unit}", refresh=False)
         self.bar.update(ev.bytes_done - self.bar.n)
 
     def close(self) -> None:

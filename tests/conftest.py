@@ -2,6 +2,11 @@ import os
 import sys
 from pathlib import Path
 
+# Read by huggingface_hub at import: no test may reach the real Hub, and the fake one serves plain HTTP.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ.pop("HF_TOKEN", None)
+
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -14,7 +19,6 @@ def isolated_home(tmp_path, monkeypatch):
     home = tmp_path / "fshome"
     monkeypatch.setenv("FLUXSTUDIO_HOME", str(home))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return home
 
 

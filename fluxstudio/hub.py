@@ -1,0 +1,364 @@
+"""Base models and LoRAs from the Hugging Face Hub, through the real huggingface_hub client and its cache.
+
+Only what a job needs is downloaded (the base's transformer/ files and model_index.json; one LoRA file), into the
+standard HF cache, so models a diffusers user already has are reused, and cached ones work offline. Every Hub
+failure becomes one actionable sentence (ERROR_TABLE). Tokens come from huggingface_hub itself (HF_TOKEN or the
+stored login) and never appear in a message.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fluxstudio.errors import BadInputError, CancelledError, DiskSpaceError, FluxStudioError, HubError
+from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, report
+
+HUB_URL = "https://huggingface.co"
+CHUNK = 1 << 20  # download chunk: progress (and cancel) at least every MiB
+
+
+@dataclass(frozen=True)
+class Preset:
+    key: str
+    label: str
+    repo_id: str
+    family: str
+    gated: bool
+    transformer_gb: float  # approximate download: transformer/ in bf16
+
+
+PRESETS: tuple[Preset, ...] = (
+    Preset("flux1-dev", "FLUX.1 [dev]", "black-forest-labs/FLUX.1-dev", "flux1", True, 23.8),
+    Preset("flux1-schnell", "FLUX.1 [schnell]", "black-forest-labs/FLUX.1-schnell", "flux1", False, 23.8),
+    Preset("flux1-fill-dev", "FLUX.1 Fill [dev]", "black-forest-labs/FLUX.1-Fill-dev", "flux1", True, 23.8),
+    Preset("flux1-kontext-dev", "FLUX.1 Kontext [dev]", "black-forest-labs/FLUX.1-Kontext-dev", "flux1", True, 23.8),
+    Preset("flux1-canny-dev", "FLUX.1 Canny [dev]", "black-forest-labs/FLUX.1-Canny-dev", "flux1", True, 23.8),
+    Preset("flux1-depth-dev", "FLUX.1 Depth [dev]", "black-forest-labs/FLUX.1-Depth-dev", "flux1", True, 23.8),
+    Preset("flux2-dev", "FLUX.2 [dev]", "black-forest-labs/FLUX.2-dev", "flux2", True, 64.4),
+    Preset("flux2-klein-4b", "FLUX.2 [klein] 4B", "black-forest-labs/FLUX.2-klein-4B", "flux2", False, 7.8),
+    Preset("flux2-klein-9b", "FLUX.2 [klein] 9B", "black-forest-labs/FLUX.2-klein-9B", "flux2", True, 18.2),
+)
+
+
+@dataclass(frozen=True)
+class Ref:
+    """Where a base or LoRA comes from: `demo`, a local path, or a Hub repo (+ revision, + file or folder)."""
+
+    kind: str  # "demo" | "local" | "hub"
+    text: str
+    path: Path | None = None
+    repo_id: str = ""
+    revision: str = "main"
+    subpath: str = ""
+
+    def display(self) -> str:
+        if self.kind != "hub":
+            return self.text if self.kind == "demo" else self.path.name if self.path else self.text
+        rev = "" if self.revision == "main" else f"@{self.revision}"
+        return f"{self.repo_id}{rev}{'/' + self.subpath if self.subpath else ''}"
+
+
+_NAME = r"[A-Za-z0-9][\w.-]*"
+_URL = re.compile(rf"^https?://[^/]+/(?P<repo>{_NAME}/{_NAME})(?:/(?:blob|resolve|tree)/(?P<rev>[^/]+)(?:/(?P<path>.+))?)?/?$")
+_REPO = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?:@(?P<rev>[^/]+))?(?:/(?P<path>.+))?$")
+
+
+def parse_ref(text: str) -> Ref:
+    """Parse what a user typed: `demo`, a path, `owner/name[@rev][/path]`, or a Hub URL."""
+    text = text.strip()
+    if not text:
+        raise BadInputError("No model or LoRA given.", "Enter a Hub repo id (owner/name), a Hub URL, a local path or 'demo'.")
+    if text == "demo":
+        return Ref("demo", text)
+    if m := _URL.match(text):
+        return Ref("hub", text, repo_id=m["repo"], revision=m["rev"] or "main", subpath=(m["path"] or "").strip("/"))
+    path = Path(text).expanduser()
+    looks_local = text.startswith(("/", ".", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", text) or "\\" in text
+    if looks_local or path.exists():
+        return Ref("local", text, path=path.resolve())
+    if m := _REPO.match(text):
+        return Ref("hub", text, repo_id=m["repo"], revision=m["rev"] or "main", subpath=(m["path"] or "").strip("/"))
+    raise BadInputError(f"'{text}' is neither an existing path nor a Hub repo id.", "Use owner/name, a Hub URL or a local path.")
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _is_network(exc: BaseException) -> bool:
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    mod = type(exc).__module__
+    return isinstance(exc, (OfflineModeIsEnabled, ConnectionError, TimeoutError)) or mod.startswith(("httpx", "httpcore"))
+
+
+def hub_error(exc: BaseException, repo_id: str, revision: str = "main", filename: str = "") -> FluxStudioError:
+    """One sentence (and a next step) for any failure of the Hub client. Order matters: subclasses first."""
+    from huggingface_hub import errors as e
+
+    while isinstance(exc, e.LocalEntryNotFoundError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # "not in the cache, and the Hub said ...": what the Hub said is the news
+    url = f"{HUB_URL}/{repo_id}"
+    what = f"{filename} in {repo_id}" if filename else repo_id
+    status = _status(exc)
+    table: list[tuple[Callable[[BaseException], bool], str, str]] = [
+        (lambda x: isinstance(x, e.GatedRepoError), f"{repo_id} is gated.",
+         f"Accept the licence at {url} and use a token with access."),
+        (lambda x: isinstance(x, e.RevisionNotFoundError), f"The revision '{revision}' does not exist in {repo_id}.",
+         "Check the branch, tag or commit."),
+        (lambda x: isinstance(x, e.RemoteEntryNotFoundError), f"The file {filename or '?'} is not in {repo_id}.",
+         f"Check the file name at {url}."),
+        (lambda x: isinstance(x, e.RepositoryNotFoundError) and status != 401 or status == 404,
+         f"The repository {repo_id} was not found.", "Check the name; a private repo needs a token with access."),
+        (lambda x: status == 401 and isinstance(x, e.RepositoryNotFoundError),
+         f"The repository {repo_id} was not found, or it is private.", "Check the name; a private repo needs a token with access."),
+        (lambda x: status == 401, "The Hugging Face token was refused (401): it is invalid or has expired.",
+         "Create a new token at https://huggingface.co/settings/tokens and log in again."),
+        (lambda x: status == 403, f"Access to {what} is forbidden with this token (403).",
+         "Use a token with read access to this repo (fine-grained tokens need it granted)."),
+        (lambda x: status == 429, "The Hub is rate-limiting downloads (429).", "Wait a few minutes, then try again."),
+        (lambda x: status is not None and status >= 500, f"The Hub failed to answer ({status}).", "Try again later."),
+        (lambda x: "Consistency check failed" in str(x) or type(x).__name__ == "RemoteProtocolError",
+         f"The download of {what} was cut short (the connection dropped).",
+         "Run it again: what was downloaded is kept and the rest resumes."),
+        (_is_network, "Cannot reach the Hugging Face Hub.", "Check the internet connection, then try again."),
+    ]
+    for match, message, hint in table:
+        if match(exc):
+            return HubError(message, hint)
+    return HubError(f"Downloading {what} failed ({type(exc).__name__}).", "Try again; if it keeps failing, see the log.")
+
+
+# -- downloads ----------------------------------------------------------------------------------------------
+
+
+class _Bar:
+    """A tqdm stand-in for hf_hub_download: turns byte counts into ProgressEvents and checks for cancel."""
+
+    def __init__(self, sink: Callable[[int], None], **kwargs) -> None:
+        self.n = kwargs.get("initial", 0) or 0
+        self.total = kwargs.get("total")
+        self._sink = sink
+        if self.n:
+            sink(self.n)
+
+    def update(self, n: int | float | None = 1) -> None:
+        self.n += int(n or 0)
+        self._sink(int(n or 0))
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def set_postfix_str(self, *args, **kwargs) -> None:
+        pass
+
+    def set_description(self, *args, **kwargs) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Fetched:
+    path: Path  # a model folder (bases) or a .safetensors file (LoRAs)
+    ref: Ref
+    revision: str = ""  # the commit the files come from
+    downloaded_bytes: int = 0
+
+
+@dataclass
+class Hub:
+    """The Hub, as this app uses it. Every I/O dependency is a parameter with the real default."""
+
+    endpoint: str | None = None  # default: HF_ENDPOINT / huggingface.co
+    token: str | bool | None = None  # default: HF_TOKEN or the stored login
+    cache_dir: str | None = None  # default: HF_HUB_CACHE
+    free_bytes: Callable[[Path], int] = field(default=lambda p: shutil.disk_usage(p).free)
+
+    def _api(self):
+        from huggingface_hub import HfApi
+
+        return HfApi(endpoint=self.endpoint, token=self.token)
+
+    def _cache(self) -> Path:
+        from huggingface_hub import constants
+
+        return Path(self.cache_dir or constants.HF_HUB_CACHE)
+
+    def info(self, ref: Ref):
+        """Model info with file sizes; raises HubError (network errors included)."""
+        try:
+            return self._api().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
+        except Exception as exc:  # noqa: BLE001 - mapped to one sentence
+            raise hub_error(exc, ref.repo_id, ref.revision) from None
+
+    def fetch_base(self, ref: Ref, progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> Fetched:
+        patterns = [f"{ref.subpath}/*"] if ref.subpath else ["model_index.json", "transformer/*", "config.json", "*.safetensors*"]
+
+        def choose(names: list[str]) -> list[str]:
+            keep = [n for n in names if n.endswith((".safetensors", ".json"))]
+            if ref.subpath:
+                return [n for n in keep if n.startswith(ref.subpath + "/") and "/" not in n[len(ref.subpath) + 1:]]
+            if any(n.startswith("transformer/") for n in keep):
+                return [n for n in keep if n == "model_index.json" or (n.startswith("transformer/") and n.count("/") == 1)]
+            return [n for n in keep if "/" not in n]
+
+        def usable(names: list[str]) -> None:
+            if not any(n.endswith(".safetensors") for n in names):
+                raise BadInputError(f"{ref.display()} has no .safetensors transformer weights.",
+                                    "Pick a diffusers-format FLUX repo (with a transformer/ folder).")
+
+        fetched = self._fetch(ref, choose, usable, patterns, progress, cancel)
+        folder = fetched.path / ref.subpath if ref.subpath else fetched.path
+        return Fetched(folder, ref, fetched.revision, fetched.downloaded_bytes)
+
+    def fetch_lora(self, ref: Ref, progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> Fetched:
+        chosen: list[str] = []
+
+        def choose(names: list[str]) -> list[str]:
+            if ref.subpath.endswith(".safetensors"):
+                chosen[:] = [ref.subpath]
+                return chosen
+            inside = [n for n in names if not ref.subpath or n.startswith(ref.subpath.rstrip("/") + "/")]
+            files = [n for n in inside if n.endswith(".safetensors")]
+            if len(files) > 1 and any(n.endswith("pytorch_lora_weights.safetensors") for n in files):
+                files = [n for n in files if n.endswith("pytorch_lora_weights.safetensors")][:1]  # diffusers' choice
+            if not files and any(n.endswith((".bin", ".pt", ".ckpt", ".pth")) for n in inside):
+                raise BadInputError(f"{ref.display()} has its LoRA only as a pickle file.",
+                                    "FluxStudio reads only .safetensors (pickle files can run code).")
+            if not files:
+                raise BadInputError(f"{ref.display()} has no .safetensors file.", "Check the repo id.")
+            if len(files) > 1:
+                raise BadInputError(
+                    f"{ref.repo_id} has {len(files)} LoRA files ({', '.join(files[:4])}{' ...' if len(files) > 4 else ''}).",
+                    f"Name one, e.g. {ref.repo_id}/{files[0]}",
+                )
+            chosen[:] = files
+            return chosen
+
+        patterns = [ref.subpath] if ref.subpath.endswith(".safetensors") else ["*.safetensors"]
+        fetched = self._fetch(ref, choose, lambda names: None, patterns, progress, cancel)
+        return Fetched(fetched.path / chosen[0], ref, fetched.revision, fetched.downloaded_bytes)
+
+    def _fetch(self, ref, choose, usable, patterns, progress, cancel) -> Fetched:
+        from huggingface_hub import constants
+
+        constants.DOWNLOAD_CHUNK_SIZE = CHUNK
+        try:
+            info = self._api().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
+        except Exception as exc:  # noqa: BLE001
+            error = hub_error(exc, ref.repo_id, ref.revision)
+            if not _is_network(exc):
+                raise error from None
+            return self._from_cache(ref, patterns, choose, error)
+        sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+        files = choose(sorted(sizes))
+        usable(files)
+        missing = [f for f in files if f not in sizes]
+        if missing:
+            raise HubError(f"The file {missing[0]} is not in {ref.repo_id}.", f"Check the file name at {HUB_URL}/{ref.repo_id}.")
+        downloaded = self._download(ref, info.sha, files, sizes, progress, cancel)
+        self._remember_revision(ref, info.sha)
+        return Fetched(self._snapshot(ref.repo_id, info.sha), ref, info.sha, downloaded)
+
+    def _snapshot(self, repo_id: str, sha: str) -> Path:
+        return self._cache() / f"models--{repo_id.replace('/', '--')}" / "snapshots" / sha
+
+    def _remember_revision(self, ref: Ref, sha: str) -> None:
+        """Write refs/<revision> as snapshot_download does, so the same reference resolves offline later."""
+        if ref.revision == sha:
+            return
+        refs = self._cache() / f"models--{ref.repo_id.replace('/', '--')}" / "refs"
+        refs.mkdir(parents=True, exist_ok=True)
+        tmp = refs / f".{ref.revision.replace('/', '_')}.tmp"
+        tmp.write_text(sha)
+        os.replace(tmp, refs / ref.revision)
+
+    def _download(self, ref: Ref, sha: str, files: list[str], sizes: dict[str, int], progress, cancel) -> int:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        todo = [f for f in files if not isinstance(
+            try_to_load_from_cache(ref.repo_id, f, cache_dir=self.cache_dir, revision=sha), str)]
+        total = sum(sizes[f] for f in todo)
+        cache = self._cache()
+        probe = cache if cache.exists() else next(p for p in cache.parents if p.exists())
+        free = self.free_bytes(probe)
+        if total > free:
+            raise DiskSpaceError(
+                f"Not enough free disk to download {ref.display()}: it needs {total / 1e9:.2f} GB and "
+                f"{probe} has {free / 1e9:.2f} GB free.", "Free some space, or set HF_HOME to a larger disk.")
+        done = 0
+        for i, name in enumerate(todo, start=1):
+            def sink(n: int, name: str = name, i: int = i) -> None:
+                nonlocal done
+                if cancel is not None and cancel.cancelled:
+                    raise CancelledError("Download cancelled.", "Run it again to resume where it stopped.")
+                done += n
+                report(progress, ProgressEvent("download", i - 1, len(todo), done, total, item=name,
+                                               message=f"Downloading {ref.repo_id}"))
+
+            try:
+                hf_hub_download(ref.repo_id, name, revision=sha, endpoint=self.endpoint, token=self.token,
+                                cache_dir=self.cache_dir, tqdm_class=lambda *a, **k: _Bar(sink, **k))
+            except FluxStudioError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise hub_error(exc, ref.repo_id, ref.revision, name) from None
+        report(progress, ProgressEvent("download", len(todo), len(todo), total, total, message=f"Downloaded {ref.repo_id}"))
+        return total
+
+    def _from_cache(self, ref: Ref, patterns: list[str], choose, error: FluxStudioError) -> Fetched:
+        """Offline or unreachable: use what the cache has for this revision, or say what it has instead."""
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, cache_dir=self.cache_dir,
+                                            local_files_only=True, allow_patterns=patterns))
+            names = sorted(str(p.relative_to(folder)).replace(os.sep, "/") for p in folder.rglob("*") if p.is_file())
+            files = choose(names)
+            if files and all((folder / f).exists() for f in files):
+                return Fetched(folder, ref, folder.name, 0)
+        except FluxStudioError:
+            raise
+        except Exception:  # noqa: BLE001 - not cached: fall through to the original error
+            pass
+        cached = self.cached_repos()
+        hint = error.hint + (f" Already downloaded: {', '.join(cached[:5])}." if cached else "")
+        raise HubError(f"{error.message} {ref.display()} is not in the local cache.", hint)
+
+    def cached_repos(self) -> list[str]:
+        from huggingface_hub import scan_cache_dir
+
+        try:
+            return sorted(r.repo_id for r in scan_cache_dir(self.cache_dir).repos if r.repo_type == "model")
+        except Exception:  # noqa: BLE001 - no cache yet
+            return []
+
+    def plan(self, ref: Ref) -> tuple[int, int, bool]:
+        """(bytes to download, bytes already cached, gated) for a base, from the Hub's file sizes."""
+        from huggingface_hub import try_to_load_from_cache
+
+        info = self.info(ref)
+        names = [s.rfilename for s in info.siblings or []]
+        wanted = [n for n in names if fnmatch.fnmatch(n, "transformer/*") or n == "model_index.json"] or names
+        sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+        cached = {n for n in wanted if isinstance(try_to_load_from_cache(ref.repo_id, n, cache_dir=self.cache_dir, revision=info.sha), str)}
+        return (sum(sizes[n] for n in wanted if n not in cached), sum(sizes[n] for n in cached), bool(info.gated))
+
