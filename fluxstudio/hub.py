@@ -362,3 +362,36 @@ class Hub:
         cached = {n for n in wanted if isinstance(try_to_load_from_cache(ref.repo_id, n, cache_dir=self.cache_dir, revision=info.sha), str)}
         return (sum(sizes[n] for n in wanted if n not in cached), sum(sizes[n] for n in cached), bool(info.gated))
 
+
+
+def save_token(token: str) -> str:
+    """Check a token with the Hub and store it with huggingface_hub's own login (HF_HOME/token); returns the user.
+
+    The token is never logged or echoed; an invalid one gives the 401 sentence.
+    """
+    import logging
+
+    from huggingface_hub import login, whoami
+
+    token = token.strip()
+    if not token:
+        raise BadInputError("The token is empty.", "Paste a token from https://huggingface.co/settings/tokens.")
+    try:
+        user = whoami(token=token).get("name", "")
+        hub_logger = logging.getLogger("huggingface_hub")
+        level = hub_logger.level
+        hub_logger.setLevel(logging.ERROR)  # login() logs where the token file is; keep the page quiet
+        try:
+            login(token=token, add_to_git_credential=False)
+        finally:
+            hub_logger.setLevel(level)
+    except Exception as exc:  # noqa: BLE001
+        raise hub_error(exc, "your account") from None
+    return user
+
+
+def has_token() -> bool:
+    """Whether huggingface_hub has a token to send (HF_TOKEN or a stored login)."""
+    from huggingface_hub import get_token
+
+    return get_token() is not None

@@ -259,3 +259,14 @@ def test_cli_download(fake, cache):
     assert lora.returncode == 0 and lora.stdout.strip().endswith("flux_tiny_lora.safetensors")
     bad = run("acme/nothing-here")
     assert bad.returncode == HubError.exit_code and "Error: The repository acme/nothing-here was not found" in bad.stderr
+
+
+def test_token_is_stored_by_huggingface_hub_login(fake, tmp_path):
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hfhome"), HF_ENDPOINT=fake.url, PYTHONPATH=str(ROOT))
+    code = "import sys; from fluxstudio.hub import save_token, has_token; print(save_token(sys.argv[1]), has_token())"
+    ok = subprocess.run([sys.executable, "-c", code, CANARY], capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.split() == ["tester", "True"] and CANARY not in ok.stdout + ok.stderr
+    assert (tmp_path / "hfhome" / "token").read_text().strip() == CANARY
+    bad = subprocess.run([sys.executable, "-c", code, "hf_wrong"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode != 0 and "token was refused (401)" in bad.stderr and "hf_wrong" not in bad.stderr
