@@ -62,6 +62,7 @@ class BuildResult:
     output_bytes: int
     files: list[str]
     tensors_fused: int
+    family: str = "flux1"
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -204,6 +205,7 @@ def build(
                 output_bytes=writer.total_bytes,
                 files=sorted(p.name for p in files),
                 tensors_fused=fplan.fused_count,
+                family=base.family.key,
                 notes=fplan.notes + [f"{lora.name}: {n}" for lora, _ in loras for n in lora.notes]
                 + [f"{lora.name}: {', '.join(lora.skipped)} parts not fused (transformer only)" for lora, _ in loras if lora.skipped],
             )

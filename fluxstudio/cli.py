@@ -5,34 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 
-from fluxstudio import __version__, paths
+from fluxstudio import __version__, paths, units
+from fluxstudio.units import human_bytes
 from fluxstudio.errors import FluxStudioError
 from fluxstudio.progress import ProgressEvent
 
 log = logging.getLogger("fluxstudio")
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).upper() not in SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 5GB, 500MB)")
-    value = int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
-    if value <= 0:
-        raise argparse.ArgumentTypeError("the size must be positive")
-    return value
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+    try:
+        return units.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,7 +187,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     print(f"  fused      {result.tensors_fused} tensors")
     for note in result.notes:
         print(f"  note       {note}")
-    family = next(f for f in FAMILIES if f.label in json.loads((Path(result.output_dir) / "fluxstudio.json").read_text())["base"]["family"])
+    family = next(f for f in FAMILIES if f.key == result.family)
     print("\nLoad it with:\n" + load_snippet(result.output_dir, result.precision, family))
     if args.report_json:
         args.report_json.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,1 @@
+"""The browser app: the only part of FluxStudio that imports gradio."""

@@ -1,0 +1,94 @@
+"""build_ui(settings) -> gr.Blocks, and launch(settings): the page top to bottom, and how it is served."""
+
+from __future__ import annotations
+
+import base64
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from fluxstudio import __version__
+from fluxstudio.ui import handlers
+from fluxstudio.ui.context import Context
+from fluxstudio.ui.panels import base, library, loras, machine, output, run
+from fluxstudio.ui.settings import MAX_UPLOAD, Settings, blocked_paths, generated_auth
+
+ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
+
+
+def _header() -> str:
+    icon = base64.b64encode((ASSETS / "icon.png").read_bytes()).decode()
+    return (f'<div id="fs-header"><img src="data:image/png;base64,{icon}" alt="">'
+            f"<div><h1>FluxStudio</h1><p>Fuse LoRAs into FLUX at full precision, then quantize — "
+            f"one tensor at a time. v{__version__}</p></div></div>")
+
+
+def _step(title: str) -> None:
+    gr.Markdown(f"### {title}", elem_classes="fs-step")
+
+
+def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
+    ctx = ctx or Context(settings)
+    with gr.Blocks(title="FluxStudio", analytics_enabled=False) as blocks:
+        gr.HTML(_header())
+        _step("1 · Machine")
+        m = machine.render(ctx)
+        _step("2 · Base model")
+        b = base.render(ctx)
+        _step("3 · LoRAs")
+        lo = loras.render(ctx)
+        _step("4 · Output")
+        o = output.render(ctx)
+        r = run.render()
+        _step("Library")
+        lib = library.render(ctx)
+
+        def advise(target, key):
+            text, precision = machine.advice_text(ctx, target, key)
+            return text, precision
+
+        base.wire(ctx, b)
+        loras.wire(ctx, lo, b.choice, b.custom, b.model_key)
+        output.wire(ctx, o, b.choice, b.custom, b.model_key)
+        for trigger in (m.target.change, b.model_key.change):
+            trigger(advise, [m.target, b.model_key], [m.advice, o.precision])
+        run.wire(ctx, r, b.choice, b.custom, lo.items, o.precision, o.name, o.shard,
+                 on_done=(lambda: library.updates(ctx, lib), None, library.outputs(lib)))
+        library.wire(ctx, lib)
+
+        def first_load(choice, custom, target):
+            status, key, need_token = base.describe(ctx, choice, custom or "")
+            text, precision = machine.advice_text(ctx, target, key)
+            est = output.estimate(ctx, precision, choice, custom or "", key)
+            extra = [gr.update(visible=need_token), gr.update(visible=need_token)] if b.token is not None else []
+            return [status, key, text, precision, est, *extra]
+
+        blocks.load(first_load, [b.choice, b.custom, m.target],
+                    [b.status, b.model_key, m.advice, o.precision, o.estimate]
+                    + ([b.token, b.save_token] if b.token is not None else []))
+    return blocks
+
+
+def launch(settings: Settings) -> gr.Blocks:
+    auth = settings.auth
+    if settings.share and auth is None:
+        auth = generated_auth()
+        print(f"Sharing needs a login. User: {auth[0]}  Password: {auth[1]}", flush=True)
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    blocks = build_ui(settings)
+    blocks.queue(default_concurrency_limit=4)
+    blocks.launch(
+        server_name=settings.host, server_port=settings.port, share=settings.share, auth=auth,
+        inbrowser=settings.inbrowser, max_file_size=MAX_UPLOAD, allowed_paths=[], blocked_paths=blocked_paths(),
+        favicon_path=str(ASSETS / "favicon.png"), footer_links=[], show_error=False, quiet=False,
+        css_paths=[str(ASSETS / "style.css")], theme=gr.themes.Soft(primary_hue="violet"), prevent_thread_lock=True,
+        auth_message="FluxStudio is shared with a login: ask its owner for the user and password.",
+    )
+    if settings.share and not blocks.share_url:
+        print("Could not create a public share link (no internet, or the tunnel is blocked). "
+              f"FluxStudio still runs locally at {blocks.local_url}", file=sys.stderr, flush=True)
+    return blocks
+
+
+__all__ = ["Settings", "build_ui", "launch", "handlers"]

@@ -1,0 +1,96 @@
+"""Base model: a preset, the demo, or a custom Hub repo / URL / local folder; what it costs to get it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from fluxstudio.errors import FluxStudioError
+from fluxstudio.hub import PRESETS, has_token, save_token
+from fluxstudio.models import open_base
+from fluxstudio.ui.context import CUSTOM, Context
+from fluxstudio.ui.handlers import error_html, ok_html, user_message
+from fluxstudio.units import human_bytes
+
+
+@dataclass
+class Handles:
+    choice: gr.Dropdown
+    custom: gr.Textbox
+    status: gr.HTML
+    model_key: gr.State
+    token: gr.Textbox | None
+    save_token: gr.Button | None
+
+
+def choices() -> list[tuple[str, str]]:
+    items = [("Demo — built in, tiny, no download", "demo")]
+    items += [(f"{p.label} · {p.transformer_gb:.0f} GB" + (" · gated" if p.gated else ""), p.key) for p in PRESETS]
+    return items + [("Custom…", CUSTOM)]
+
+
+def describe(ctx: Context, choice: str, custom: str) -> tuple[str, str, bool]:
+    """(status html, model key, whether a token is needed) for the chosen base. Never raises."""
+    shared = not ctx.settings.local
+    if choice == CUSTOM and not custom.strip():
+        return ok_html("Enter a Hub repo id (owner/name), a Hub URL" + ("" if shared else " or a local folder") + "."), "flux1", False
+    try:
+        text = ctx.base_ref_text(choice, custom)
+        if text == "demo":
+            return ok_html("Built-in demo model (FLUX.1 architecture, tiny): nothing to download."), "flux1", False
+        ref = ctx.ref(text)
+        if ref.kind == "local":
+            base = open_base(ref.path)
+            return (ok_html(f"{base.variant} · {str(base.dtype).removeprefix('torch.')} · {human_bytes(base.total_bytes)} · local folder"),
+                    ctx.model_key(choice, base.family.key), False)
+        todo, cached, gated = ctx.hub.plan(ref)
+        need_token = gated and not has_token()
+        where = f"to download: {human_bytes(todo)}" if todo else "already downloaded"
+        if todo and cached:
+            where += f" ({human_bytes(cached)} already here)"
+        note = " · gated: accept its licence on the Hub and add a token with access" if need_token else ""
+        return ok_html(f"{ref.display()} · {where}{note}"), ctx.model_key(choice), need_token
+    except FluxStudioError as exc:
+        return error_html(user_message(exc, shared)), ctx.model_key(choice), False
+
+
+def render(ctx: Context) -> Handles:
+    default = ctx.cached_preset() or "demo"
+    with gr.Column(elem_id="base", elem_classes="fs-card"):
+        with gr.Row():
+            choice = gr.Dropdown(choices(), value=default, label="Base model", scale=2, elem_id="base-choice")
+            custom = gr.Textbox(label="Hub repo id, Hub URL" + ("" if not ctx.settings.local else " or local folder"),
+                                placeholder="owner/name", visible=False, scale=2, elem_id="base-custom")
+        status = gr.HTML(elem_id="base-status")
+        token = save = None
+        if ctx.settings.local:  # never in a shared session
+            with gr.Row():
+                token = gr.Textbox(label="Hugging Face token (saved with huggingface_hub's login)", type="password",
+                                   value="", visible=False, scale=3, elem_id="hf-token")
+                save = gr.Button("Save token", visible=False, scale=1)
+    return Handles(choice, custom, status, gr.State("flux1"), token, save)
+
+
+def wire(ctx: Context, h: Handles) -> None:
+    def update(choice, custom):
+        status, key, need_token = describe(ctx, choice, custom or "")
+        updates = [gr.update(visible=choice == CUSTOM), status, key]
+        if h.token is not None:
+            updates += [gr.update(visible=need_token, value=""), gr.update(visible=need_token)]
+        return updates
+
+    outputs = [h.custom, h.status, h.model_key] + ([h.token, h.save_token] if h.token is not None else [])
+    h.choice.change(update, [h.choice, h.custom], outputs)
+    h.custom.submit(update, [h.choice, h.custom], outputs)
+    h.custom.blur(update, [h.choice, h.custom], outputs)
+    if h.token is not None:
+        def store(token, choice, custom):
+            try:
+                user = save_token(token or "")
+            except FluxStudioError as exc:
+                return gr.update(value=""), error_html(user_message(exc, False)), gr.update(), gr.update()
+            status, _, need = describe(ctx, choice, custom or "")
+            return gr.update(value="", visible=need), ok_html(f"Token saved for {user}.") + status, gr.update(visible=need), gr.update()
+
+        h.save_token.click(store, [h.token, h.choice, h.custom], [h.token, h.status, h.save_token, h.custom])

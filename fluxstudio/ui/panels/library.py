@@ -1,0 +1,75 @@
+"""Library: outputs made before, from their manifests; delete in local mode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from fluxstudio.errors import FluxStudioError
+from fluxstudio.library import delete_output, list_outputs
+from fluxstudio.ui.context import Context
+from fluxstudio.ui.handlers import error_html, ok_html, user_message
+from fluxstudio.units import human_bytes
+
+HEADERS = ["Name", "Base", "LoRAs (scale)", "Precision", "Size", "Created"]
+
+
+@dataclass
+class Handles:
+    table: gr.Dataframe
+    refresh: gr.Button
+    pick: gr.Dropdown | None
+    delete: gr.Button | None
+    message: gr.HTML
+
+
+def rows(ctx: Context) -> list[list[str]]:
+    return [
+        [e.name, e.base, ", ".join(f"{n} ({s:g})" for n, s in e.loras) or "—", e.precision, human_bytes(e.size_bytes),
+         e.created.replace("T", " ")[:16]]
+        for e in list_outputs(ctx.settings.output_dir)
+    ]
+
+
+def render(ctx: Context) -> Handles:
+    with gr.Column(elem_id="library", elem_classes="fs-card"):
+        table = gr.Dataframe(rows(ctx) or None, headers=HEADERS, interactive=False, wrap=True, elem_id="library-table")
+        with gr.Row(equal_height=True):
+            pick = delete = None
+            if ctx.settings.local:
+                names = [r[0] for r in rows(ctx)]
+                pick = gr.Dropdown(names, label="Saved output", scale=3, elem_id="library-pick")
+                delete = gr.Button("Delete", variant="stop", scale=1, min_width=100, elem_id="library-delete")
+            refresh = gr.Button("Refresh", scale=1, min_width=100)
+        message = gr.HTML()
+        if ctx.settings.local:
+            gr.Markdown(f"Outputs are saved in `{ctx.settings.output_dir}`.", elem_classes="fs-muted")
+    return Handles(table, refresh, pick, delete, message)
+
+
+def updates(ctx: Context, h: Handles):
+    """Fresh table (and choice list) values."""
+    data = rows(ctx)
+    out = [gr.update(value=data or None)]
+    if h.pick is not None:
+        out.append(gr.update(choices=[r[0] for r in data], value=None))
+    return out
+
+
+def outputs(h: Handles) -> list:
+    return [h.table] + ([h.pick] if h.pick is not None else [])
+
+
+def wire(ctx: Context, h: Handles) -> None:
+    h.refresh.click(lambda: updates(ctx, h), None, outputs(h))
+    if h.delete is not None:
+        def remove(name):
+            try:
+                delete_output(ctx.settings.output_dir, name or "")
+                message = ok_html(f"Deleted {name}.")
+            except FluxStudioError as exc:
+                message = error_html(user_message(exc, False))
+            return [*updates(ctx, h), message]
+
+        h.delete.click(remove, h.pick, [*outputs(h), h.message])

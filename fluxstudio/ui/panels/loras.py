@@ -1,0 +1,137 @@
+"""LoRAs: add by Hub repo id / URL / local path / upload; each row shows what will happen, with its scale."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from fluxstudio import demo, paths
+from fluxstudio.errors import BadInputError, FluxStudioError
+from fluxstudio.fuse import plan
+from fluxstudio.lora import load_lora
+from fluxstudio.models import FAMILIES, open_base
+from fluxstudio.safefile import read_header, sha256
+from fluxstudio.ui.context import Context
+from fluxstudio.ui.handlers import error_html, user_message
+
+
+@dataclass
+class Handles:
+    items: gr.State  # list of {"id", "ref", "name", "scale", "info"}
+    ref: gr.Textbox
+    add: gr.Button
+    upload: gr.File
+    message: gr.HTML
+
+
+def resolve(ctx: Context, text: str) -> tuple[str, Path]:
+    """(ref to build with, local file) for a typed reference."""
+    ref = ctx.ref(text)
+    if ref.kind == "demo":
+        return "demo", demo.ensure_lora()
+    if ref.kind == "local":
+        return str(ref.path), ref.path
+    return ref.text, ctx.hub.fetch_lora(ref).path
+
+
+def keep_upload(tmp: str) -> str:
+    """Copy an upload (checked first) into the app's own folder: gradio's temp files do not last."""
+    src = Path(tmp)
+    read_header(src, "uploaded file")
+    folder = paths.home() / "uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / f"{sha256(src)[:12]}-{src.name}"
+    if not dest.exists():
+        part = folder / f".{uuid.uuid4().hex}.part"
+        shutil.copyfile(src, part)
+        part.replace(dest)
+    return str(dest)
+
+
+def describe(ctx: Context, path: Path, choice: str, custom: str, family_key: str) -> str:
+    """One line on the LoRA, checked against the base when the base is here already."""
+    family = next(f for f in FAMILIES if f.key == ("flux2" if family_key.startswith("flux2") else "flux1"))
+    lora = load_lora(path, family)
+    parts = [lora.format, "rank " + "/".join(map(str, lora.ranks)) if lora.ranks else "no LoRA matrices",
+             f"{len(lora.modules) + len(lora.replacements)} modules"]
+    base_dir = ctx.local_base(choice, custom)
+    if base_dir is not None:
+        fplan = plan(open_base(base_dir), [(lora, 1.0)], ignore_unmatched=True)
+        parts.append(f"{fplan.matched.get(lora.name, 0)} matched")
+        parts += [n.split(": ", 1)[-1] for n in fplan.notes]
+    else:
+        parts.append("checked against the base when it is downloaded")
+    if lora.skipped:
+        parts.append(f"{', '.join(lora.skipped)} parts not fused (transformer only)")
+    return " · ".join(parts)
+
+
+def render(ctx: Context) -> Handles:
+    items = gr.State([])
+    with gr.Column(elem_id="loras", elem_classes="fs-card"):
+        with gr.Row(equal_height=True):
+            ref = gr.Textbox(label="Add a LoRA", scale=4, elem_id="lora-ref",
+                             placeholder="owner/name, owner/name/file.safetensors, a Hub URL"
+                             + (", a local .safetensors path" if ctx.settings.local else "") + " or demo")
+            add = gr.Button("Add", scale=1, elem_id="lora-add")
+            upload = gr.File(label="…or upload a .safetensors", file_types=[".safetensors"], scale=2,
+                             elem_id="lora-upload", height=90)
+        message = gr.HTML(elem_id="lora-message")
+
+        @gr.render(inputs=items)
+        def rows(current):
+            if not current:
+                gr.Markdown("*No LoRA yet: the base is only quantized.*", elem_classes="fs-muted")
+            for item in current:
+                with gr.Row(equal_height=True, elem_classes="fs-lora-row"):
+                    gr.Markdown(f"**{item['name']}**  \n{item['info']}", elem_classes="fs-lora-info")
+                    scale = gr.Slider(-2, 2, value=item["scale"], step=0.05, label="Scale", scale=1, interactive=True,
+                                      key=f"scale-{item['id']}", elem_classes="fs-lora-scale")
+                    remove = gr.Button("Remove", size="sm", scale=0, key=f"rm-{item['id']}")
+
+                def set_scale(value, state, item_id=item["id"]):
+                    for it in state:
+                        if it["id"] == item_id:
+                            it["scale"] = float(value)
+                    return state
+
+                scale.change(set_scale, [scale, items], None)  # in place: no re-render while dragging
+                remove.click(lambda state, item_id=item["id"]: [it for it in state if it["id"] != item_id], items, items)
+
+    return Handles(items, ref, add, upload, message)
+
+
+def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key) -> None:
+    shared = not ctx.settings.local
+
+    def add_item(state, ref_text, name, path, choice, custom, key):
+        if any(it["ref"] == ref_text for it in state):
+            raise BadInputError(f"{name} is in the list already.")
+        info = describe(ctx, path, choice, custom or "", key)
+        return state + [{"id": uuid.uuid4().hex[:8], "ref": ref_text, "name": name, "scale": 1.0, "info": info}]
+
+    def add_typed(state, text, choice, custom, key):
+        try:
+            ref_text, path = resolve(ctx, text or "")
+            return add_item(state, ref_text, path.name, path, choice, custom, key), "", ""
+        except FluxStudioError as exc:
+            return state, text, error_html(user_message(exc, shared))
+
+    def add_uploaded(state, file, choice, custom, key):
+        if not file:
+            return state, None, ""
+        try:
+            kept = keep_upload(file)
+            name = Path(kept).name.split("-", 1)[1]
+            return add_item(state, kept, name, Path(kept), choice, custom, key), None, ""
+        except FluxStudioError as exc:
+            return state, None, error_html(user_message(exc, shared))
+
+    inputs = [h.items, h.ref, base_choice, base_custom, model_key]
+    h.add.click(add_typed, inputs, [h.items, h.ref, h.message])
+    h.ref.submit(add_typed, inputs, [h.items, h.ref, h.message])
+    h.upload.upload(add_uploaded, [h.items, h.upload, base_choice, base_custom, model_key], [h.items, h.upload, h.message])

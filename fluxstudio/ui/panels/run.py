@@ -1,0 +1,120 @@
+"""Fuse & save: the job, its live progress and memory readout, Cancel, and the result with its loading snippet."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import gradio as gr
+
+from fluxstudio.build import BuildRequest, LoraRef
+from fluxstudio.jobs import Job
+from fluxstudio.library import safe_name
+from fluxstudio.models import FAMILIES
+from fluxstudio.snippets import load_snippet
+from fluxstudio.ui.context import Context
+from fluxstudio.ui.handlers import error_html, ok_html, user_message
+from fluxstudio.units import human_bytes, parse_size
+
+STAGES = {"prepare": "Preparing", "download": "Downloading", "inspect": "Checking inputs", "fuse": "Fusing and quantizing",
+          "finalize": "Writing"}
+
+
+@dataclass
+class Handles:
+    go: gr.Button
+    cancel: gr.Button
+    job_id: gr.State
+    status: gr.HTML
+    progress: gr.Markdown
+    memory: gr.Markdown
+    result: gr.Markdown
+    snippet: gr.Code
+
+
+def progress_text(job: Job) -> str:
+    ev = job.event
+    if ev is None:
+        return "Starting…"
+    line = f"**{STAGES.get(ev.stage, ev.stage)}**"
+    if ev.total:
+        unit = "files" if ev.stage == "download" else "tensors"
+        line += f" · {ev.done}/{ev.total} {unit}"
+    if ev.bytes_total:
+        line += f" · {human_bytes(ev.bytes_done)} of {human_bytes(ev.bytes_total)} ({100 * ev.bytes_done / ev.bytes_total:.0f}%)"
+    eta = job.eta_seconds()
+    if eta is not None and ev.bytes_done < ev.bytes_total:
+        line += f" · about {eta:.0f} s left"
+    return line + f" · {time.monotonic() - job.started:.0f} s"
+
+
+def memory_text(job: Job) -> str:
+    now, s = job.memory, job.sampler
+    text = f"RAM **{human_bytes(now.anon_bytes)}** now · {human_bytes(max(s.peak_anon_bytes, now.anon_bytes))} peak"
+    if now.vram_total_bytes:
+        peak = max(s.peak_vram_bytes, now.vram_allocated_bytes)
+        text += f" · VRAM **{human_bytes(now.vram_allocated_bytes)}** now · {human_bytes(peak)} peak"
+    return text
+
+
+def result_text(job: Job, shared: bool) -> str:
+    r = job.result
+    where = r.output_dir.rsplit("/", 1)[-1] if shared else r.output_dir
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in r.stage_seconds.items())
+    lines = [f"### Saved `{where}`",
+             f"{r.precision} · **{human_bytes(r.output_bytes)}** in {len(r.files)} file(s) · {r.tensors_fused} tensors fused",
+             f"Time **{r.seconds:.1f} s** ({stages})",
+             f"Peak RAM **{human_bytes(r.peak_anon_bytes)}** (RSS {human_bytes(r.peak_ram_bytes)})"
+             + (f" · peak VRAM **{human_bytes(r.peak_vram_bytes)}**" if r.peak_vram_bytes else "")]
+    lines += [f"*{n}*" for n in r.notes]
+    return "  \n".join(lines)
+
+
+def render() -> Handles:
+    with gr.Row():
+        go = gr.Button("Fuse & save", variant="primary", size="lg", elem_id="fuse", scale=3)
+        cancel = gr.Button("Cancel", variant="stop", size="lg", elem_id="cancel", scale=1, interactive=False)
+    status = gr.HTML(elem_id="run-status")
+    with gr.Row():
+        progress = gr.Markdown(elem_id="progress")
+        memory = gr.Markdown(elem_id="memory")
+    result = gr.Markdown(elem_id="result")
+    snippet = gr.Code(language="python", label="Load it in diffusers", visible=False, elem_id="snippet")
+    return Handles(go, cancel, gr.State(None), status, progress, memory, result, snippet)
+
+
+def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, precision, name, shard, on_done) -> None:
+    shared = not ctx.settings.local
+
+    def run(choice, custom, items, prec, out_name, shard_size):
+        idle = gr.update(interactive=True), gr.update(interactive=False)
+        try:
+            req = BuildRequest(
+                base=ctx.base_ref_text(choice, custom or ""),
+                loras=tuple(LoraRef(it["ref"], it["scale"]) for it in items),
+                precision=prec, out_dir=ctx.settings.output_dir / safe_name(out_name or ""),
+                shard_bytes=parse_size(shard_size),
+            )
+        except Exception as exc:  # noqa: BLE001 - shown as one sentence
+            yield (None, error_html(user_message(exc, shared)), "", "", "", gr.update(visible=False), *idle)
+            return
+        job = ctx.runner.start(req)
+        busy = gr.update(interactive=False), gr.update(interactive=True)
+        while not job.finished:
+            yield (job.id, "", progress_text(job), memory_text(job), "", gr.update(visible=False), *busy)
+            job.wait(0.5)
+        if job.status == "done":
+            family = next(f for f in FAMILIES if f.key == job.result.family)
+            snippet = load_snippet(job.result.output_dir if not shared else f"path/to/{req.out_dir.name}", prec, family)
+            yield (None, ok_html("Done."), progress_text(job), memory_text(job), result_text(job, shared),
+                   gr.update(value=snippet, visible=True), *idle)
+        else:
+            status = error_html(user_message(job.error, shared)) if job.status == "failed" else ok_html("Cancelled: nothing was saved.")
+            yield (None, status, "", memory_text(job), "", gr.update(visible=False), *idle)
+
+    outputs = [h.job_id, h.status, h.progress, h.memory, h.result, h.snippet, h.go, h.cancel]
+    event = h.go.click(run, [base_choice, base_custom, loras, precision, name, shard], outputs,
+                       concurrency_limit=1, concurrency_id="build")
+    event.then(on_done[0], on_done[1], on_done[2])
+    h.cancel.click(lambda job_id: ctx.runner.cancel(job_id) and None, h.job_id, None, queue=False)
+

@@ -1,0 +1,57 @@
+"""Start the real app (python app.py ...) in a subprocess for HTTP and browser tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class App:
+    def __init__(self, tmp: Path, *args: str, env: dict | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.home = tmp / "fshome"
+        self.outputs = tmp / "outputs"
+        self.log = tmp / "app.log"
+        self.env = dict(os.environ, FLUXSTUDIO_HOME=str(self.home), PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
+                        GRADIO_ANALYTICS_ENABLED="False", **(env or {}))
+        cmd = [sys.executable, str(ROOT / "app.py"), "--port", str(self.port), "--output-dir", str(self.outputs), *args]
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"app exited:\n{self.log.read_text()}")
+            try:
+                urllib.request.urlopen(self.url, timeout=2)
+                return
+            except urllib.error.HTTPError:
+                return  # answering (a login page or an error status)
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"app did not answer:\n{self.log.read_text()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

@@ -1,0 +1,123 @@
+"""The real app in headless Chromium: the demo flow, cancel, a bad upload. Screenshots land in each test's tmp dir."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from apprunner import App
+from fakehub import FakeHub
+from helpers import FLUX1_TINY, write_model
+
+pytestmark = pytest.mark.browser
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if not CHROMIUM:
+    pytest.skip("Debian's chromium is not installed (tests/run.sh installs it)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+RECORDER = """
+(ids) => {
+  window.__seen = {};
+  for (const id of ids) {
+    window.__seen[id] = [];
+    const el = document.getElementById(id);
+    const note = () => { const t = el.innerText.trim(); const s = window.__seen[id];
+                         if (t && s[s.length - 1] !== t) s.push(t); };
+    new MutationObserver(note).observe(el, {subtree: true, childList: true, characterData: true});
+  }
+}
+"""
+
+
+@pytest.fixture
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def hub(tmp_path):
+    base = tmp_path / "hubbase"
+    write_model(base / "transformer", FLUX1_TINY)
+    files = {str(p.relative_to(base)): p.read_bytes() for p in base.rglob("*") if p.is_file()}
+    fake = FakeHub().start()
+    fake.add_repo("acme/flux-slow", files)
+    fake.faults["transformer/diffusion_pytorch_model.safetensors"] = {"throttle": 200_000}  # ~10 s to download
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def app(tmp_path, hub):
+    a = App(tmp_path, env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")})
+    yield a
+    a.stop()
+
+
+def open_page(browser, app):
+    page = browser.new_page(viewport={"width": 1366, "height": 900})
+    page.goto(app.url)
+    page.wait_for_selector("#base-status:has-text('Built-in demo')", timeout=120_000)
+    return page
+
+
+def test_demo_flow_progress_memory_result_library(browser, app, tmp_path):
+    page = open_page(browser, app)
+    page.fill("#lora-ref textarea, #lora-ref input", "demo")
+    page.click("#lora-add")
+    page.wait_for_selector(".fs-lora-info:has-text('demo_lora.safetensors')", timeout=60_000)
+    assert "matched" in page.inner_text(".fs-lora-info")
+    scale = page.locator(".fs-lora-scale input[type=number]")
+    scale.fill("0.8")
+    scale.press("Enter")
+    page.get_by_label("nf4").check()
+    page.fill("#out-name textarea, #out-name input", "demo-nf4")
+    page.evaluate(RECORDER, ["progress", "memory"])
+    page.click("#fuse")
+    page.wait_for_selector("#result:has-text('Saved')", timeout=120_000)
+    seen = page.evaluate("window.__seen")
+    page.screenshot(path=str(tmp_path / "demo-result.png"), full_page=True)
+    assert any("Fusing" in t or "Writing" in t or "Checking" in t for t in seen["progress"]), seen
+    readouts = [t for t in seen["memory"] if t.startswith("RAM")]
+    assert len(readouts) >= 2 and "peak" in readouts[-1], seen  # the readout changed while it ran
+    result = page.inner_text("#result")
+    assert "Peak RAM" in result and "demo-nf4" in result
+    assert "from_pretrained" in page.inner_text("#snippet")
+    page.wait_for_selector("#library-table:has-text('demo-nf4')", timeout=30_000)
+    manifest = json.loads((app.outputs / "demo-nf4" / "fluxstudio.json").read_text())
+    assert manifest["precision"] == "nf4" and manifest["loras"][0]["scale"] == 0.8
+
+
+def test_cancel_midway_leaves_nothing(browser, app, tmp_path):
+    page = open_page(browser, app)
+    page.locator("#base-choice input").click()
+    page.get_by_role("option", name="Custom…").click()
+    page.fill("#base-custom textarea, #base-custom input", "acme/flux-slow")
+    page.press("#base-custom textarea, #base-custom input", "Enter")
+    page.wait_for_selector("#base-status:has-text('to download')", timeout=60_000)
+    page.fill("#out-name textarea, #out-name input", "cancelled-run")
+    page.click("#fuse")
+    page.wait_for_selector("#progress:has-text('Downloading')", timeout=60_000)
+    page.screenshot(path=str(tmp_path / "downloading.png"), full_page=True)
+    page.click("#cancel")
+    page.wait_for_selector("#run-status:has-text('Cancelled')", timeout=10_000)
+    page.screenshot(path=str(tmp_path / "cancelled.png"), full_page=True)
+    assert not (app.outputs / "cancelled-run").exists()
+    assert not [p for p in app.outputs.iterdir() if "cancelled-run" in p.name] if app.outputs.exists() else True
+
+
+def test_bad_lora_upload_shows_one_sentence(browser, app, tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"definitely not a safetensors file" * 10)
+    page = open_page(browser, app)
+    page.set_input_files("#lora-upload input[type=file]", str(bad))
+    page.wait_for_selector("#lora-message .fs-error", timeout=60_000)
+    text = page.inner_text("#lora-message")
+    page.screenshot(path=str(tmp_path / "bad-upload.png"), full_page=True)
+    assert "not a valid safetensors file" in text and "Traceback" not in text

@@ -1,0 +1,129 @@
+"""The app over HTTP: binding, shared-mode security, secrets, and the core/UI boundary."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from apprunner import ROOT, App
+
+CANARY = "hf_CANARY0123456789abcdefghijklmnopqrst"
+
+
+def get(url, opener=None, data=None):
+    opener = opener or urllib.request.build_opener()
+    try:
+        with opener.open(urllib.request.Request(url, data=data), timeout=30) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shared")
+    home = tmp / "userhome"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("PRIVATE-KEY-CANARY")
+    hf = tmp / "hf"
+    hf.mkdir()
+    (hf / "token").write_text(CANARY)
+    app = App(tmp, "--share", "--auth", "alice:s3cret-pass", env={"HOME": str(home), "HF_HOME": str(hf), "HF_TOKEN": CANARY})
+    yield app, home, hf
+    app.stop()
+
+
+def login(app, user="alice", password="s3cret-pass"):
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    status, _ = get(f"{app.url}/login", opener, urllib.parse.urlencode({"username": user, "password": password}).encode())
+    return status, opener
+
+
+def test_binds_localhost_only_by_default(tmp_path):
+    app = App(tmp_path)
+    try:
+        assert "Running on local URL:  http://127.0.0.1:" in app.output()
+        import psutil
+
+        addrs = {c.laddr.ip for c in psutil.Process(app.proc.pid).net_connections() if c.status == "LISTEN"}
+        assert addrs == {"127.0.0.1"}
+    finally:
+        app.stop()
+
+
+def test_shared_without_tunnel_keeps_working_locally(shared):
+    app, _, _ = shared
+    assert "Could not create a public share link" in app.output()
+    assert get(app.url)[0] == 200  # the login page answers
+
+
+def test_shared_requires_login(shared):
+    app, home, hf = shared
+    status, page = get(app.url)
+    assert "Fuse &amp; save" not in page and "Fuse & save" not in page
+    for path in ("/config", "/gradio_api/info", f"/gradio_api/file={hf / 'token'}", "/gradio_api/file=/etc/passwd"):
+        assert get(app.url + path)[0] in (401, 403), path
+    assert login(app, password="wrong")[0] in (400, 401)
+
+
+@pytest.mark.parametrize("target", [
+    "{hf}/token", "{hf}", "{home}/.ssh/id_ed25519", "/etc/passwd", "../../../../etc/passwd",
+    "%2Fetc%2Fpasswd", "..%2F..%2F..%2F..%2Fetc%2Fpasswd", "{home}/.ssh/../.ssh/id_ed25519",
+])
+def test_file_route_refuses_secrets_and_traversal(shared, target):
+    app, home, hf = shared
+    status, opener = login(app)
+    assert status == 200
+    path = target.format(hf=hf, home=home)
+    for prefix in ("/gradio_api/file=", "/file="):
+        code, body = get(app.url + prefix + path, opener)
+        assert code in (400, 403, 404), (prefix + path, code)
+        assert CANARY not in body and "PRIVATE-KEY-CANARY" not in body and "root:x:" not in body
+
+
+def test_shared_page_has_no_paths_no_token_entry_no_delete(shared):
+    app, home, hf = shared
+    _, opener = login(app)
+    status, config = get(f"{app.url}/config", opener)
+    assert status == 200
+    assert "hf-token" not in config and "library-delete" not in config and "Save token" not in config
+    assert "local folder" not in config and "local .safetensors" not in config
+    assert str(app.outputs) not in config and str(home) not in config and str(app.home) not in config
+    assert CANARY not in config
+    assert "Delete" not in json.dumps([c.get("props", {}).get("value") for c in json.loads(config)["components"]])
+
+
+def test_token_canary_never_reaches_the_page_or_logs(shared):
+    app, _, _ = shared
+    _, opener = login(app)
+    for path in ("/", "/config", "/gradio_api/info"):
+        assert CANARY not in get(app.url + path, opener)[1]
+    assert CANARY not in app.output()
+    assert not any(CANARY in p.read_text(errors="replace") for p in app.home.rglob("*") if p.is_file())
+
+
+def test_local_mode_offers_token_entry_but_never_prefills_it(tmp_path):
+    app = App(tmp_path, env={"HF_TOKEN": CANARY})
+    try:
+        status, config = get(f"{app.url}/config")
+        assert status == 200 and "hf-token" in config and CANARY not in config
+        token_box = next(c for c in json.loads(config)["components"] if c.get("props", {}).get("elem_id") == "hf-token")
+        assert token_box["props"]["value"] == "" and token_box["props"]["type"] == "password"
+    finally:
+        app.stop()
+
+
+def test_core_never_imports_gradio():
+    code = ("import sys, fluxstudio.build, fluxstudio.cli, fluxstudio.hub, fluxstudio.jobs, fluxstudio.library, "
+            "fluxstudio.advice, fluxstudio.hardware; assert 'gradio' not in sys.modules, 'gradio imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    offenders = [p.name for p in (ROOT / "fluxstudio").glob("*.py") if "import gradio" in p.read_text()]
+    assert offenders == []
