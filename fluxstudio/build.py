@@ -160,8 +160,7 @@ def build(
             loras.append((load_lora(path, base.family), ref.scale))
         fplan = plan(base, loras, req.ignore_unmatched)
         quantizer = make_quantizer(req.precision, base.linear_modules, base.family.model_class(), req.double_quant, device)
-        need = sum(quantizer.estimate_bytes(j.name, _numel(j.out_shape)) for j in fplan.jobs)
-        need += min(req.shard_bytes, need) + (64 << 20)  # the shard being assembled exists twice for a moment
+        need = sum(quantizer.estimate_bytes(j.name, _numel(j.out_shape)) for j in fplan.jobs) + (64 << 20)
         out.parent.mkdir(parents=True, exist_ok=True)
         free = free_bytes(out.parent)
         if free < need:

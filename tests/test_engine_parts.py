@@ -83,3 +83,20 @@ def test_memory_sampler_sees_a_500mb_tensor_and_stops():
     grown = during - before
     assert abs(grown - 500e6) / 500e6 < 0.1, grown
     assert sampler.current.anon_bytes < during - 400e6  # freed
+
+
+@pytest.mark.gpu
+def test_cuda_build_matches_the_cpu_build(tiny_base, tmp_path):
+    """On a GPU machine: fusing on CUDA and quantizing with bitsandbytes' CUDA kernel gives the CPU result."""
+    from fluxstudio.build import BuildRequest, build
+    from helpers import load_dir
+
+    for device in ("cpu", "cuda"):
+        build(BuildRequest(str(tiny_base), (), "nf4", tmp_path / device, device=device))
+    cpu, gpu = load_dir(tmp_path / "cpu"), load_dir(tmp_path / "cuda")
+    assert set(cpu) == set(gpu)
+    for k in cpu:
+        if cpu[k].dtype == torch.uint8 and not k.endswith("bitsandbytes__nf4"):
+            assert (cpu[k] == gpu[k]).float().mean() > 0.999, k
+        else:
+            assert torch.allclose(cpu[k].float(), gpu[k].float()), k

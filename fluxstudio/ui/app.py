@@ -9,7 +9,6 @@ from pathlib import Path
 import gradio as gr
 
 from fluxstudio import __version__
-from fluxstudio.ui import handlers
 from fluxstudio.ui.context import Context
 from fluxstudio.ui.panels import base, library, loras, machine, output, run
 from fluxstudio.ui.settings import MAX_UPLOAD, Settings, blocked_paths, generated_auth
@@ -44,15 +43,12 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
         _step("Library")
         lib = library.render(ctx)
 
-        def advise(target, key):
-            text, precision = machine.advice_text(ctx, target, key)
-            return text, precision
-
         base.wire(ctx, b)
         loras.wire(ctx, lo, b.choice, b.custom, b.model_key)
         output.wire(ctx, o, b.choice, b.custom, b.model_key)
         for trigger in (m.target.change, b.model_key.change):
-            trigger(advise, [m.target, b.model_key], [m.advice, o.precision])
+            trigger(lambda target, key: machine.advice_text(ctx, target, key), [m.target, b.model_key],
+                    [m.advice, o.precision])
         run.wire(ctx, r, b.choice, b.custom, lo.items, o.precision, o.name, o.shard,
                  on_done=(lambda: library.updates(ctx, lib), None, library.outputs(lib)))
         library.wire(ctx, lib)
@@ -90,5 +86,3 @@ def launch(settings: Settings) -> gr.Blocks:
               f"FluxStudio still runs locally at {blocks.local_url}", file=sys.stderr, flush=True)
     return blocks
 
-
-__all__ = ["Settings", "build_ui", "launch", "handlers"]

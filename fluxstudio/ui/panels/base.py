@@ -89,8 +89,8 @@ def wire(ctx: Context, h: Handles) -> None:
             try:
                 user = save_token(token or "")
             except FluxStudioError as exc:
-                return gr.update(value=""), error_html(user_message(exc, False)), gr.update(), gr.update()
+                return gr.update(value=""), error_html(user_message(exc, False)), gr.update()
             status, _, need = describe(ctx, choice, custom or "")
-            return gr.update(value="", visible=need), ok_html(f"Token saved for {user}.") + status, gr.update(visible=need), gr.update()
+            return gr.update(value="", visible=need), ok_html(f"Token saved for {user}.") + status, gr.update(visible=need)
 
-        h.save_token.click(store, [h.token, h.choice, h.custom], [h.token, h.status, h.save_token, h.custom])
+        h.save_token.click(store, [h.token, h.choice, h.custom], [h.token, h.status, h.save_token])

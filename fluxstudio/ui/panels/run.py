@@ -116,5 +116,8 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, precision, n
     event = h.go.click(run, [base_choice, base_custom, loras, precision, name, shard], outputs,
                        concurrency_limit=1, concurrency_id="build")
     event.then(on_done[0], on_done[1], on_done[2])
-    h.cancel.click(lambda job_id: ctx.runner.cancel(job_id) and None, h.job_id, None, queue=False)
+    def cancel(job_id):
+        ctx.runner.cancel(job_id)
+
+    h.cancel.click(cancel, h.job_id, None, queue=False)
 
