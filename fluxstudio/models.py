@@ -127,16 +127,15 @@ class BaseModel:
     @cached_property
     def linear_modules(self) -> frozenset[str]:
         """Names of the model's nn.Linear modules, from an empty (meta) instance of its diffusers class."""
-        return frozenset(
-            name for name, mod in self.meta_model().named_modules() if isinstance(mod, torch.nn.Linear)
-        )
+        return frozenset(name for name, mod in self.meta_model.named_modules() if isinstance(mod, torch.nn.Linear))
 
-    def meta_model(self, config: dict | None = None) -> torch.nn.Module:
+    @cached_property
+    def meta_model(self) -> torch.nn.Module:
+        """An instance of the diffusers class on the meta device: shapes and module types, no memory."""
         from accelerate import init_empty_weights
 
-        cls = self.family.model_class()
         with init_empty_weights():
-            return cls.from_config(config or self.config)
+            return self.family.model_class().from_config(self.config)
 
 
 def open_base(path: str | Path) -> BaseModel:
@@ -163,7 +162,7 @@ def open_base(path: str | Path) -> BaseModel:
 
 def _check_weights_match(base: BaseModel) -> None:
     try:
-        expected = {k: tuple(v.shape) for k, v in base.meta_model().state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in base.meta_model.state_dict().items()}
     except Exception as exc:  # noqa: BLE001 - a config diffusers cannot build
         raise BadInputError(f"config.json does not describe a valid {base.family.label} model ({exc}).") from None
     have = {k: info.shape for k, (_, info) in base.tensors.items()}
