@@ -132,8 +132,8 @@ def recommend(card: Card | None, model: ModelSpec) -> Recommendation:
     if card is None or card.kind == "CPU":
         return Recommendation(
             "bf16",
-            "No GPU here: the output is meant for a GPU machine. Pick the card you will run it on for advice; "
-            "until then bf16 keeps full quality.",
+            "No NVIDIA or AMD GPU here: the output is meant for a GPU machine. Pick the card you will run it on "
+            "for advice; until then bf16 keeps full quality.",
             tuple(Alternative(p, True, f"{p} needs {_gb(model.need_bytes(p))} on the GPU") for p in ORDER[1:]),
         )
     blocked = {p: _why_not(p, card, model) for p in ORDER}
@@ -159,7 +159,8 @@ def recommend(card: Card | None, model: ModelSpec) -> Recommendation:
 
 
 def recommend_here(hw: HardwareInfo, model: ModelSpec) -> Recommendation:
-    """Advice for the best GPU this machine has (None of them: see recommend(None, ...))."""
-    gpus = [a for a in hw.accelerators if a.kind != "CPU"]
+    """Advice for the best GPU this machine has. An Apple or CPU-only machine builds for another one: the advice
+    then asks for the target card (the table has Apple M-series entries for running it on a Mac)."""
+    gpus = [a for a in hw.accelerators if a.kind in ("NVIDIA CUDA", "AMD ROCm")]
     best = max(gpus, key=lambda a: a.vram_total_bytes, default=None)
     return recommend(card_from(best) if best else None, model)

@@ -74,7 +74,16 @@ def test_nothing_fits_means_offload():
 
 def test_cpu_only_explains_and_asks_for_a_target():
     rec = recommend(None, FLUX1)
-    assert "No GPU here" in rec.reason and "Pick the card" in rec.reason
+    assert "No NVIDIA or AMD GPU here" in rec.reason and "Pick the card" in rec.reason
+
+
+def test_an_apple_machine_is_asked_for_its_target_too():
+    from fluxstudio.hardware import Accelerator, HardwareInfo
+
+    mac = HardwareInfo("Darwin 24", "Apple M3 Max", 16, 64 * 10**9, 40 * 10**9, 500 * 10**9, "/Users/x",
+                       [Accelerator(kind="Apple MPS", name="Apple arm64 GPU", vram_total_bytes=64 * 10**9, bf16=True)])
+    rec = recommend_here(mac, FLUX1)
+    assert "Pick the card" in rec.reason
 
 
 def test_probe_on_this_machine(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -140,3 +141,20 @@ def test_pipeline_folder_is_accepted(tmp_path):
     assert result.files == ["diffusion_pytorch_model.safetensors"]
     manifest = json.loads((tmp_path / "out" / "fluxstudio.json").read_text())
     assert manifest["base"]["variant"] == "FLUX.1 dev" and manifest["loras"] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fp16_and_fp32_bases(tmp_path, dtype):
+    base = write_model(tmp_path / "base", FLUX1_TINY, dtype=dtype)
+    lora = peft_lora(tmp_path / "a.safetensors", linear_shapes(base))
+    result, _ = check_against_diffusers(base, [(lora, 0.9)], tmp_path)
+    assert json.loads((tmp_path / "out" / "fluxstudio.json").read_text())["base"]["dtype"] == str(dtype).removeprefix("torch.")
+    assert all(t.dtype == torch.bfloat16 for t in load_dir(result.output_dir).values())
+
+
+def test_text_encoder_parts_are_reported_not_fused(tiny_base, tmp_path):
+    extra = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 768),
+             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(768, 4)}
+    lora = peft_lora(tmp_path / "te.safetensors", linear_shapes(tiny_base), extra=extra)
+    result = run(tiny_base, [(lora, 1.0)], tmp_path)
+    assert any("text_encoder parts not fused (transformer only)" in n for n in result.notes)

@@ -104,10 +104,15 @@ WANT="$( { cat "$APP_DIR/requirements.txt"; echo "$TORCH $INDEX"; } | sha256sum 
 if [ "$UPDATE" = 1 ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "Installing PyTorch ($TORCH from $INDEX) and FluxStudio's requirements; the first time this downloads about 3 GB with CUDA, 1 GB without. See $LOG"
     rm -f "$STAMP"
-    index_args=()
-    [ "$INDEX" = "pypi" ] || index_args=(--index-url "$INDEX")
-    "$PY" -m pip install --disable-pip-version-check "${index_args[@]}" "$TORCH" >>"$LOG" 2>&1 ||
-        fail "installing PyTorch failed (network?). Start FluxStudio again to retry."
+    if [ "$INDEX" = "pypi" ]; then
+        "$PY" -m pip install --disable-pip-version-check "$TORCH" >>"$LOG" 2>&1 ||
+            fail "installing PyTorch failed (network?). Start FluxStudio again to retry."
+    elif ! "$PY" -m pip install --disable-pip-version-check --timeout 30 --retries 1 --index-url "$INDEX" "$TORCH" >>"$LOG" 2>&1; then
+        [ -z "${FLUXSTUDIO_TORCH_INDEX:-}" ] || fail "installing PyTorch from $INDEX failed. Start FluxStudio again to retry."
+        echo "PyTorch's own index could not be used; installing PyTorch from PyPI instead."
+        "$PY" -m pip install --disable-pip-version-check "$TORCH" >>"$LOG" 2>&1 ||
+            fail "installing PyTorch failed (network?). Start FluxStudio again to retry."
+    fi
     "$PY" -m pip install --disable-pip-version-check -r "$APP_DIR/requirements.txt" >>"$LOG" 2>&1 ||
         fail "installing the requirements failed (network?). Start FluxStudio again to retry."
     echo "$WANT" >"$STAMP"

@@ -71,9 +71,15 @@ $Have = if (Test-Path $Stamp) { (Get-Content -Raw $Stamp).Trim() } else { "" }
 if ($Update -or $Have -ne $Want) {
     Write-Host "Installing PyTorch ($Torch from $Index) and FluxStudio's requirements; the first time this downloads about 3 GB with CUDA. See $Log"
     if (Test-Path $Stamp) { Remove-Item $Stamp }
-    $indexArgs = if ($Index -eq "pypi") { @() } else { @("--index-url", $Index) }
-    & $Py -m pip install --disable-pip-version-check @indexArgs $Torch *>> $Log
-    if ($LASTEXITCODE -ne 0) { Fail "installing PyTorch failed (network?). Start FluxStudio again to retry." }
+    if ($Index -ne "pypi") {
+        & $Py -m pip install --disable-pip-version-check --timeout 30 --retries 1 --index-url $Index $Torch *>> $Log
+        if ($LASTEXITCODE -ne 0 -and $env:FLUXSTUDIO_TORCH_INDEX) { Fail "installing PyTorch from $Index failed. Start FluxStudio again to retry." }
+        if ($LASTEXITCODE -ne 0) { Write-Host "PyTorch's own index could not be used; installing PyTorch from PyPI instead." }
+    }
+    if ($Index -eq "pypi" -or $LASTEXITCODE -ne 0) {
+        & $Py -m pip install --disable-pip-version-check $Torch *>> $Log
+        if ($LASTEXITCODE -ne 0) { Fail "installing PyTorch failed (network?). Start FluxStudio again to retry." }
+    }
     & $Py -m pip install --disable-pip-version-check -r $Requirements *>> $Log
     if ($LASTEXITCODE -ne 0) { Fail "installing the requirements failed (network?). Start FluxStudio again to retry." }
     Set-Content -Path $Stamp -Value $Want
