@@ -159,7 +159,7 @@ def build(
             report(progress, ProgressEvent("inspect", i, len(lora_paths), item=path.name, message="Reading LoRAs"))
             loras.append((load_lora(path, base.family), ref.scale))
         fplan = plan(base, loras, req.ignore_unmatched)
-        quantizer = make_quantizer(req.precision, base.linear_modules, base.family.model_class(), req.double_quant, device)
+        quantizer = make_quantizer(req.precision, base.linear_modules, base.family.model_class(), req.double_quant)
         need = sum(quantizer.estimate_bytes(j.name, _numel(j.out_shape)) for j in fplan.jobs) + (64 << 20)
         out.parent.mkdir(parents=True, exist_ok=True)
         free = free_bytes(out.parent)

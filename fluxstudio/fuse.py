@@ -187,7 +187,7 @@ def execute(
         pending = reader.submit(read, fplan.jobs[0]) if fplan.jobs else None
         for i, job in enumerate(fplan.jobs, start=1):
             check(cancel)
-            tensor = pending.result()
+            tensor = pending.result().to(device)  # on a GPU, untouched tensors are quantized there too
             pending = reader.submit(read, fplan.jobs[i]) if i < total else None
             fused = fuse_tensor(job, tensor, device)
             del tensor

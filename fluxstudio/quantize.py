@@ -12,15 +12,12 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-Precision = Literal["bf16", "fp8", "nf4"]
 PRECISIONS: tuple[str, ...] = ("bf16", "fp8", "nf4")
 FP8_MAX = 448.0
 NF4_BLOCK = 64
-CHUNK = 1 << 20  # elements per CPU quantization chunk: bit-identical, faster, bounded temporaries
 
 
 @dataclass(frozen=True)
@@ -28,13 +25,12 @@ class Quantizer:
     precision: str
     quantized_modules: frozenset[str]  # Linear modules whose weight gets the low-precision format
     double_quant: bool = False
-    device: str = "cpu"
 
     def is_quantized(self, name: str) -> bool:
         return name.endswith(".weight") and name[: -len(".weight")] in self.quantized_modules
 
     def encode(self, name: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
-        """fp32 (or any float) tensor -> {key: tensor} to write, all on CPU."""
+        """fp32 (or any float) tensor, on the CPU or the GPU -> {key: tensor} to write, all on the CPU."""
         if not self.is_quantized(name) or self.precision == "bf16":
             return {name: fused.to(torch.bfloat16).cpu()}
         if self.precision == "fp8":
@@ -83,16 +79,14 @@ def layerwise_skip_patterns(model_cls: type) -> tuple[str, ...]:
     return tuple(DEFAULT_SKIP_MODULES_PATTERN) + tuple(getattr(model_cls, "_skip_layerwise_casting_patterns", None) or ())
 
 
-def make_quantizer(
-    precision: str, linear_modules: frozenset[str], model_cls: type, double_quant: bool = False, device: str = "cpu"
-) -> Quantizer:
+def make_quantizer(precision: str, linear_modules: frozenset[str], model_cls: type, double_quant: bool = False) -> Quantizer:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}")
     modules = linear_modules
     if precision == "fp8":
         skip = layerwise_skip_patterns(model_cls)
         modules = frozenset(m for m in linear_modules if not any(re.search(p, m) for p in skip))
-    return Quantizer(precision, modules, double_quant, device)
+    return Quantizer(precision, modules, double_quant)
 
 
 def _bnb():
