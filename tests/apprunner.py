@@ -48,6 +48,13 @@ class App:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def wait_for_output(self, text: str, timeout: float = 60) -> str:
+        """The log once it contains `text` (the server answers before start-up messages are all printed)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.output()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

@@ -50,7 +50,7 @@ def login(app, user="alice", password="s3cret-pass"):
 def test_binds_localhost_only_by_default(tmp_path):
     app = App(tmp_path)
     try:
-        assert "Running on local URL:  http://127.0.0.1:" in app.output()
+        assert "Running on local URL:  http://127.0.0.1:" in app.wait_for_output("Running on local URL")
         import psutil
 
         addrs = {c.laddr.ip for c in psutil.Process(app.proc.pid).net_connections() if c.status == "LISTEN"}
@@ -61,7 +61,7 @@ def test_binds_localhost_only_by_default(tmp_path):
 
 def test_shared_without_tunnel_keeps_working_locally(shared):
     app, _, _ = shared
-    assert "Could not create a public share link" in app.output()
+    assert "Could not create a public share link" in app.wait_for_output("Could not create a public share link")
     assert get(app.url)[0] == 200  # the login page answers
 
 
