@@ -7,6 +7,7 @@ into place when complete; any failure or cancel removes it.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 import uuid
@@ -160,7 +161,7 @@ def build(
             loras.append((load_lora(path, base.family), ref.scale))
         fplan = plan(base, loras, req.ignore_unmatched)
         quantizer = make_quantizer(req.precision, base.linear_modules, base.family.model_class(), req.double_quant)
-        need = sum(quantizer.estimate_bytes(j.name, _numel(j.out_shape)) for j in fplan.jobs) + (64 << 20)
+        need = sum(quantizer.estimate_bytes(j.name, math.prod(j.out_shape)) for j in fplan.jobs) + (64 << 20)
         out.parent.mkdir(parents=True, exist_ok=True)
         free = free_bytes(out.parent)
         if free < need:
@@ -226,13 +227,6 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     tmp.replace(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _gb(n: int) -> str:

@@ -183,26 +183,26 @@ def execute(
             files[job.source] = job.source.open("rb", buffering=0)
         return read_tensor(files[job.source], job.info)
 
-    with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, _Writer(write) as writer:
-        pending = reader.submit(read, fplan.jobs[0]) if fplan.jobs else None
-        for i, job in enumerate(fplan.jobs, start=1):
-            check(cancel)
-            tensor = pending.result().to(device)  # on a GPU, untouched tensors are quantized there too
-            pending = reader.submit(read, fplan.jobs[i]) if i < total else None
-            fused = fuse_tensor(job, tensor, device)
-            del tensor
-            for key, value in encode(job.name, fused).items():
-                writer.put(key, value)
-            del fused
-            done_bytes += job.info.nbytes
-            now = time.monotonic()
-            if now - last > 0.1 or i == total:
-                last = now
-                report(progress, ProgressEvent("fuse", i, total, done_bytes, bytes_total, item=job.name))
-        if pending is not None:
-            pending.cancel()
-    for f in files.values():
-        f.close()
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, _Writer(write) as writer:
+            pending = reader.submit(read, fplan.jobs[0]) if fplan.jobs else None
+            for i, job in enumerate(fplan.jobs, start=1):
+                check(cancel)
+                tensor = pending.result().to(device)  # on a GPU, untouched tensors are quantized there too
+                pending = reader.submit(read, fplan.jobs[i]) if i < total else None
+                fused = fuse_tensor(job, tensor, device)
+                del tensor
+                for key, value in encode(job.name, fused).items():
+                    writer.put(key, value)
+                del fused
+                done_bytes += job.info.nbytes
+                now = time.monotonic()
+                if now - last > 0.1 or i == total:
+                    last = now
+                    report(progress, ProgressEvent("fuse", i, total, done_bytes, bytes_total, item=job.name))
+    finally:
+        for f in files.values():
+            f.close()
 
 
 class _Writer:

@@ -79,7 +79,8 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _existing(path: Path) -> Path:
+def existing_parent(path: Path) -> Path:
+    """The path itself or its nearest existing parent (where free disk can be measured)."""
     path = path.resolve()
     while not path.exists() and path.parent != path:
         path = path.parent
@@ -151,7 +152,7 @@ def probe(output_dir: Path | None = None, torch_module=None, run: Callable = sub
 
     notes: list[str] = []
     vm = psutil.virtual_memory()
-    disk_path = _existing(output_dir or paths.outputs_dir())
+    disk_path = existing_parent(output_dir or paths.outputs_dir())
     try:
         disk_free = shutil.disk_usage(disk_path).free
     except OSError:

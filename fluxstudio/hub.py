@@ -8,7 +8,6 @@ stored login) and never appear in a message.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 import shutil
@@ -142,6 +141,16 @@ def hub_error(exc: BaseException, repo_id: str, revision: str = "main", filename
 # -- downloads ----------------------------------------------------------------------------------------------
 
 
+def base_files(names: list[str], subpath: str = "") -> list[str]:
+    """The files a base needs from a repo: its transformer folder (config, weights, index) and model_index.json."""
+    keep = [n for n in names if n.endswith((".safetensors", ".json"))]
+    if subpath:
+        return [n for n in keep if n.startswith(subpath + "/") and "/" not in n[len(subpath) + 1:]]
+    if any(n.startswith("transformer/") for n in keep):
+        return [n for n in keep if n == "model_index.json" or (n.startswith("transformer/") and n.count("/") == 1)]
+    return [n for n in keep if "/" not in n]
+
+
 class _Bar:
     """A tqdm stand-in for hf_hub_download: turns byte counts into ProgressEvents and checks for cancel."""
 
@@ -213,12 +222,7 @@ class Hub:
         patterns = [f"{ref.subpath}/*"] if ref.subpath else ["model_index.json", "transformer/*", "config.json", "*.safetensors*"]
 
         def choose(names: list[str]) -> list[str]:
-            keep = [n for n in names if n.endswith((".safetensors", ".json"))]
-            if ref.subpath:
-                return [n for n in keep if n.startswith(ref.subpath + "/") and "/" not in n[len(ref.subpath) + 1:]]
-            if any(n.startswith("transformer/") for n in keep):
-                return [n for n in keep if n == "model_index.json" or (n.startswith("transformer/") and n.count("/") == 1)]
-            return [n for n in keep if "/" not in n]
+            return base_files(names, ref.subpath)
 
         def usable(names: list[str]) -> None:
             if not any(n.endswith(".safetensors") for n in names):
@@ -297,8 +301,9 @@ class Hub:
         todo = [f for f in files if not isinstance(
             try_to_load_from_cache(ref.repo_id, f, cache_dir=self.cache_dir, revision=sha), str)]
         total = sum(sizes[f] for f in todo)
-        cache = self._cache()
-        probe = cache if cache.exists() else next(p for p in cache.parents if p.exists())
+        from fluxstudio.hardware import existing_parent
+
+        probe = existing_parent(self._cache())
         free = self.free_bytes(probe)
         if total > free:
             raise DiskSpaceError(
@@ -356,9 +361,8 @@ class Hub:
         from huggingface_hub import try_to_load_from_cache
 
         info = self.info(ref)
-        names = [s.rfilename for s in info.siblings or []]
-        wanted = [n for n in names if fnmatch.fnmatch(n, "transformer/*") or n == "model_index.json"] or names
         sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+        wanted = base_files(sorted(sizes), ref.subpath)
         cached = {n for n in wanted if isinstance(try_to_load_from_cache(ref.repo_id, n, cache_dir=self.cache_dir, revision=info.sha), str)}
         return (sum(sizes[n] for n in wanted if n not in cached), sum(sizes[n] for n in cached), bool(info.gated))
 

@@ -45,9 +45,7 @@ class Context:
 
     def model_key(self, choice: str, family: str = "flux1") -> str:
         """Which size table entry advises for this base."""
-        if choice in advice.MODELS:
-            return choice
-        if choice.startswith("flux2-klein"):
+        if choice in advice.MODELS:  # the klein presets have entries of their own
             return choice
         return "flux2-dev" if choice.startswith("flux2") or family == "flux2" else "flux1"
 

@@ -97,7 +97,6 @@ def render(ctx: Context) -> Handles:
                     for it in state:
                         if it["id"] == item_id:
                             it["scale"] = float(value)
-                    return state
 
                 scale.change(set_scale, [scale, items], None)  # in place: no re-render while dragging
                 remove.click(lambda state, item_id=item["id"]: [it for it in state if it["id"] != item_id], items, items)

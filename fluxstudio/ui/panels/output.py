@@ -9,6 +9,7 @@ import gradio as gr
 
 from fluxstudio import advice
 from fluxstudio.errors import FluxStudioError
+from fluxstudio.hardware import existing_parent
 from fluxstudio.library import safe_name
 from fluxstudio.models import open_base
 from fluxstudio.quantize import make_quantizer
@@ -30,22 +31,16 @@ def estimate(ctx: Context, precision: str, choice: str, custom: str, model_key: 
     """Estimated output size (exact from the weights when the base is here) and the free disk."""
     import shutil
 
+    size = advice.MODELS[model_key].weight_bytes(precision)
     try:
         base_dir = ctx.local_base(choice, custom)
-    except FluxStudioError:
-        base_dir = None
-    if base_dir is not None:
-        try:
+        if base_dir is not None:
             base = open_base(base_dir)
             q = make_quantizer(precision, base.linear_modules, base.family.model_class())
             size = sum(q.estimate_bytes(n, info.numel) for n, (_, info) in base.tensors.items())
-        except FluxStudioError:
-            size = advice.MODELS[model_key].weight_bytes(precision)
-    else:
-        size = advice.MODELS[model_key].weight_bytes(precision)
-    folder = ctx.settings.output_dir
-    probe = folder if folder.exists() else next(p for p in folder.parents if p.exists())
-    free = shutil.disk_usage(probe).free
+    except FluxStudioError:
+        pass  # not usable yet: the table's estimate stands
+    free = shutil.disk_usage(existing_parent(ctx.settings.output_dir)).free
     warn = " — **not enough space**" if size > free else ""
     return f"Output about **{human_bytes(size)}** · {human_bytes(free)} free{warn}"
 
