@@ -1,0 +1,343 @@
+"""GGML block quantization in torch: Q8_0, Q5_0, Q4_0 and the K-quants Q6_K, Q5_K, Q4_K, with no compiler.
+
+Each function follows ggml's reference quantizer (`quantize_row_*_ref` in ggml-quants.c, no importance matrix)
+step by step, vectorized over every block at once, on the CPU or on CUDA. The float operations are the same and in
+the same order within each element; sums run in torch's order rather than ggml's left-to-right loop, so a block
+whose choice between two candidate scales is a near tie can come out differently (ggml's own builds differ there
+too, with and without FMA). `tests/test_ggml_quants.py` checks the bytes against vectors made by ggml itself.
+
+Rows are quantized independently; their length must be a multiple of the type's block size.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+QK_K = 256
+CHUNK = 1 << 18  # values per step: bounds the temporaries (about 60 bytes a value); larger is slower here
+
+
+@dataclass(frozen=True)
+class BlockType:
+    name: str
+    block: int  # values per block
+    nbytes: int  # bytes per block
+
+    def row_bytes(self, n: int) -> int:
+        return n // self.block * self.nbytes
+
+
+TYPES: dict[str, BlockType] = {
+    t.name: t
+    for t in (
+        BlockType("Q8_0", 32, 34), BlockType("Q5_0", 32, 22), BlockType("Q4_0", 32, 18),
+        BlockType("Q6_K", QK_K, 210), BlockType("Q5_K", QK_K, 176), BlockType("Q4_K", QK_K, 144),
+    )
+}
+
+
+def quantize(x: torch.Tensor, qtype: str) -> torch.Tensor:
+    """Quantize a 2-D (or 1-D) float tensor row by row -> uint8 [rows, row_bytes] on the CPU."""
+    t = TYPES[qtype]
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
+    rows, n = x2.shape
+    if n % t.block:
+        raise ValueError(f"rows of {n} values do not fit {qtype} blocks of {t.block}")
+    fn = _QUANTIZERS[qtype]
+    flat = x2.reshape(-1, t.block)
+    out = torch.empty(flat.shape[0], t.nbytes, dtype=torch.uint8)
+    step = max(1, CHUNK // t.block)
+
+    def one(i: int) -> None:
+        out[i : i + step] = fn(flat[i : i + step].to(torch.float32)).cpu()
+
+    starts = range(0, flat.shape[0], step)
+    if x.is_cuda or len(starts) == 1:
+        for i in starts:
+            one(i)
+    else:  # the many small row operations leave cores idle: run chunks side by side (torch frees the GIL)
+        with ThreadPoolExecutor(torch.get_num_threads()) as pool:
+            list(pool.map(one, starts))
+    return out.reshape(rows, -1)
+
+
+def dequantize(data: torch.Tensor, qtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The float32 values that `quantize` bytes stand for (as ggml's dequantize_row_* computes them)."""
+    t = TYPES[qtype]
+    blocks = data.reshape(-1, t.nbytes)
+    return _DEQUANTIZERS[qtype](blocks).reshape(shape)
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+
+
+def _f32(v: float) -> float:
+    """A constant computed as C computes it in float32 (e.g. `rmin + rdelta*is + nmax`)."""
+    return float(np.float32(v))
+
+
+def _rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
+    """num / t correctly rounded, as C divides (torch computes `number / tensor` as a reciprocal times the number)."""
+    return torch.full_like(t, num) / t
+
+
+def _f16_bytes(v: torch.Tensor) -> torch.Tensor:
+    return v.to(torch.float16).contiguous().view(torch.uint8).reshape(*v.shape, 2)
+
+
+def _f16_value(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).squeeze(-1).to(torch.float32)
+
+
+def _signed_max(x: torch.Tensor) -> torch.Tensor:
+    """Per row, the value with the largest magnitude (the first one on ties), as ggml's loops pick it."""
+    return x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def _round_away(v: torch.Tensor) -> torch.Tensor:
+    """C's roundf: halves away from zero (torch.round sends them to even)."""
+    r = torch.round(v)
+    return torch.where((v - r).abs() == 0.5, v + 0.5 * torch.sign(v), r)
+
+
+def _positive(v: torch.Tensor) -> torch.Tensor:
+    """max(0, v) as a C loop starting from 0 finds it: -0.0 and negatives give +0.0."""
+    return torch.where(v > 0, v, torch.zeros_like(v))
+
+
+def _nibbles(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return (lo & 15) | ((hi & 15) << 4)
+
+
+# -- 32-value blocks ------------------------------------------------------------------------------------------
+
+
+def _q8_0(x: torch.Tensor) -> torch.Tensor:
+    d = x.abs().amax(1) / 127
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = _round_away(x * inv[:, None]).to(torch.int8).view(torch.uint8)
+    return torch.cat([_f16_bytes(d), q], 1)
+
+
+def _q_0(x: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    d = _signed_max(x) / -half
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.trunc(x * inv[:, None] + (half + 0.5)).clamp(max=2 * half - 1).to(torch.uint8)  # C: MIN(max, (int8_t)v)
+    return d, q
+
+
+def _q4_0(x: torch.Tensor) -> torch.Tensor:
+    d, q = _q_0(x, 8)
+    return torch.cat([_f16_bytes(d), _nibbles(q[:, :16], q[:, 16:])], 1)
+
+
+def _q5_0(x: torch.Tensor) -> torch.Tensor:
+    d, q = _q_0(x, 16)
+    bits = (q >> 4).to(torch.int64) & 1
+    qh = (bits << torch.arange(32, device=x.device)).sum(1)
+    qh_bytes = torch.stack([(qh >> (8 * i)) & 255 for i in range(4)], 1).to(torch.uint8)
+    return torch.cat([_f16_bytes(d), qh_bytes, _nibbles(q[:, :16], q[:, 16:])], 1)
+
+
+# -- K-quants -------------------------------------------------------------------------------------------------
+
+
+def _seq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 left to right, as ggml's loops add: the same float result, so the same near-tie decisions."""
+    acc = t[0].clone()
+    for row in t[1:]:
+        acc += row
+    return acc
+
+
+def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """ggml's make_qkx2_quants over columns of 32 values ([32, M]): (scale, -min, levels) per column."""
+    mn = x.amin(0).clamp(max=0)
+    mx = x.amax(0)
+    sum_w = _seq_sum(w)
+    sum_x = _seq_sum(w * x)
+    flat = mx == mn
+    one = torch.ones_like(mx)
+    iscale = _rdiv(nmax, torch.where(flat, one, mx - mn))
+    scale = 1 / iscale
+    levels = torch.round(iscale * (x - mn)).clamp_(0, nmax)
+    best = _seq_sum(w * (scale * levels + mn - x).square_())
+    terms = x.new_empty(x.shape[0], 3, x.shape[1])
+    for step in range(nstep + 1):
+        # ggml keeps searching from the best min found so far: `min` is updated inside its loop
+        iscale = _rdiv(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax), torch.where(flat, one, mx - mn))
+        cand = torch.round(iscale * (x - mn)).clamp_(0, nmax)
+        torch.mul(w, cand, out=terms[:, 0])
+        torch.mul(terms[:, 0], cand, out=terms[:, 1])
+        torch.mul(terms[:, 0], x, out=terms[:, 2])
+        sum_l, sum_l2, sum_xl = _seq_sum(terms)  # three sums in one pass over the rows
+        det = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        positive = this_min > 0
+        this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
+        this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
+        err = _seq_sum(w * (this_scale * cand + this_min - x).square_())
+        better = (det > 0) & (err < best) & ~flat
+        levels = torch.where(better, cand, levels)
+        best = torch.where(better, err, best)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    levels = torch.where(flat, torch.zeros_like(levels), levels)
+    return scale, -mn, levels
+
+
+def _k_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
+    """Shared steps of Q4_K and Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins -> (header bytes, levels)."""
+    nb = x.shape[0]
+    cols = x.reshape(nb * 8, 32).t().contiguous()  # [32, sub-blocks]: ggml's per-value loops become row operations
+    av = (_seq_sum(cols * cols) / 32).double().sqrt_().float()  # torch's float32 sqrt is not always correctly rounded
+    w = av + cols.abs()
+    scales, mins, levels = _make_qkx2(cols, w, nmax, rmin, 0.1, nstep)
+    scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+    levels = levels.t().reshape(nb, 8, 32)
+    max_scale, max_min = _positive(scales.amax(1)), _positive(mins.amax(1))
+    inv_scale = torch.where(max_scale > 0, _rdiv(63, max_scale), torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, _rdiv(63, max_min), torch.zeros_like(max_min))
+    # C stores nearest_int() in a uint8 (negative values wrap) and then takes MIN(63, .)
+    ls = (torch.round(inv_scale[:, None] * scales).to(torch.int64) & 255).clamp(max=63)
+    lm = (torch.round(inv_min[:, None] * mins).to(torch.int64) & 255).clamp(max=63)
+    d16, dmin16 = (max_scale / 63).to(torch.float16), (max_min / 63).to(torch.float16)
+    d = d16.float()[:, None] * ls.float()
+    dm = dmin16.float()[:, None] * lm.float()
+    sub = x.reshape(nb, 8, 32)
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    q = torch.round((sub + dm[..., None]) / safe[..., None]).clamp_(0, nmax)
+    levels = torch.where((d == 0)[..., None], levels, q).to(torch.uint8).reshape(nb, 4, 2, 32)
+    packed = torch.cat([
+        (ls[:, :4] | ((ls[:, 4:] >> 4) << 6)), (lm[:, :4] | ((lm[:, 4:] >> 4) << 6)), (ls[:, 4:] & 15) | ((lm[:, 4:] & 15) << 4),
+    ], 1).to(torch.uint8)
+    head = torch.cat([_f16_bytes(d16.float()), _f16_bytes(dmin16.float()), packed], 1)
+    return head, levels
+
+
+def _q4_k(x: torch.Tensor) -> torch.Tensor:
+    head, lv = _k_scales(x, 15, -1.0, 20)
+    return torch.cat([head, _nibbles(lv[:, :, 0], lv[:, :, 1]).reshape(x.shape[0], 128)], 1)
+
+
+def _q5_k(x: torch.Tensor) -> torch.Tensor:
+    head, lv = _k_scales(x, 31, -0.5, 15)
+    shifts = (torch.arange(4, device=x.device) * 2)[None, :, None, None] + torch.arange(2, device=x.device)[None, None, :, None]
+    qh = ((lv >> 4).to(torch.int64) << shifts).sum((1, 2)).to(torch.uint8)
+    return torch.cat([head, qh, _nibbles(lv[:, :, 0], lv[:, :, 1]).reshape(x.shape[0], 128)], 1)
+
+
+def _make_qx(x: torch.Tensor, nmax: int):
+    """ggml's make_qx_quants with rmse_type 1 over columns of 16 values ([16, M]): (scale, levels + nmax)."""
+    mx = x.gather(0, x.abs().argmax(0, keepdim=True)).squeeze(0)
+    zero = mx.abs() < 1e-15
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+    w = x * x
+    wx = w * x
+
+    def attempt(num: float):
+        q = torch.round(_rdiv(-num, mx) * x).clamp_(-nmax, nmax - 1)
+        return q, _seq_sum(wx * q), _seq_sum(w * q * q)
+
+    levels, sumlx, suml2 = attempt(float(nmax))
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
+    best = scale * sumlx
+    for step in (*range(-9, 0), *range(1, 10)):
+        q, sumlx, suml2 = attempt(_f32(nmax + _f32(_f32(0.1) * step)))
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        levels = torch.where(better, q, levels)
+        scale = torch.where(better, sumlx / suml2, scale)
+        best = torch.where(better, scale * sumlx, best)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    levels = torch.where(zero, torch.zeros_like(levels), levels + nmax)
+    return scale, levels
+
+
+def _q6_k(x: torch.Tensor) -> torch.Tensor:
+    nb = x.shape[0]
+    cols = x.reshape(nb * 16, 16).t().contiguous()
+    scales, levels = _make_qx(cols, 32)
+    scales, levels = scales.reshape(nb, 16), levels.t().reshape(nb, 16, 16)
+    max_scale = _signed_max(scales)
+    empty = max_scale.abs() < 1e-15
+    iscale = _rdiv(-128, torch.where(empty, torch.ones_like(max_scale), max_scale))
+    d16 = (1 / iscale).to(torch.float16)
+    sc = torch.round(iscale[:, None] * scales).clamp(max=127)
+    d = d16.float()[:, None] * sc
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    q = torch.round(x.reshape(nb, 16, 16) / safe[..., None]).clamp_(-32, 31) + 32
+    lv = torch.where((d == 0)[..., None], levels, q).to(torch.uint8).reshape(nb, 2, 4, 32)
+    ql = _nibbles(lv[:, :, 0:2], lv[:, :, 2:4]).reshape(nb, 128)
+    qh = ((lv >> 4).to(torch.int64) << (torch.arange(4, device=x.device) * 2)[None, None, :, None]).sum(2)
+    out = torch.cat([ql, qh.to(torch.uint8).reshape(nb, 64), sc.to(torch.int8).view(torch.uint8), _f16_bytes(d16.float())], 1)
+    return torch.where(empty[:, None], torch.zeros_like(out), out)
+
+
+_QUANTIZERS = {"Q8_0": _q8_0, "Q5_0": _q5_0, "Q4_0": _q4_0, "Q6_K": _q6_k, "Q5_K": _q5_k, "Q4_K": _q4_k}
+
+
+# -- dequantization (ggml's dequantize_row_*) -------------------------------------------------------------------
+
+
+def _dq8_0(b: torch.Tensor) -> torch.Tensor:
+    return _f16_value(b[:, :2])[:, None] * b[:, 2:].view(torch.int8).float()
+
+
+def _low_high(qs: torch.Tensor) -> torch.Tensor:
+    return torch.cat([qs & 15, qs >> 4], 1)
+
+
+def _dq4_0(b: torch.Tensor) -> torch.Tensor:
+    return _f16_value(b[:, :2])[:, None] * (_low_high(b[:, 2:]).float() - 8)
+
+
+def _dq5_0(b: torch.Tensor) -> torch.Tensor:
+    qh = b[:, 2:6].to(torch.int64)
+    qh = qh[:, 0] | (qh[:, 1] << 8) | (qh[:, 2] << 16) | (qh[:, 3] << 24)
+    high = (qh[:, None] >> torch.arange(32)) & 1
+    q = _low_high(b[:, 6:]).to(torch.int64) | (high << 4)
+    return _f16_value(b[:, :2])[:, None] * (q.float() - 16)
+
+
+def _k_unpack(b: torch.Tensor):
+    d, dmin = _f16_value(b[:, 0:2]), _f16_value(b[:, 2:4])
+    s = b[:, 4:16].to(torch.int64)
+    sc = torch.cat([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], 1)
+    m = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], 1)
+    return d[:, None] * sc.float(), dmin[:, None] * m.float()
+
+
+def _dq4_k(b: torch.Tensor) -> torch.Tensor:
+    scale, mn = _k_unpack(b)
+    qs = b[:, 16:144].reshape(-1, 4, 32)
+    q = torch.stack([qs & 15, qs >> 4], 2).reshape(-1, 8, 32).float()
+    return (scale[..., None] * q - mn[..., None]).reshape(-1, QK_K)
+
+
+def _dq5_k(b: torch.Tensor) -> torch.Tensor:
+    scale, mn = _k_unpack(b)
+    qh = b[:, 16:48].to(torch.int64)
+    qs = b[:, 48:176].reshape(-1, 4, 32).to(torch.int64)
+    high = (qh[:, None, :] >> torch.arange(8)[None, :, None]) & 1  # bit 2s+h of qh[j] -> sub-block 2s+h
+    q = torch.stack([qs & 15, qs >> 4], 2).reshape(-1, 8, 32) | (high << 4)
+    return (scale[..., None] * q.float() - mn[..., None]).reshape(-1, QK_K)
+
+
+def _dq6_k(b: torch.Tensor) -> torch.Tensor:
+    ql = b[:, :128].reshape(-1, 2, 2, 32).to(torch.int64)
+    qh = b[:, 128:192].reshape(-1, 2, 1, 32).to(torch.int64)
+    sc = b[:, 192:208].view(torch.int8).float()
+    d = _f16_value(b[:, 208:210])
+    low = torch.cat([ql & 15, ql >> 4], 2)  # [nb, 2, 4, 32]
+    high = (qh >> (torch.arange(4) * 2)[None, None, :, None]) & 3
+    q = ((low | (high << 4)) - 32).reshape(-1, 16, 16).float()
+    return (d[:, None, None] * sc[..., None] * q).reshape(-1, QK_K)
+
+
+_DEQUANTIZERS = {"Q8_0": _dq8_0, "Q5_0": _dq5_0, "Q4_0": _dq4_0, "Q6_K": _dq6_k, "Q5_K": _dq5_k, "Q4_K": _dq4_k}
