@@ -7,7 +7,6 @@ into place when complete; any failure or cancel removes it.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 import uuid
@@ -24,9 +23,8 @@ from fluxstudio.lora import load_lora
 from fluxstudio.memory import MemorySampler
 from fluxstudio.models import open_base
 from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, check, report
-from fluxstudio.quantize import PRECISIONS, make_quantizer
-from fluxstudio.writer import ShardedWriter, header_bound
-from fluxstudio import snippets
+from fluxstudio import formats, snippets
+from fluxstudio.formats.outputs import make_output
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 MANIFEST = "fluxstudio.json"
@@ -44,6 +42,7 @@ class BuildRequest:
     loras: tuple[LoraRef, ...]
     precision: str
     out_dir: Path
+    format: str = "diffusers"
     shard_bytes: int = DEFAULT_SHARD_BYTES
     device: str = "auto"
     overwrite: bool = False
@@ -55,6 +54,7 @@ class BuildRequest:
 class BuildResult:
     output_dir: str
     precision: str
+    format: str
     seconds: float
     stage_seconds: dict[str, float]
     peak_ram_bytes: int
@@ -104,17 +104,18 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+def check_output(out: Path, inputs: list[Path], overwrite: bool, is_file: bool = False) -> None:
+    what = "file" if is_file else "folder"
     for p in inputs:
         if _inside(out, p) or _inside(p, out):
             raise OutputError(
-                f"The output folder {out.name} overlaps an input ({p.name}); FluxStudio never writes over its inputs.",
-                "Choose another output folder.",
+                f"The output {what} {out.name} overlaps an input ({p.name}); FluxStudio never writes over its inputs.",
+                f"Choose another output {what}.",
             )
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} exists and is a file.", "Choose another output name.")
+    if out.exists() and out.is_dir() != (not is_file):
+        raise OutputError(f"{out} exists and is a {'folder' if out.is_dir() else 'file'}.", "Choose another output name.")
     if out.exists() and not overwrite:
-        raise OutputError(f"The output folder {out.name} already exists.", "Choose another name, or allow overwriting.")
+        raise OutputError(f"The output {what} {out.name} already exists.", "Choose another name, or allow overwriting.")
 
 
 def _clean_stale(out: Path) -> None:
@@ -129,8 +130,10 @@ def build(
     free_bytes: Callable[[Path], int] = free_disk_bytes,
     hub: Hub | None = None,
 ) -> BuildResult:
-    if req.precision not in PRECISIONS:
-        raise BadInputError(f"Unknown precision {req.precision!r}.", f"Use one of {', '.join(PRECISIONS)}.")
+    fmt = formats.get_format(req.format)
+    if req.precision not in fmt.precisions:
+        formats.check(req.format, req.precision, "")  # raises the one sentence for this pair
+    out = formats.output_path(req.format, req.out_dir)
     stages: dict[str, float] = {}
     t0 = time.monotonic()
     with MemorySampler() as sampler:
@@ -148,20 +151,21 @@ def build(
         base_path, base_origin = resolve_ref(req.base, "base", hub, progress, cancel)
         resolved = [resolve_ref(r.ref, "lora", hub, progress, cancel) for r in req.loras]
         lora_paths = [p for p, _ in resolved]
-        out = Path(req.out_dir).expanduser().resolve()
-        check_output(out, [base_path, *lora_paths], req.overwrite)
+        check_output(out, [base_path, *lora_paths], req.overwrite, is_file=bool(fmt.extension))
         stage_done("prepare")
 
         report(progress, ProgressEvent("inspect", message="Reading the base model and LoRAs"))
         base = open_base(base_path)
+        formats.check(req.format, req.precision, base.family.key)
         loras = []
         for i, (ref, path) in enumerate(zip(req.loras, lora_paths), start=1):
             check(cancel)
             report(progress, ProgressEvent("inspect", i, len(lora_paths), item=path.name, message="Reading LoRAs"))
             loras.append((load_lora(path, base.family), ref.scale))
         fplan = plan(base, loras, req.ignore_unmatched)
-        quantizer = make_quantizer(req.precision, base.linear_modules, base.family.model_class(), req.double_quant)
-        need = sum(quantizer.estimate_bytes(j.name, math.prod(j.out_shape)) for j in fplan.jobs) + (64 << 20)
+        output = make_output(fmt, req.precision, base, fplan.jobs, fplan.config_updates, out.name, req.shard_bytes,
+                             req.double_quant)
+        need = output.need_bytes() + (64 << 20)
         out.parent.mkdir(parents=True, exist_ok=True)
         free = free_bytes(out.parent)
         if free < need:
@@ -174,45 +178,46 @@ def build(
         _clean_stale(out)
         tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        writer = ShardedWriter(tmp, req.shard_bytes, header_bound([k for j in fplan.jobs for k in quantizer.keys(j.name)]))
+        inputs = _inputs(base_origin, [o for _, o in resolved], req, base, loras, fplan)
         try:
             try:
-                execute(fplan, quantizer.encode, writer.add, device, progress, cancel)
+                output.open(tmp, {"fluxstudio": json.dumps(inputs, separators=(",", ":"))})
+                execute(output.jobs, output.encode, output.write, device, progress, cancel)
                 stage_done("fuse")
                 report(progress, ProgressEvent("finalize", message="Writing the output"))
-                files = writer.close()
+                files = output.close()
             except OSError as exc:
                 if exc.errno == 28:
                     raise DiskSpaceError("The disk ran full while writing the output.", "Free some space and try again.") from None
                 raise
             finally:
-                writer.abort()
-            config = dict(base.config) | fplan.config_updates
-            qconfig = quantizer.config_block()
-            if qconfig:
-                config["quantization_config"] = qconfig
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+                output.abort()
             check(cancel)
             stage_done("finalize")
             result = BuildResult(
                 output_dir=str(out),
                 precision=req.precision,
+                format=fmt.key,
                 seconds=round(time.monotonic() - t0, 3),
                 stage_seconds=stages,
                 peak_ram_bytes=sampler.peak_rss_bytes,
                 peak_anon_bytes=sampler.peak_anon_bytes,
                 peak_vram_bytes=sampler.peak_vram_bytes,
-                output_bytes=writer.total_bytes,
-                files=sorted(p.name for p in files),
+                output_bytes=output.total_bytes,
+                files=sorted(p.name for p in files if p.suffix in (".safetensors", ".gguf")),
                 tensors_fused=fplan.fused_count,
                 family=base.family.key,
-                notes=fplan.notes + [f"{lora.name}: {n}" for lora, _ in loras for n in lora.notes]
+                notes=fplan.notes + output.notes + [f"{lora.name}: {n}" for lora, _ in loras for n in lora.notes]
                 + [f"{lora.name}: {', '.join(lora.skipped)} parts not fused (transformer only)" for lora, _ in loras if lora.skipped],
             )
-            manifest = _manifest(base_origin, [o for _, o in resolved], req, base, loras, fplan, result)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-            (tmp / "README.md").write_text(snippets.readme(out.name, req.precision, base.family, manifest), encoding="utf-8")
-            _move_into_place(tmp, out)
+            if fmt.extension:
+                _move_into_place(files[0], out)
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                manifest = _manifest(inputs, result)
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+                (tmp / "README.md").write_text(snippets.readme(out.name, req.precision, base.family, manifest), encoding="utf-8")
+                _move_into_place(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -220,6 +225,10 @@ def build(
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished file or folder into place; an output it replaces is removed only afterwards."""
+    if tmp.is_file():
+        tmp.replace(out)
+        return
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
@@ -246,7 +255,8 @@ def _fingerprint(base) -> str:
     return h.hexdigest()
 
 
-def _manifest(base_origin: dict, lora_origins: list[dict], req: BuildRequest, base, loras, fplan, result: BuildResult) -> dict:
+def _inputs(base_origin: dict, lora_origins: list[dict], req: BuildRequest, base, loras, fplan) -> dict:
+    """What went into the output: known before the first byte is written, so one-file formats embed it."""
     from fluxstudio.hardware import library_versions
 
     return {
@@ -272,10 +282,17 @@ def _manifest(base_origin: dict, lora_origins: list[dict], req: BuildRequest, ba
             }
             for (lora, scale), origin in zip(loras, lora_origins)
         ],
+        "format": req.format,
         "precision": req.precision,
         "double_quant": req.double_quant if req.precision == "nf4" else None,
         "config_updates": fplan.config_updates,
         "libraries": library_versions(),
+    }
+
+
+def _manifest(inputs: dict, result: BuildResult) -> dict:
+    return {
+        **inputs,
         "timings": result.stage_seconds,
         "seconds": result.seconds,
         "peak_ram_bytes": result.peak_ram_bytes,

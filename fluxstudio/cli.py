@@ -24,6 +24,8 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fluxstudio.formats import FORMATS, PRECISIONS
+
     p = argparse.ArgumentParser(prog="fluxstudio", description="Fuse LoRAs into FLUX models at full precision, then quantize and save.")
     p.add_argument("--version", action="version", version=f"FluxStudio {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -32,8 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--base", required=True, help="base model: Hub repo id (owner/name[@rev]), Hub URL, local folder, or 'demo'")
     f.add_argument("--lora", action="append", default=[], help="LoRA: Hub repo id (owner/name[/file.safetensors]), Hub URL, local .safetensors, or 'demo' (repeatable)")
     f.add_argument("--lora-scale", action="append", type=float, default=[], help="scale of the matching --lora (default 1.0; negative allowed)")
-    f.add_argument("--precision", required=True, choices=("bf16", "fp8", "nf4"))
-    f.add_argument("--out", required=True, type=Path, help="output folder (created; must not exist unless --overwrite)")
+    f.add_argument("--format", choices=list(FORMATS), default="diffusers",
+                   help="diffusers: a folder for Python; single-file: one BFL-keyed .safetensors for ComfyUI/Forge/SwarmUI; "
+                   "gguf: one .gguf for ComfyUI-GGUF/Forge/stable-diffusion.cpp (default diffusers)")
+    f.add_argument("--precision", choices=list(PRECISIONS), metavar="PRECISION",
+                   help="; ".join(f"{k}: {', '.join(v.precisions)}" for k, v in FORMATS.items())
+                   + " (default: bf16, fp8-scaled, Q8_0 respectively)")
+    f.add_argument("--out", required=True, type=Path,
+                   help="output folder (diffusers) or file (the extension is added when missing); must not exist unless --overwrite")
     f.add_argument("--shard-size", type=parse_size, default="5GB", help="largest shard file (default 5GB)")
     f.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     f.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
@@ -155,8 +163,9 @@ class _Bar:
 
 def cmd_fuse(args: argparse.Namespace) -> int:
     from fluxstudio.build import BuildRequest, LoraRef, build
+    from fluxstudio.formats import FORMATS
     from fluxstudio.progress import CancelToken
-    from fluxstudio.snippets import load_snippet
+    from fluxstudio.snippets import load_snippet, placement
     from fluxstudio.models import FAMILIES
 
     if len(args.lora_scale) > len(args.lora):
@@ -165,7 +174,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     req = BuildRequest(
         base=args.base,
         loras=tuple(LoraRef(r, s) for r, s in zip(args.lora, scales)),
-        precision=args.precision,
+        precision=args.precision or FORMATS[args.format].default,
+        format=args.format,
         out_dir=args.out,
         shard_bytes=args.shard_size if isinstance(args.shard_size, int) else parse_size(args.shard_size),
         device=args.device,
@@ -178,7 +188,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         result = build(req, progress=bar, cancel=CancelToken())
     finally:
         bar.close()
-    print(f"Saved {result.precision} model to {result.output_dir}")
+    print(f"Saved {result.precision} {result.format} model to {result.output_dir}")
     print(f"  size       {human_bytes(result.output_bytes)} in {len(result.files)} file(s)")
     print(f"  time       {result.seconds:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in result.stage_seconds.items()) + ")")
     print(f"  peak RAM   {human_bytes(result.peak_ram_bytes)} (anonymous {human_bytes(result.peak_anon_bytes)})")
@@ -188,7 +198,9 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"  note       {note}")
     family = next(f for f in FAMILIES if f.key == result.family)
-    print("\nLoad it with:\n" + load_snippet(result.output_dir, result.precision, family))
+    if result.format != "diffusers":
+        print(f"\n{placement(result.format)}")
+    print("\nLoad it in diffusers with:\n" + load_snippet(result.output_dir, result.precision, family, result.format))
     if args.report_json:
         args.report_json.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
     return 0

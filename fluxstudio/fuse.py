@@ -119,6 +119,9 @@ def plan(base: BaseModel, loras: list[tuple[LoadedLora, float]], ignore_unmatche
     for m, width in widths.items():
         attr = expandable[m]
         result.config_updates[attr] = width
+        if attr == "in_channels" and base.config.get("out_channels") is None:
+            # FLUX derives out_channels from in_channels when it is unset: pin it, or the output layer would widen too
+            result.config_updates["out_channels"] = base.config.get("in_channels", 64)
         result.notes.append(f"{m} widened {tensors[m + '.weight'][1].shape[1]}→{width} ({attr} = {width})")
     for h in base.headers:
         for name, info in h.tensors.items():
@@ -161,19 +164,20 @@ def fuse_tensor(job: TensorJob, tensor: torch.Tensor, device: str = "cpu") -> to
 
 
 def execute(
-    fplan: FusePlan,
+    jobs: list[TensorJob],
     encode: Callable[[str, torch.Tensor], dict[str, torch.Tensor]],
     write: Callable[[str, torch.Tensor], None],
     device: str = "cpu",
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> None:
-    """Stream every tensor: read -> fuse -> encode (quantize) -> write. Memory stays at a few tensors.
+    """Stream every tensor, in the given order: read -> fuse -> encode (quantize) -> write. Memory stays at a few
+    tensors (encode may hold back the parts of one output tensor until all of them are in).
 
     The next tensor is read and the last one written in background threads while this one is computed.
     """
-    total = len(fplan.jobs)
-    bytes_total = sum(j.info.nbytes for j in fplan.jobs)
+    total = len(jobs)
+    bytes_total = sum(j.info.nbytes for j in jobs)
     done_bytes = 0
     files: dict[Path, BinaryIO] = {}
     last = 0.0
@@ -185,11 +189,11 @@ def execute(
 
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, _Writer(write) as writer:
-            pending = reader.submit(read, fplan.jobs[0]) if fplan.jobs else None
-            for i, job in enumerate(fplan.jobs, start=1):
+            pending = reader.submit(read, jobs[0]) if jobs else None
+            for i, job in enumerate(jobs, start=1):
                 check(cancel)
                 tensor = pending.result().to(device)  # on a GPU, untouched tensors are quantized there too
-                pending = reader.submit(read, fplan.jobs[i]) if i < total else None
+                pending = reader.submit(read, jobs[i]) if i < total else None
                 fused = fuse_tensor(job, tensor, device)
                 del tensor
                 for key, value in encode(job.name, fused).items():

@@ -1,17 +1,31 @@
-"""The exact code to load an output, per precision (shown in the output's README, the CLI and the UI)."""
+"""The exact code to load an output, per format and precision (shown in the output's README, the CLI and the UI)."""
 
 from __future__ import annotations
 
+from fluxstudio.formats import FORMATS, PRECISIONS
 from fluxstudio.models import Family
 
 PIPELINES = {"flux1": ("FluxPipeline", "black-forest-labs/FLUX.1-dev"), "flux2": ("Flux2Pipeline", "black-forest-labs/FLUX.2-dev")}
 
 
-def load_snippet(folder: str, precision: str, family: Family) -> str:
+def load_snippet(path: str, precision: str, family: Family, format: str = "diffusers") -> str:
+    """Python that loads the output with diffusers, or a sentence saying why diffusers cannot."""
     cls = family.class_name
     pipe_cls, repo = PIPELINES[family.key]
-    lines = ["import torch", f"from diffusers import {cls}, {pipe_cls}", ""]
-    lines.append(f'transformer = {cls}.from_pretrained(r"{folder}", torch_dtype=torch.bfloat16)')
+    if format == "single-file" and precision in ("nf4", "fp8-scaled"):
+        readers = "Forge reads" if precision == "nf4" else "ComfyUI and Forge read"
+        return (f"# diffusers does not read {precision} single files ({readers} them).\n"
+                "# For diffusers, build the diffusers format or a GGUF file instead.")
+    imports = f"from diffusers import {cls}, {pipe_cls}"
+    if format == "diffusers":
+        load = f'transformer = {cls}.from_pretrained(r"{path}", torch_dtype=torch.bfloat16)'
+    elif format == "gguf":
+        imports = f"from diffusers import {cls}, {pipe_cls}, GGUFQuantizationConfig"
+        load = (f'transformer = {cls}.from_single_file(\n    r"{path}", config="{repo}", subfolder="transformer",\n'
+                "    quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16), torch_dtype=torch.bfloat16,\n)")
+    else:
+        load = f'transformer = {cls}.from_single_file(\n    r"{path}", config="{repo}", subfolder="transformer", torch_dtype=torch.bfloat16,\n)'
+    lines = ["import torch", imports, "", load]
     if precision == "fp8":
         lines.append("transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)")
     lines += [
@@ -21,11 +35,9 @@ def load_snippet(folder: str, precision: str, family: Family) -> str:
     return "\n".join(lines)
 
 
-PRECISION_NOTES = {
-    "bf16": "bf16 weights: full quality, the most VRAM.",
-    "fp8": "Linear weights stored as float8_e4m3fn and computed in bf16 (layerwise casting): half the VRAM of bf16.",
-    "nf4": "bitsandbytes NF4 (4-bit) weights, loaded by diffusers as Linear4bit layers; needs bitsandbytes and a CUDA GPU.",
-}
+def placement(format: str) -> str:
+    """Where a user puts the output and which loader reads it."""
+    return FORMATS[format].where
 
 
 def readme(name: str, precision: str, family: Family, manifest: dict) -> str:
@@ -33,7 +45,7 @@ def readme(name: str, precision: str, family: Family, manifest: dict) -> str:
     return (
         f"# {name}\n\n"
         f"{manifest['base']['variant']} transformer with these LoRAs fused at full precision, then saved as {precision}:\n\n"
-        f"{loras or '- (no LoRA)'}\n\n{PRECISION_NOTES[precision]}\n\n"
+        f"{loras or '- (no LoRA)'}\n\n{PRECISIONS[precision].note}\n\n"
         f"## Load it\n\n```python\n{load_snippet('path/to/' + name, precision, family)}\n```\n\n"
         "Made with FluxStudio; `fluxstudio.json` records the inputs, versions and timings.\n"
     )

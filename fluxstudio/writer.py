@@ -32,10 +32,17 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
 
 
 class ShardedWriter:
-    def __init__(self, folder: Path, max_shard_bytes: int, header_reserve: int) -> None:
+    """Shards named like diffusers' own, or with `single_name` one file of that name whatever its size."""
+
+    def __init__(
+        self, folder: Path, max_shard_bytes: int, header_reserve: int, metadata: dict[str, str] | None = None,
+        single_name: str | None = None,
+    ) -> None:
         self.folder = folder
-        self.max_shard_bytes = max(1, max_shard_bytes)
-        self.header_reserve = header_reserve
+        self.single_name = single_name
+        self.max_shard_bytes = max(1, max_shard_bytes) if single_name is None else float("inf")
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.header_reserve = header_reserve + len(json.dumps(self.metadata)) + (-len(json.dumps(self.metadata)) % 8)
         self.shards: list[tuple[Path, list[str]]] = []  # finished temp file, its tensor names
         self.total_bytes = 0
         self._file = None
@@ -61,7 +68,7 @@ class ShardedWriter:
     def _close_shard(self) -> None:
         f = self._file
         assert f is not None
-        raw = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode("utf-8")
+        raw = json.dumps({"__metadata__": self.metadata, **self._header}, separators=(",", ":")).encode("utf-8")
         if len(raw) > self.header_reserve:
             raise RuntimeError(f"safetensors header of {len(raw)} bytes exceeds the {self.header_reserve} reserved")
         f.seek(0)
@@ -80,7 +87,7 @@ class ShardedWriter:
         files: list[Path] = []
         weight_map: dict[str, str] = {}
         for i, (tmp, names) in enumerate(self.shards, start=1):
-            fname = f"{PREFIX}.safetensors" if n == 1 else f"{PREFIX}-{i:05d}-of-{n:05d}.safetensors"
+            fname = self.single_name or (f"{PREFIX}.safetensors" if n == 1 else f"{PREFIX}-{i:05d}-of-{n:05d}.safetensors")
             os.replace(tmp, self.folder / fname)
             files.append(self.folder / fname)
             weight_map.update(dict.fromkeys(names, fname))

@@ -17,7 +17,9 @@ FLUX2_TINY = dict(
     joint_attention_dim=64, timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=[32, 32, 32, 32],
 )
 # FLUX.1 width (diffusers' kohya/BFL converters hard-code 3072), one block of each kind.
-FLUX1_WIDE = dict(FLUX1_TINY, num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24)
+FLUX1_WIDE = dict(
+    FLUX1_TINY, num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24, axes_dims_rope=[16, 56, 56]
+)
 
 
 def meta_state_shapes(class_name: str, config: dict) -> dict[str, tuple[int, ...]]:

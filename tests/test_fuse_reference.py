@@ -110,6 +110,11 @@ def test_control_lora_widens_x_embedder(tiny_base, tmp_path):
     out_config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert out_config["in_channels"] == ref_config["in_channels"] == 128
     assert any("x_embedder widened 64→128" in n for n in result.notes)
+    # FLUX derives out_channels from in_channels when unset: the output must pin it to load at all
+    from diffusers import FluxTransformer2DModel
+
+    assert out_config["out_channels"] == 64
+    assert FluxTransformer2DModel.from_pretrained(tmp_path / "out").proj_out.out_features == 64
 
 
 def test_flux2_base(tmp_path):

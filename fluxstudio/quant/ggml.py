@@ -147,11 +147,24 @@ def _q5_0(x: torch.Tensor) -> torch.Tensor:
 
 
 def _seq_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 0 left to right, as ggml's loops add: the same float result, so the same near-tie decisions."""
-    acc = t[0].clone()
-    for row in t[1:]:
-        acc += row
-    return acc
+    """Sum over dim 0 left to right, as ggml's loops add: the same float result, so the same near-tie decisions.
+
+    numpy reduces an outer axis row by row into one accumulator (its pairwise summation is for the contiguous
+    axis only): one call instead of a torch op per row. The reference-vector tests pin this behaviour.
+    """
+    if t.is_cuda:
+        acc = t[0] + t[1]
+        for row in t[2:]:
+            acc += row
+        return acc
+    return torch.from_numpy(np.add.reduce(t.numpy(), axis=0))
+
+
+def _levels(x: torch.Tensor, shift: torch.Tensor | None, iscale: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """clamp(nearest_int(iscale * (x - shift)), lo, hi), in place on one new tensor. Adding and removing 1.5 * 2^23
+    rounds a float32 to the nearest integer, ties to even, exactly as ggml's nearest_int does."""
+    v = x * iscale if shift is None else (x - shift).mul_(iscale)
+    return v.add_(12582912.0).sub_(12582912.0).clamp_(lo, hi)
 
 
 def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
@@ -164,13 +177,14 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     one = torch.ones_like(mx)
     iscale = _rdiv(nmax, torch.where(flat, one, mx - mn))
     scale = 1 / iscale
-    levels = torch.round(iscale * (x - mn)).clamp_(0, nmax)
-    best = _seq_sum(w * (scale * levels + mn - x).square_())
+    best_iscale, best_shift = iscale, mn  # the levels are recomputed from these at the end
+    levels = _levels(x, mn, iscale, 0, nmax)
+    best = _seq_sum(levels.mul_(scale).add_(mn).sub_(x).square_().mul_(w))
     terms = x.new_empty(x.shape[0], 3, x.shape[1])
     for step in range(nstep + 1):
         # ggml keeps searching from the best min found so far: `min` is updated inside its loop
         iscale = _rdiv(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax), torch.where(flat, one, mx - mn))
-        cand = torch.round(iscale * (x - mn)).clamp_(0, nmax)
+        cand = _levels(x, mn, iscale, 0, nmax)
         torch.mul(w, cand, out=terms[:, 0])
         torch.mul(terms[:, 0], cand, out=terms[:, 1])
         torch.mul(terms[:, 0], x, out=terms[:, 2])
@@ -181,12 +195,14 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
         positive = this_min > 0
         this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
-        err = _seq_sum(w * (this_scale * cand + this_min - x).square_())
+        err = _seq_sum(cand.mul_(this_scale).add_(this_min).sub_(x).square_().mul_(w))
         better = (det > 0) & (err < best) & ~flat
-        levels = torch.where(better, cand, levels)
+        best_iscale = torch.where(better, iscale, best_iscale)
+        best_shift = torch.where(better, mn, best_shift)
         best = torch.where(better, err, best)
         scale = torch.where(better, this_scale, scale)
         mn = torch.where(better, this_min, mn)
+    levels = _levels(x, best_shift, best_iscale, 0, nmax)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     levels = torch.where(flat, torch.zeros_like(levels), levels)
     return scale, -mn, levels
@@ -240,20 +256,26 @@ def _make_qx(x: torch.Tensor, nmax: int):
     mx = torch.where(zero, torch.ones_like(mx), mx)
     w = x * x
     wx = w * x
+    terms = x.new_empty(x.shape[0], 2, x.shape[1])
 
     def attempt(num: float):
-        q = torch.round(_rdiv(-num, mx) * x).clamp_(-nmax, nmax - 1)
-        return q, _seq_sum(wx * q), _seq_sum(w * q * q)
+        iscale = _rdiv(-num, mx)
+        q = _levels(x, None, iscale, -nmax, nmax - 1)
+        torch.mul(wx, q, out=terms[:, 0])
+        torch.mul(w, q, out=terms[:, 1]).mul_(q)
+        sumlx, suml2 = _seq_sum(terms)
+        return iscale, sumlx, suml2
 
-    levels, sumlx, suml2 = attempt(float(nmax))
+    best_iscale, sumlx, suml2 = attempt(float(nmax))
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
     best = scale * sumlx
     for step in (*range(-9, 0), *range(1, 10)):
-        q, sumlx, suml2 = attempt(_f32(nmax + _f32(_f32(0.1) * step)))
+        iscale, sumlx, suml2 = attempt(_f32(nmax + _f32(_f32(0.1) * step)))
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        levels = torch.where(better, q, levels)
+        best_iscale = torch.where(better, iscale, best_iscale)
         scale = torch.where(better, sumlx / suml2, scale)
         best = torch.where(better, scale * sumlx, best)
+    levels = _levels(x, None, best_iscale, -nmax, nmax - 1)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     levels = torch.where(zero, torch.zeros_like(levels), levels + nmax)
     return scale, levels

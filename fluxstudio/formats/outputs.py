@@ -1,0 +1,252 @@
+"""The writers behind each format: they order the engine's tensors, encode each fused tensor, and write the files.
+
+Every output follows one protocol, so the engine does not know which one it feeds:
+- `jobs`: the plan's tensors in the order this output needs them (BFL groups kept together);
+- `need_bytes()`: the size estimate the disk check and the app both use;
+- `open(folder, metadata)`, `encode(name, fused) -> {key: tensor}`, `write(key, tensor)`, `close() -> files`, `abort()`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fluxstudio.formats import Format
+from fluxstudio.formats.bfl import Assembler, layout
+from fluxstudio.fuse import TensorJob
+from fluxstudio.quant import ggml
+from fluxstudio.quantize import FP8_MAX, make_quantizer, nf4_encode
+from fluxstudio.writer import ShardedWriter, header_bound
+
+# The small input/output layers keep a high precision in every one-file format (city96's rule for GGUF).
+KEEP_HIGH = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
+KEEP_F32 = ("img_in.", "time_in.in_layer.", "vector_in.in_layer.", "guidance_in.in_layer.", "final_layer.linear.")
+SINGLE_PREFIX = ""  # bare BFL names, as BFL's own files: ComfyUI, Forge and diffusers (FLUX.2 too) read them
+
+
+class DiffusersOutput:
+    """A diffusers folder: sharded safetensors, config.json (+ quantization_config)."""
+
+    def __init__(self, precision: str, base, jobs: list[TensorJob], config_updates: dict, shard_bytes: int,
+                 double_quant: bool = False) -> None:
+        self.quantizer = make_quantizer(precision, base.linear_modules, base.family.model_class(), double_quant)
+        self.jobs = jobs
+        self.base, self.config_updates, self.shard_bytes = base, config_updates, shard_bytes
+        self.notes: list[str] = []
+        self.writer: ShardedWriter | None = None
+
+    def need_bytes(self) -> int:
+        return sum(self.quantizer.estimate_bytes(j.name, math.prod(j.out_shape)) for j in self.jobs)
+
+    def open(self, folder: Path, metadata: dict[str, str]) -> None:
+        self.folder = folder
+        keys = [k for j in self.jobs for k in self.quantizer.keys(j.name)]
+        self.writer = ShardedWriter(folder, self.shard_bytes, header_bound(keys))
+
+    def encode(self, name: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.quantizer.encode(name, fused)
+
+    def write(self, key: str, value: torch.Tensor) -> None:
+        self.writer.add(key, value)
+
+    def close(self) -> list[Path]:
+        files = self.writer.close()
+        config = dict(self.base.config) | self.config_updates
+        if qconfig := self.quantizer.config_block():
+            config["quantization_config"] = qconfig
+        (self.folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return files + [self.folder / "config.json"]
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+    @property
+    def total_bytes(self) -> int:
+        return self.writer.total_bytes if self.writer else 0
+
+
+class _BflOutput:
+    """What the one-file formats share: BFL names, groups streamed together, the output file's name."""
+
+    def __init__(self, fmt: Format, precision: str, base, jobs: list[TensorJob], filename: str) -> None:
+        self.precision, self.filename = precision, filename
+        groups = layout(base.family.key, [j.name for j in jobs])
+        by_name = {j.name: j for j in jobs}
+        self.jobs = [by_name[p] for g in groups for p in g.parts]
+        self.shapes = {
+            g.name: (sum(by_name[p].out_shape[0] for p in g.parts), *by_name[g.parts[0]].out_shape[1:]) for g in groups
+        }
+        self.assembler = Assembler(groups)
+        self.notes: list[str] = []
+
+    def encode(self, name: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+        done = self.assembler.add(name, fused)
+        return {} if done is None else self.encode_bfl(*done)
+
+    def quantized(self, name: str) -> bool:
+        return name.endswith(".weight") and len(self.shapes[name]) == 2 and not name.startswith(KEEP_HIGH)
+
+
+class SingleFileOutput(_BflOutput):
+    """One BFL-keyed .safetensors: bf16, fp8, scaled fp8 or Forge's NF4 layout."""
+
+    def need_bytes(self) -> int:
+        per = {"bf16": 2, "fp8": 1, "fp8-scaled": 1}
+        total = 0
+        for name, shape in self.shapes.items():
+            n = math.prod(shape)
+            if not self.quantized(name) or self.precision == "bf16":
+                total += 2 * n
+            elif self.precision == "nf4":
+                total += (n + 1) // 2 + 4 * math.ceil(n / 64) + 64 + 256
+            else:
+                total += per[self.precision] * n + 4
+        return total
+
+    def keys(self) -> list[str]:
+        out = []
+        for name in self.shapes:
+            key = SINGLE_PREFIX + name
+            out.append(key)
+            if self.quantized(name) and self.precision == "fp8-scaled":
+                out.append(key[: -len("weight")] + "scale_weight")
+            if self.quantized(name) and self.precision == "nf4":
+                out += [f"{key}.absmax", f"{key}.quant_map", f"{key}.quant_state.bitsandbytes__nf4"]
+        return out + ([SINGLE_PREFIX + "scaled_fp8"] if self.precision == "fp8-scaled" else [])
+
+    def open(self, folder: Path, metadata: dict[str, str]) -> None:
+        self.writer = ShardedWriter(folder, 0, header_bound(self.keys()), metadata, single_name=self.filename)
+        if self.precision == "fp8-scaled":
+            # ComfyUI and Forge recognise scaled fp8 by this marker; two elements ask ComfyUI to compute the matmul
+            # in full precision, since the file carries no input scales (comfy/utils.py::convert_old_quants).
+            self.writer.add(SINGLE_PREFIX + "scaled_fp8", torch.zeros(2, dtype=torch.float8_e4m3fn))
+
+    def encode_bfl(self, name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        key = SINGLE_PREFIX + name
+        if not self.quantized(name) or self.precision == "bf16":
+            return {key: t.to(torch.bfloat16).cpu()}
+        if self.precision == "fp8":
+            return {key: t.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).cpu()}
+        if self.precision == "nf4":
+            return nf4_encode(key, t.to(torch.bfloat16))
+        t = t.to(torch.float32)
+        amax = t.abs().max()
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        return {
+            key: (t / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).cpu(),
+            key[: -len("weight")] + "scale_weight": scale.reshape(()).cpu(),
+        }
+
+    def write(self, key: str, value: torch.Tensor) -> None:
+        self.writer.add(key, value)
+
+    def close(self) -> list[Path]:
+        return self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+    @property
+    def total_bytes(self) -> int:
+        return self.writer.total_bytes
+
+
+# GGUF precision -> (type of the weights it quantizes, GGUF file type)
+GGUF_TYPES = {"F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_S": "Q5_K", "Q5_0": "Q5_0",
+              "Q4_K_S": "Q4_K", "Q4_0": "Q4_0"}
+FILE_TYPES = {"F16": 1, "BF16": 32, "Q8_0": 7, "Q6_K": 18, "Q5_K_S": 16, "Q5_0": 8, "Q4_K_S": 14, "Q4_0": 2}
+
+
+class GgufOutput(_BflOutput):
+    """One .gguf with BFL names and city96's conventions; the header is written first, from the plan."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.types = {name: self.tensor_type(name) for name in self.shapes}
+        fallback = [n for n, t in self.types.items() if t == "F16" and self._wanted(n) not in ("F16", "F32")]
+        if fallback:
+            block = ggml.TYPES[GGUF_TYPES[self.precision]].block
+            self.notes.append(f"{len(fallback)} tensors have rows that are not a multiple of {block} "
+                              f"({', '.join(fallback[:3])}{' …' if len(fallback) > 3 else ''}): stored as F16 instead")
+
+    def _wanted(self, name: str) -> str:
+        if len(self.shapes[name]) < 2 or math.prod(self.shapes[name]) <= 1024 or name.startswith(KEEP_F32):
+            return "F32"
+        return "F16" if name.startswith(KEEP_HIGH) else GGUF_TYPES[self.precision]
+
+    def tensor_type(self, name: str) -> str:
+        want = self._wanted(name)
+        if want in ggml.TYPES and self.shapes[name][-1] % ggml.TYPES[want].block:
+            return "F16"  # city96's patch falls back to F16 where rows do not fit the blocks
+        return want
+
+    def nbytes(self, name: str) -> int:
+        shape, t = self.shapes[name], self.types[name]
+        if t in ggml.TYPES:
+            return math.prod(shape[:-1]) * ggml.TYPES[t].row_bytes(shape[-1])
+        return math.prod(shape) * (4 if t == "F32" else 2)
+
+    def need_bytes(self) -> int:
+        return sum(self.nbytes(n) for n in self.shapes) + 32 * len(self.shapes) + (1 << 20)
+
+    def open(self, folder: Path, metadata: dict[str, str]) -> None:
+        import gguf
+
+        self.path = folder / self.filename
+        self.w = gguf.GGUFWriter(self.path, "flux")
+        self.w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        self.w.add_file_type(FILE_TYPES[self.precision])
+        for key, value in metadata.items():
+            self.w.add_string(key, value)
+        for name, shape in self.shapes.items():
+            t = self.types[name]
+            raw = None if t in ("F32", "F16") else gguf.GGMLQuantizationType[t]
+            self.w.add_tensor_info(name, shape, np.float16 if t == "F16" else np.float32, self.nbytes(name), raw_dtype=raw)
+        self.w.write_header_to_file()
+        self.w.write_kv_data_to_file()
+        self.w.write_ti_data_to_file()
+        self.written = 0
+
+    def encode_bfl(self, name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        # GGUF is made from the bf16 rounding of the fused tensor: the same file as converting the bf16 single file
+        x = t.to(torch.bfloat16)
+        kind = self.types[name]
+        if kind == "F32":
+            return {name: x.float().cpu()}
+        if kind == "F16":
+            return {name: x.to(torch.float16).cpu()}
+        if kind == "BF16":
+            return {name: x.cpu().view(torch.int16)}
+        return {name: ggml.quantize(x, kind)}
+
+    def write(self, key: str, value: torch.Tensor) -> None:
+        expected = next(iter(self.w.tensors[0]), None)
+        if key != expected:  # the header was written from the plan: data must come in the same order
+            raise RuntimeError(f"GGUF tensor {key} written where {expected} was planned")
+        self.w.write_tensor_data(value.contiguous().numpy())
+        self.written += value.numel() * value.element_size()
+
+    def close(self) -> list[Path]:
+        self.w.close()
+        return [self.path]
+
+    def abort(self) -> None:
+        if getattr(self, "w", None) is not None:
+            self.w.close()
+
+    @property
+    def total_bytes(self) -> int:
+        return getattr(self, "written", 0)
+
+
+def make_output(fmt: Format, precision: str, base, jobs: list[TensorJob], config_updates: dict, filename: str,
+                shard_bytes: int, double_quant: bool = False):
+    if fmt.key == "diffusers":
+        return DiffusersOutput(precision, base, jobs, config_updates, shard_bytes, double_quant)
+    cls = SingleFileOutput if fmt.key == "single-file" else GgufOutput
+    return cls(fmt, precision, base, jobs, filename)
