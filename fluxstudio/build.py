@@ -6,7 +6,6 @@ into place when complete; any failure or cancel removes it.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 import uuid
@@ -23,11 +22,10 @@ from fluxstudio.lora import load_lora
 from fluxstudio.memory import MemorySampler
 from fluxstudio.models import open_base
 from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, check, report
-from fluxstudio import formats, snippets
+from fluxstudio import formats, manifest, snippets
 from fluxstudio.formats.outputs import make_output
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
-MANIFEST = "fluxstudio.json"
 
 
 @dataclass(frozen=True)
@@ -181,7 +179,7 @@ def build(
         inputs = _inputs(base_origin, [o for _, o in resolved], req, base, loras, fplan)
         try:
             try:
-                output.open(tmp, {"fluxstudio": json.dumps(inputs, separators=(",", ":"))})
+                output.open(tmp, manifest.embedded(inputs))
                 execute(output.jobs, output.encode, output.write, device, progress, cancel)
                 stage_done("fuse")
                 report(progress, ProgressEvent("finalize", message="Writing the output"))
@@ -214,9 +212,9 @@ def build(
                 _move_into_place(files[0], out)
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
-                manifest = _manifest(inputs, result)
-                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-                (tmp / "README.md").write_text(snippets.readme(out.name, req.precision, base.family, manifest), encoding="utf-8")
+                full = _manifest(inputs, result)
+                manifest.write_folder(tmp, full)
+                (tmp / "README.md").write_text(snippets.readme(out.name, req.precision, base.family, full), encoding="utf-8")
                 _move_into_place(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,16 +1,15 @@
-"""Saved outputs: the folders in the outputs directory that carry a FluxStudio manifest."""
+"""Saved outputs: the folders and files in the outputs directory that carry a FluxStudio manifest."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from fluxstudio import manifest
 from fluxstudio.errors import BadInputError
 
-MANIFEST = "fluxstudio.json"
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -19,45 +18,59 @@ class Entry:
     name: str
     base: str
     loras: tuple[tuple[str, float], ...]
+    format: str
     precision: str
     size_bytes: int
     created: str
 
 
 def safe_name(text: str, default: str = "fused") -> str:
-    """An output name that is a plain folder name: letters, digits, '.', '_' and '-' only, never a path."""
+    """An output name that is a plain file or folder name: letters, digits, '.', '_' and '-' only, never a path."""
     name = SAFE_NAME.sub("-", text.strip()).strip(".-_")[:80]
     return name or default
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def _candidates(folder: Path):
+    for sub in folder.iterdir():
+        if not sub.name.startswith(".") and (sub.is_dir() or sub.suffix in manifest.ONE_FILE):
+            yield sub
 
 
 def list_outputs(folder: Path) -> list[Entry]:
     entries = []
     if not folder.is_dir():
         return entries
-    for sub in folder.iterdir():
-        manifest = sub / MANIFEST
-        if sub.name.startswith(".") or not manifest.is_file():
-            continue
+    for sub in _candidates(folder):
+        data = manifest.read(sub)
+        if data is None:
+            continue  # not ours, or damaged: leave it alone
         try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
             entries.append(Entry(
                 name=sub.name,
                 base=str(data["base"].get("ref", "?")),
                 loras=tuple((str(lr.get("ref") or lr["name"]), float(lr["scale"])) for lr in data.get("loras", [])),
+                format=str(data.get("format", "diffusers")),
                 precision=str(data["precision"]),
-                size_bytes=sum(p.stat().st_size for p in sub.iterdir() if p.is_file()),
+                size_bytes=_size(sub),
                 created=str(data.get("created", "")),
             ))
         except (ValueError, KeyError, TypeError, OSError):
-            continue  # not ours, or damaged: leave it alone
+            continue
     return sorted(entries, key=lambda e: e.created, reverse=True)
 
 
 def delete_output(folder: Path, name: str) -> None:
-    """Delete one saved output by name; only a direct subfolder with a manifest, never anything else."""
+    """Delete one saved output by name: only a direct child of `folder` with a manifest, never anything else."""
     if safe_name(name) != name:
         raise BadInputError(f"'{name}' is not an output name.")
     target = folder / name
-    if not (target / MANIFEST).is_file():
+    if target.is_symlink() or not target.exists() or manifest.read(target) is None:
         raise BadInputError(f"There is no saved output called {name}.")
-    shutil.rmtree(target)
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink()

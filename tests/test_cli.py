@@ -36,7 +36,7 @@ def test_demo_fuse_with_report(tmp_path, isolated_home):
                "--shard-size", "10MB", "--report-json", report)
     assert proc.returncode == 0, proc.stderr
     assert "Fusing" in proc.stderr and "tensors" in proc.stderr  # the progress bar
-    assert "peak RAM" in proc.stdout and "Load it with" in proc.stdout and "from_pretrained" in proc.stdout
+    assert "peak RAM" in proc.stdout and "Load it in diffusers with" in proc.stdout and "from_pretrained" in proc.stdout
     data = json.loads(report.read_text())
     for key in ("output_dir", "precision", "seconds", "peak_ram_bytes", "output_bytes", "stage_seconds"):
         assert key in data
@@ -86,3 +86,27 @@ def test_env_json(isolated_home):
 def test_env_text():
     proc = cli("env")
     assert proc.returncode == 0 and "Advice for FLUX.1" in proc.stdout and "Libraries" in proc.stdout
+
+
+@pytest.mark.parametrize("fmt,precision,suffix", [("gguf", "Q4_K_S", ".gguf"), ("single-file", "fp8-scaled", ".safetensors")])
+def test_one_file_formats_from_the_cli(tmp_path, fmt, precision, suffix):
+    report = tmp_path / "r.json"
+    proc = cli("fuse", "--base", "demo", "--lora", "demo", "--format", fmt, "--precision", precision,
+               "--out", tmp_path / "demo-out", "--report-json", report)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / f"demo-out{suffix}"
+    assert out.is_file() and json.loads(report.read_text())["format"] == fmt
+    assert f"Saved {precision} {fmt} model to {out}" in proc.stdout
+    assert ("models/unet/" if fmt == "gguf" else "models/diffusion_models/") in proc.stdout
+    from fluxstudio.library import list_outputs
+
+    entry = list_outputs(tmp_path)[0]
+    assert (entry.name, entry.format, entry.precision, entry.loras[0][0]) == (out.name, fmt, precision, "demo")
+
+
+def test_format_errors_are_one_sentence(tmp_path):
+    proc = cli("fuse", "--base", "demo", "--format", "gguf", "--precision", "fp8", "--out", tmp_path / "o")
+    assert proc.returncode == 2 and "The gguf format has no precision 'fp8'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("fuse", "--base", "demo", "--format", "gguf", "--out", tmp_path / "o.safetensors")
+    assert proc.returncode == 3 and "a gguf output is a .gguf file" in proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["fshome"]  # logs only: no output, nothing partial

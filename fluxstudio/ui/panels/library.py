@@ -1,4 +1,4 @@
-"""Library: outputs made before, from their manifests; delete in local mode."""
+"""Library: outputs made before (folders and single files), from their manifests; delete in local mode."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fluxstudio.ui.context import Context
 from fluxstudio.ui.handlers import error_html, ok_html, user_message
 from fluxstudio.units import human_bytes
 
-HEADERS = ["Name", "Base", "LoRAs (scale)", "Precision", "Size", "Created"]
+HEADERS = ["Name", "Base", "LoRAs (scale)", "Format", "Precision", "Size", "Created"]
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Handles:
 
 def rows(ctx: Context) -> list[list[str]]:
     return [
-        [e.name, e.base, ", ".join(f"{n} ({s:g})" for n, s in e.loras) or "—", e.precision, human_bytes(e.size_bytes),
+        [e.name, e.base, ", ".join(f"{n} ({s:g})" for n, s in e.loras) or "—", e.format, e.precision, human_bytes(e.size_bytes),
          e.created.replace("T", " ")[:16]]
         for e in list_outputs(ctx.settings.output_dir)
     ]
