@@ -15,7 +15,7 @@ def main() -> int:
     p.add_argument("--output-dir", type=Path, help="where outputs are saved (default: the app's data folder)")
     args = p.parse_args()
 
-    from fluxstudio import paths
+    from fluxstudio.studio import paths
     from fluxstudio.cli import _setup_logging
     from fluxstudio.ui.app import launch
     from fluxstudio.ui.settings import Settings, parse_auth

@@ -1,7 +1,8 @@
 """Precision advice: which output format to build for a model and the card it will run on.
 
-Pure and table-driven. The rule: the highest precision whose weights plus working headroom fit the card, within
-what the card computes well (bf16 needs compute capability 8.0, fp8 8.9; NF4 needs bitsandbytes on the GPU).
+Pure and table-driven. The rule: fp8 on cards that compute it natively (compute capability 8.9+: RTX 40/50, L4,
+L40S, H100 and newer) wherever it fits; otherwise the highest precision whose weights plus working headroom fit
+the card, within what it computes well (bf16 needs 8.0, so A100-class cards get bf16); NF4 on small cards.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ class ModelSpec:
     headroom_gb: float  # activations, VAE, CUDA context and the text encoder's share while it is on the card
 
     def weight_bytes(self, precision: str) -> int:
-        per_param = {"bf16": 2.0, "fp8": 1.0 + self.fp8_bf16_share, "nf4": 0.5 + 4 / 64}[precision]
+        """The transformer's weights at any precision of the format table (fp8 keeps some modules in bf16)."""
+        from fluxstudio.formats import PRECISIONS
+
+        per_param = PRECISIONS[precision].bytes_per_param
+        if precision.startswith("fp8"):
+            per_param += self.fp8_bf16_share
         return int(self.params * per_param)
 
     def need_bytes(self, precision: str) -> int:
@@ -103,6 +109,7 @@ class Recommendation:
     reason: str
     alternatives: tuple[Alternative, ...] = ()
     target: str = ""
+    one_file: str = ""  # the single-file / GGUF pick for ComfyUI and Forge users, e.g. "gguf Q4_K_S"
 
 
 def _gb(n: float) -> str:
@@ -138,11 +145,19 @@ def recommend(card: Card | None, model: ModelSpec) -> Recommendation:
         )
     blocked = {p: _why_not(p, card, model) for p in ORDER}
     usable = [p for p in ORDER if blocked[p] is None]
-    if usable:
+    if "fp8" in usable and card.fp8:
+        pick = "fp8"  # the rule: fp8 wherever the card computes it natively and it fits
+        reason = (f"fp8 ({_gb(model.need_bytes('fp8'))}) fits the {card.name}, which computes fp8 natively (compute "
+                  f"{_cap(card)}): half the VRAM of bf16, leaving room for the text encoders and larger batches, and "
+                  "fp8 matmul in ComfyUI and torchao.")
+        if blocked["bf16"] is None:
+            reason += " bf16 fits too, for full quality."
+    elif usable:
         pick = usable[0]
         need = model.need_bytes(pick)
         if pick == "bf16":
-            reason = f"bf16 fits: {model.label} needs {_gb(need)} and the {card.name} has {card.vram_gb:.0f} GB — full quality."
+            reason = (f"bf16 fits: {model.label} needs {_gb(need)} and the {card.name} has {card.vram_gb:.0f} GB — "
+                      f"full quality{'' if card.fp8 else f'; fp8 would not compute natively (compute {_cap(card)})'}.")
         else:
             better = "; ".join(blocked[p] for p in ORDER[: ORDER.index(pick)])
             reason = f"{pick} ({_gb(need)}) fits the {card.name}: {better}."
@@ -152,10 +167,21 @@ def recommend(card: Card | None, model: ModelSpec) -> Recommendation:
                   "it will run with CPU offload (pipe.enable_model_cpu_offload()), slowly.")
     alternatives = tuple(
         Alternative(p, blocked[p] is None, blocked[p] or (
-            "also fits, at lower quality" if ORDER.index(p) > ORDER.index(pick) else "fits"))
+            "also fits, at lower quality" if ORDER.index(p) > ORDER.index(pick) else "also fits: full quality, twice the VRAM of fp8"))
         for p in ORDER if p != pick
     )
-    return Recommendation(pick, reason, alternatives, card.name)
+    return Recommendation(pick, reason, alternatives, card.name, _one_file(pick, card, model))
+
+
+def _one_file(pick: str, card: Card, model: ModelSpec) -> str:
+    """The single-file or GGUF output for ComfyUI / Forge users of this card: scaled fp8 where fp8 is native,
+    bf16 where it fits, else the largest 5- or 4-bit GGUF that fits."""
+    if pick == "fp8" and card.fp8:
+        return "single-file fp8-scaled"
+    if pick == "bf16":
+        return "single-file bf16"
+    fits = [p for p in ("Q8_0", "Q6_K", "Q5_K_S") if model.need_bytes(p) <= card.vram_gb * GB]
+    return f"gguf {fits[0] if fits and pick != 'nf4' else ('Q5_K_S' if 'Q5_K_S' in fits else 'Q4_K_S')}"
 
 
 def recommend_here(hw: HardwareInfo, model: ModelSpec) -> Recommendation:

@@ -10,7 +10,6 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,50 +21,10 @@ from fluxstudio.lora import load_lora
 from fluxstudio.memory import MemorySampler
 from fluxstudio.models import open_base
 from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, check, report
+from fluxstudio.request import DEFAULT_SHARD_BYTES, DISK_MARGIN, BuildRequest, BuildResult, LoraRef  # noqa: F401
 from fluxstudio import formats, manifest, snippets
 from fluxstudio.formats.outputs import make_output
 
-DEFAULT_SHARD_BYTES = 5 * 10**9
-
-
-@dataclass(frozen=True)
-class LoraRef:
-    ref: str
-    scale: float = 1.0
-
-
-@dataclass(frozen=True)
-class BuildRequest:
-    base: str
-    loras: tuple[LoraRef, ...]
-    precision: str
-    out_dir: Path
-    format: str = "diffusers"
-    shard_bytes: int = DEFAULT_SHARD_BYTES
-    device: str = "auto"
-    overwrite: bool = False
-    ignore_unmatched: bool = False
-    double_quant: bool = False
-
-
-@dataclass(frozen=True)
-class BuildResult:
-    output_dir: str
-    precision: str
-    format: str
-    seconds: float
-    stage_seconds: dict[str, float]
-    peak_ram_bytes: int
-    peak_anon_bytes: int
-    peak_vram_bytes: int
-    output_bytes: int
-    files: list[str]
-    tensors_fused: int
-    family: str = "flux1"
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def free_disk_bytes(path: Path) -> int:
@@ -121,6 +80,28 @@ def _clean_stale(out: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def plan_output(
+    base_path: Path, loras: list[tuple[Path, float]], format: str, precision: str, filename: str = "output",
+    shard_bytes: int = DEFAULT_SHARD_BYTES, double_quant: bool = False, ignore_unmatched: bool = False,
+    progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+):
+    """Open the base, read the LoRAs, plan every tensor and choose the writer: ((base, loras, plan), output).
+
+    The build and the app's estimate both come through here, so the size the app shows is the one the build
+    checks the disk against.
+    """
+    base = open_base(base_path)
+    fmt = formats.check(format, precision, base.family.key)
+    loaded = []
+    for i, (path, scale) in enumerate(loras, start=1):
+        check(cancel)
+        report(progress, ProgressEvent("inspect", i, len(loras), item=path.name, message="Reading LoRAs"))
+        loaded.append((load_lora(path, base.family), scale))
+    fplan = plan(base, loaded, ignore_unmatched)
+    output = make_output(fmt, precision, base, fplan.jobs, fplan.config_updates, filename, shard_bytes, double_quant)
+    return (base, loaded, fplan), output
+
+
 def build(
     req: BuildRequest,
     progress: ProgressCallback | None = None,
@@ -153,17 +134,11 @@ def build(
         stage_done("prepare")
 
         report(progress, ProgressEvent("inspect", message="Reading the base model and LoRAs"))
-        base = open_base(base_path)
-        formats.check(req.format, req.precision, base.family.key)
-        loras = []
-        for i, (ref, path) in enumerate(zip(req.loras, lora_paths), start=1):
-            check(cancel)
-            report(progress, ProgressEvent("inspect", i, len(lora_paths), item=path.name, message="Reading LoRAs"))
-            loras.append((load_lora(path, base.family), ref.scale))
-        fplan = plan(base, loras, req.ignore_unmatched)
-        output = make_output(fmt, req.precision, base, fplan.jobs, fplan.config_updates, out.name, req.shard_bytes,
-                             req.double_quant)
-        need = output.need_bytes() + (64 << 20)
+        (base, loras, fplan), output = plan_output(
+            base_path, [(p, r.scale) for p, r in zip(lora_paths, req.loras)], req.format, req.precision, out.name,
+            req.shard_bytes, req.double_quant, req.ignore_unmatched, progress, cancel,
+        )
+        need = output.need_bytes() + DISK_MARGIN
         out.parent.mkdir(parents=True, exist_ok=True)
         free = free_bytes(out.parent)
         if free < need:

@@ -8,24 +8,22 @@ import logging
 import sys
 from pathlib import Path
 
-from fluxstudio import __version__, paths, units
-from fluxstudio.units import human_bytes
+from fluxstudio import studio
 from fluxstudio.errors import FluxStudioError
-from fluxstudio.progress import ProgressEvent
+from fluxstudio.progress import CancelToken, ProgressEvent
+from fluxstudio.studio import FORMATS, PRECISIONS, __version__, advice, human_bytes, paths
 
 log = logging.getLogger("fluxstudio")
 
 
 def parse_size(text: str) -> int:
     try:
-        return units.parse_size(text)
+        return studio.parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fluxstudio.formats import FORMATS, PRECISIONS
-
     p = argparse.ArgumentParser(prog="fluxstudio", description="Fuse LoRAs into FLUX models at full precision, then quantize and save.")
     p.add_argument("--version", action="version", version=f"FluxStudio {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -56,27 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lora", action="store_true", help="REF is a LoRA (one .safetensors file)")
     d.set_defaults(func=cmd_download)
 
-    from fluxstudio.advice import CARDS, MODELS
-
     e = sub.add_parser("env", help="this machine, the precision advice and library versions (for bug reports)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
-    e.add_argument("--model", choices=sorted(MODELS), default="flux1", help="the model to advise for (default flux1)")
-    e.add_argument("--target", choices=sorted(CARDS), metavar="CARD", help="advise for this card instead of the one here")
+    e.add_argument("--model", choices=sorted(advice.MODELS), default="flux1", help="the model to advise for (default flux1)")
+    e.add_argument("--target", choices=sorted(advice.CARDS), metavar="CARD", help="advise for this card instead of the one here")
     e.set_defaults(func=cmd_env)
     return p
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from fluxstudio.hub import Hub, parse_ref
-    from fluxstudio.progress import CancelToken
-
-    ref = parse_ref(args.ref)
-    if ref.kind != "hub":
-        raise FluxStudioError(f"'{args.ref}' is not a Hub reference.", "Use owner/name or a https://huggingface.co/... URL.")
     bar = _Bar(quiet=False)
     try:
-        hub = Hub()
-        got = (hub.fetch_lora if args.lora else hub.fetch_base)(ref, progress=bar, cancel=CancelToken())
+        ref, got = studio.Studio(local=True).download(args.ref, args.lora, progress=bar, cancel=CancelToken())
     finally:
         bar.close()
     note = f"downloaded {human_bytes(got.downloaded_bytes)}" if got.downloaded_bytes else "already in the cache"
@@ -88,12 +77,10 @@ def cmd_env(args: argparse.Namespace) -> int:
     import platform
     from dataclasses import asdict
 
-    from fluxstudio.advice import CARDS, MODELS, recommend, recommend_here
-    from fluxstudio.hardware import library_versions, probe
-
-    hw = probe()
-    model = MODELS[args.model]
-    rec = recommend(CARDS[args.target], model) if args.target else recommend_here(hw, model)
+    s = studio.Studio(local=True)
+    hw = s.hw
+    model = advice.MODELS[args.model]
+    rec = s.advise(args.target or studio.THIS_MACHINE, args.model)
     folders = {"home": str(paths.home()), "outputs": str(paths.outputs_dir()), "logs": str(paths.logs_dir())}
     try:
         from huggingface_hub import constants
@@ -104,7 +91,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     data = {
         "fluxstudio": __version__, "python": platform.python_version(), **hw.to_json(),
         "recommendation": {"model": model.label, **asdict(rec)},
-        "libraries": library_versions(), "folders": folders,
+        "libraries": studio.library_versions(), "folders": folders,
     }
     if args.json:
         print(json.dumps(data, indent=2))
@@ -119,6 +106,8 @@ def cmd_env(args: argparse.Namespace) -> int:
     for note in hw.notes:
         print(f"note  {note}")
     print(f"\nAdvice for {model.label}{' on ' + rec.target if rec.target else ''}: {rec.precision}\n  {rec.reason}")
+    if rec.one_file:
+        print(f"  For ComfyUI / Forge: {rec.one_file}")
     for alt in rec.alternatives:
         print(f"  {alt.precision}: {alt.why}")
     print("\nLibraries  " + ", ".join(f"{k} {v}" for k, v in data["libraries"].items()))
@@ -162,18 +151,12 @@ class _Bar:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    from fluxstudio.build import BuildRequest, LoraRef, build
-    from fluxstudio.formats import FORMATS
-    from fluxstudio.progress import CancelToken
-    from fluxstudio.snippets import load_snippet, placement
-    from fluxstudio.models import FAMILIES
-
     if len(args.lora_scale) > len(args.lora):
         raise FluxStudioError("There are more --lora-scale values than --lora files.", "Give one scale per LoRA, in order.")
     scales = args.lora_scale + [1.0] * (len(args.lora) - len(args.lora_scale))
-    req = BuildRequest(
+    req = studio.BuildRequest(
         base=args.base,
-        loras=tuple(LoraRef(r, s) for r, s in zip(args.lora, scales)),
+        loras=tuple(studio.LoraRef(r, s) for r, s in zip(args.lora, scales)),
         precision=args.precision or FORMATS[args.format].default,
         format=args.format,
         out_dir=args.out,
@@ -185,7 +168,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     )
     bar = _Bar(args.quiet)
     try:
-        result = build(req, progress=bar, cancel=CancelToken())
+        front = studio.Studio(local=True)
+        result = front.build(req, progress=bar, cancel=CancelToken())
     finally:
         bar.close()
     print(f"Saved {result.precision} {result.format} model to {result.output_dir}")
@@ -197,10 +181,10 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     print(f"  fused      {result.tensors_fused} tensors")
     for note in result.notes:
         print(f"  note       {note}")
-    family = next(f for f in FAMILIES if f.key == result.family)
     if result.format != "diffusers":
-        print(f"\n{placement(result.format)}")
-    print("\nLoad it in diffusers with:\n" + load_snippet(result.output_dir, result.precision, family, result.format))
+        print(f"\n{studio.snippets.placement(result.format)}")
+    snippet = studio.snippets.load_snippet(result.output_dir, result.precision, front.family(result.family), result.format)
+    print("\nLoad it in diffusers with:\n" + snippet)
     if args.report_json:
         args.report_json.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
     return 0

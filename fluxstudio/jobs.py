@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fluxstudio.build import BuildRequest, BuildResult, build
+from fluxstudio.request import BuildRequest, BuildResult
 from fluxstudio.errors import CancelledError, FluxStudioError
 from fluxstudio.memory import MemorySampler, MemorySnapshot
 from fluxstudio.progress import CancelToken, ProgressEvent
@@ -57,7 +57,9 @@ class Job:
 class JobRunner:
     """Runs builds in background threads, one at a time; unexpected errors are reported, never raised."""
 
-    def __init__(self, run: Callable[..., BuildResult] = build, **build_kwargs) -> None:
+    def __init__(self, run: Callable[..., BuildResult] | None = None, **build_kwargs) -> None:
+        if run is None:
+            from fluxstudio.build import build as run
         self._run = run
         self._build_kwargs = build_kwargs
         self._jobs: dict[str, Job] = {}

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fluxstudio.formats import FORMATS, PRECISIONS
-from fluxstudio.models import Family
+
+if TYPE_CHECKING:
+    from fluxstudio.models import Family
 
 PIPELINES = {"flux1": ("FluxPipeline", "black-forest-labs/FLUX.1-dev"), "flux2": ("Flux2Pipeline", "black-forest-labs/FLUX.2-dev")}
 

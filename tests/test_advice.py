@@ -19,26 +19,26 @@ CASES = [
     ("RTX 4060 Ti 16 GB", FLUX1, "nf4", "16 GB"),  # fp8 needs ~17 GB with headroom
     ("RTX 4070 12 GB", FLUX1, "nf4", "12 GB"),
     ("RTX 4080 16 GB", FLUX1, "nf4", "16 GB"),
-    ("RTX 4090 24 GB", FLUX1, "fp8", "24 GB"),
-    ("L4 24 GB", FLUX1, "fp8", "24 GB"),
+    ("RTX 4090 24 GB", FLUX1, "fp8", "8.9"),
+    ("L4 24 GB", FLUX1, "fp8", "8.9"),
     ("RTX 5080 16 GB", FLUX1, "nf4", "16 GB"),
-    ("RTX 5090 32 GB", FLUX1, "bf16", "32 GB"),
-    ("A100 40 GB", FLUX1, "bf16", "40 GB"),
-    ("A100 80 GB", FLUX1, "bf16", "80 GB"),
-    ("L40S 48 GB", FLUX1, "bf16", "48 GB"),
-    ("H100 80 GB", FLUX1, "bf16", "80 GB"),
-    ("H100 80 GB", FLUX2, "fp8", "80 GB"),  # bf16 FLUX.2-dev does not fit an H100
-    ("H200 141 GB", FLUX2, "bf16", "141 GB"),
+    ("RTX 5090 32 GB", FLUX1, "fp8", "12.0"),
+    ("A100 40 GB", FLUX1, "bf16", "8.0"),
+    ("A100 80 GB", FLUX1, "bf16", "8.0"),
+    ("L40S 48 GB", FLUX1, "fp8", "8.9"),
+    ("H100 80 GB", FLUX1, "fp8", "9.0"),
+    ("H100 80 GB", FLUX2, "fp8", "9.0"),
+    ("H200 141 GB", FLUX2, "fp8", "9.0"),
     ("A100 80 GB", FLUX2, "nf4", "8.0"),  # no fp8 compute, bf16 too big
     ("A100 40 GB", FLUX2, "nf4", "8.0"),
     ("RTX 4090 24 GB", FLUX2, "nf4", "24 GB"),
     ("RTX 5090 32 GB", FLUX2, "nf4", "32 GB"),
     ("L40S 48 GB", FLUX2, "nf4", "48 GB"),  # fp8 needs ~49 GB with headroom
-    ("B200 180 GB", FLUX2, "bf16", "180 GB"),
+    ("B200 180 GB", FLUX2, "fp8", "10.0"),
     ("RTX 2080 Ti 11 GB", FLUX1, "nf4", "7.5"),
     ("T4 16 GB", FLUX1, "nf4", "7.5"),
     ("Apple M-series 64 GB", FLUX1, "bf16", "64 GB"),
-    ("RTX 4090 24 GB", MODELS["flux2-klein-9b"], "bf16", "24 GB"),
+    ("RTX 4090 24 GB", MODELS["flux2-klein-9b"], "fp8", "8.9"),
 ]
 
 
@@ -60,9 +60,33 @@ def test_why_not_names_the_need_and_the_card():
     assert "8.9" in fp8.why and "8.6" in fp8.why
 
 
+def test_fp8_native_cards_get_fp8_and_hear_what_it_buys():
+    for card in ("H100 80 GB", "RTX 4090 24 GB", "RTX 5090 32 GB"):
+        rec = recommend(CARDS[card], FLUX1)
+        assert rec.precision == "fp8" and "natively" in rec.reason and "half the VRAM" in rec.reason
+        assert "text encoders" in rec.reason and "ComfyUI and torchao" in rec.reason
+        assert rec.one_file == "single-file fp8-scaled"
+    h100 = recommend(CARDS["H100 80 GB"], FLUX1)
+    assert "bf16 fits too" in h100.reason
+    bf16 = next(a for a in h100.alternatives if a.precision == "bf16")
+    assert bf16.fits and "full quality" in bf16.why
+    assert "bf16 fits too" not in recommend(CARDS["RTX 4090 24 GB"], FLUX1).reason  # 27 GB does not fit 24
+
+
+def test_a100_gets_bf16_and_small_cards_nf4_with_a_gguf_for_one_file_users():
+    a100 = recommend(CARDS["A100 80 GB"], FLUX1)
+    assert a100.precision == "bf16" and "compute 8.0" in a100.reason and a100.one_file == "single-file bf16"
+    for card in ("RTX 3060 12 GB", "RTX 3080 10 GB", "RTX 4070 12 GB", "RTX 2080 Ti 11 GB"):
+        rec = recommend(CARDS[card], FLUX1)
+        assert rec.precision == "nf4", card
+        assert rec.one_file in ("gguf Q5_K_S", "gguf Q4_K_S"), (card, rec.one_file)
+    assert recommend(CARDS["RTX 3060 12 GB"], FLUX1).one_file == "gguf Q5_K_S"  # 8.2 + 3 GB fit 12 GB
+    assert recommend(CARDS["RTX 3080 10 GB"], FLUX1).one_file == "gguf Q4_K_S"
+
+
 def test_model_size_changes_the_advice():
-    assert recommend(CARDS["H100 80 GB"], FLUX1).precision == "bf16"
-    assert recommend(CARDS["H100 80 GB"], FLUX2).precision != "bf16"
+    assert recommend(CARDS["A100 80 GB"], FLUX1).precision == "bf16"
+    assert recommend(CARDS["A100 80 GB"], FLUX2).precision != "bf16"
     assert MODELS["flux1"].weight_bytes("bf16") == pytest.approx(23.8e9, rel=0.01)
     assert MODELS["flux1"].weight_bytes("nf4") == pytest.approx(6.7e9, rel=0.01)
 

@@ -121,3 +121,21 @@ def test_bad_lora_upload_shows_one_sentence(browser, app, tmp_path):
     text = page.inner_text("#lora-message")
     page.screenshot(path=str(tmp_path / "bad-upload.png"), full_page=True)
     assert "not a valid safetensors file" in text and "Traceback" not in text
+
+
+def test_gguf_for_comfyui_with_placement_hint_and_library_file(browser, app, tmp_path):
+    page = open_page(browser, app)
+    page.get_by_label("GGUF (ComfyUI-GGUF").check()
+    page.wait_for_selector("#precision label:has-text('Q4_K_S')", timeout=30_000)
+    page.get_by_label("Q4_K_S").check()
+    page.wait_for_selector("#estimate:has-text('Q4_K_S')", timeout=30_000)
+    page.fill("#out-name textarea, #out-name input", "demo-q4")
+    page.click("#fuse")
+    page.wait_for_selector("#result:has-text('Saved')", timeout=180_000)
+    page.screenshot(path=str(tmp_path / "gguf-result.png"), full_page=True)
+    result = page.inner_text("#result")
+    assert "gguf · Q4_K_S" in result and "models/unet/" in result and "Unet Loader (GGUF)" in result
+    assert "GGUFQuantizationConfig" in page.inner_text("#snippet")
+    page.wait_for_selector("#library-table:has-text('demo-q4.gguf')", timeout=30_000)
+    assert (app.outputs / "demo-q4.gguf").is_file()
+    assert not [p for p in app.outputs.iterdir() if p.name.startswith(".")]

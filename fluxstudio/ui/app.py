@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from fluxstudio import __version__
+from fluxstudio.studio import __version__
 from fluxstudio.ui.context import Context
 from fluxstudio.ui.panels import base, library, loras, machine, output, run
 from fluxstudio.ui.settings import MAX_UPLOAD, Settings, blocked_paths, generated_auth
@@ -45,22 +45,28 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
 
         base.wire(ctx, b)
         loras.wire(ctx, lo, b.choice, b.custom, b.model_key)
-        output.wire(ctx, o, b.choice, b.custom, b.model_key)
+        output.wire(ctx, o, b.choice, b.custom, b.model_key, lo.items, m.target)
+
+        def advise(target, key, format):
+            text, _ = machine.advice_text(ctx, target, key)
+            rec = ctx.studio.advise(target, key)
+            value = output.default_precision(format, rec.precision, rec.one_file)
+            return text, gr.update(choices=output.precision_choices(format, key), value=value)
+
         for trigger in (m.target.change, b.model_key.change):
-            trigger(lambda target, key: machine.advice_text(ctx, target, key), [m.target, b.model_key],
-                    [m.advice, o.precision])
-        run.wire(ctx, r, b.choice, b.custom, lo.items, o.precision, o.name, o.shard,
+            trigger(advise, [m.target, b.model_key, o.format], [m.advice, o.precision])
+        run.wire(ctx, r, b.choice, b.custom, lo.items, o.format, o.precision, o.name, o.shard,
                  on_done=(lambda: library.updates(ctx, lib), None, library.outputs(lib)))
         library.wire(ctx, lib)
 
-        def first_load(choice, custom, target):
+        def first_load(choice, custom, target, format):
             status, key, need_token = base.describe(ctx, choice, custom or "")
-            text, precision = machine.advice_text(ctx, target, key)
-            est = output.estimate(ctx, precision, choice, custom or "", key)
+            text, precision = advise(target, key, format)
+            est = output.estimate(ctx, choice, custom, [], format, precision["value"], key)
             extra = [gr.update(visible=need_token), gr.update(visible=need_token)] if b.token is not None else []
             return [status, key, text, precision, est, *extra]
 
-        blocks.load(first_load, [b.choice, b.custom, m.target],
+        blocks.load(first_load, [b.choice, b.custom, m.target, o.format],
                     [b.status, b.model_key, m.advice, o.precision, o.estimate]
                     + ([b.token, b.save_token] if b.token is not None else []))
     return blocks

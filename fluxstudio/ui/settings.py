@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fluxstudio import paths
+from fluxstudio.studio import paths
 
 MAX_UPLOAD = "2gb"  # LoRAs are megabytes; anything this big is not one
 

@@ -7,11 +7,9 @@ from dataclasses import dataclass
 import gradio as gr
 
 from fluxstudio.errors import FluxStudioError
-from fluxstudio.hub import PRESETS, has_token, save_token
-from fluxstudio.models import open_base
-from fluxstudio.ui.context import CUSTOM, Context
+from fluxstudio.studio import CUSTOM, PRESETS
+from fluxstudio.ui.context import Context
 from fluxstudio.ui.handlers import error_html, ok_html, user_message
-from fluxstudio.units import human_bytes
 
 
 @dataclass
@@ -36,27 +34,14 @@ def describe(ctx: Context, choice: str, custom: str) -> tuple[str, str, bool]:
     if choice == CUSTOM and not custom.strip():
         return ok_html("Enter a Hub repo id (owner/name), a Hub URL" + ("" if shared else " or a local folder") + "."), "flux1", False
     try:
-        text = ctx.base_ref_text(choice, custom)
-        if text == "demo":
-            return ok_html("Built-in demo model (FLUX.1 architecture, tiny): nothing to download."), "flux1", False
-        ref = ctx.ref(text)
-        if ref.kind == "local":
-            base = open_base(ref.path)
-            return (ok_html(f"{base.variant} · {str(base.dtype).removeprefix('torch.')} · {human_bytes(base.total_bytes)} · local folder"),
-                    ctx.model_key(choice, base.family.key), False)
-        todo, cached, gated = ctx.hub.plan(ref)
-        need_token = gated and not has_token()
-        where = f"to download: {human_bytes(todo)}" if todo else "already downloaded"
-        if todo and cached:
-            where += f" ({human_bytes(cached)} already here)"
-        note = " · gated: accept its licence on the Hub and add a token with access" if need_token else ""
-        return ok_html(f"{ref.display()} · {where}{note}"), ctx.model_key(choice), need_token
+        s = ctx.studio.describe_base(choice, custom)
+        return ok_html(s.text), s.model_key, s.need_token
     except FluxStudioError as exc:
-        return error_html(user_message(exc, shared)), ctx.model_key(choice), False
+        return error_html(user_message(exc, shared)), ctx.studio.model_key(choice), False
 
 
 def render(ctx: Context) -> Handles:
-    default = ctx.cached_preset() or "demo"
+    default = ctx.studio.cached_preset() or "demo"
     with gr.Column(elem_id="base", elem_classes="fs-card"):
         with gr.Row():
             choice = gr.Dropdown(choices(), value=default, label="Base model", scale=2, elem_id="base-choice")
@@ -87,7 +72,7 @@ def wire(ctx: Context, h: Handles) -> None:
     if h.token is not None:
         def store(token, choice, custom):
             try:
-                user = save_token(token or "")
+                user = ctx.studio.save_token(token or "")
             except FluxStudioError as exc:
                 return gr.update(value=""), error_html(user_message(exc, False)), gr.update()
             status, _, need = describe(ctx, choice, custom or "")

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 import gradio as gr
 
 from fluxstudio.errors import FluxStudioError
-from fluxstudio.library import delete_output, list_outputs
+from fluxstudio.studio import human_bytes
 from fluxstudio.ui.context import Context
 from fluxstudio.ui.handlers import error_html, ok_html, user_message
-from fluxstudio.units import human_bytes
 
 HEADERS = ["Name", "Base", "LoRAs (scale)", "Format", "Precision", "Size", "Created"]
 
@@ -26,9 +25,9 @@ class Handles:
 
 def rows(ctx: Context) -> list[list[str]]:
     return [
-        [e.name, e.base, ", ".join(f"{n} ({s:g})" for n, s in e.loras) or "—", e.format, e.precision, human_bytes(e.size_bytes),
-         e.created.replace("T", " ")[:16]]
-        for e in list_outputs(ctx.settings.output_dir)
+        [e.name, e.base, ", ".join(f"{n} ({s:g})" for n, s in e.loras) or "—", e.format, e.precision,
+         human_bytes(e.size_bytes), e.created.replace("T", " ")[:16]]
+        for e in ctx.studio.outputs()
     ]
 
 
@@ -66,7 +65,7 @@ def wire(ctx: Context, h: Handles) -> None:
     if h.delete is not None:
         def remove(name):
             try:
-                delete_output(ctx.settings.output_dir, name or "")
+                ctx.studio.delete(name or "")
                 message = ok_html(f"Deleted {name}.")
             except FluxStudioError as exc:
                 message = error_html(user_message(exc, False))

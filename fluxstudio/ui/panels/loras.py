@@ -2,72 +2,23 @@
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import gradio as gr
 
-from fluxstudio import demo, paths
 from fluxstudio.errors import BadInputError, FluxStudioError
-from fluxstudio.fuse import plan
-from fluxstudio.lora import load_lora
-from fluxstudio.models import FAMILIES, open_base
-from fluxstudio.safefile import read_header, sha256
 from fluxstudio.ui.context import Context
 from fluxstudio.ui.handlers import error_html, user_message
 
 
 @dataclass
 class Handles:
-    items: gr.State  # list of {"id", "ref", "name", "scale", "info"}
+    items: gr.State  # list of {"id", "ref", "path", "name", "scale", "info"}: server-side, never sent to the page
     ref: gr.Textbox
     add: gr.Button
     upload: gr.File
     message: gr.HTML
-
-
-def resolve(ctx: Context, text: str) -> tuple[str, Path]:
-    """(ref to build with, local file) for a typed reference."""
-    ref = ctx.ref(text)
-    if ref.kind == "demo":
-        return "demo", demo.ensure_lora()
-    if ref.kind == "local":
-        return str(ref.path), ref.path
-    return ref.text, ctx.hub.fetch_lora(ref).path
-
-
-def keep_upload(tmp: str) -> str:
-    """Copy an upload (checked first) into the app's own folder: gradio's temp files do not last."""
-    src = Path(tmp)
-    read_header(src, "uploaded file")
-    folder = paths.home() / "uploads"
-    folder.mkdir(parents=True, exist_ok=True)
-    dest = folder / f"{sha256(src)[:12]}-{src.name}"
-    if not dest.exists():
-        part = folder / f".{uuid.uuid4().hex}.part"
-        shutil.copyfile(src, part)
-        part.replace(dest)
-    return str(dest)
-
-
-def describe(ctx: Context, path: Path, choice: str, custom: str, family_key: str) -> str:
-    """One line on the LoRA, checked against the base when the base is here already."""
-    family = next(f for f in FAMILIES if f.key == ("flux2" if family_key.startswith("flux2") else "flux1"))
-    lora = load_lora(path, family)
-    parts = [lora.format, "rank " + "/".join(map(str, lora.ranks)) if lora.ranks else "no LoRA matrices",
-             f"{len(lora.modules) + len(lora.replacements)} modules"]
-    base_dir = ctx.local_base(choice, custom)
-    if base_dir is not None:
-        fplan = plan(open_base(base_dir), [(lora, 1.0)], ignore_unmatched=True)
-        parts.append(f"{fplan.matched.get(lora.name, 0)} matched")
-        parts += [n.split(": ", 1)[-1] for n in fplan.notes]
-    else:
-        parts.append("checked against the base when it is downloaded")
-    if lora.skipped:
-        parts.append(f"{', '.join(lora.skipped)} parts not fused (transformer only)")
-    return " · ".join(parts)
 
 
 def render(ctx: Context) -> Handles:
@@ -110,12 +61,12 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key) -> None:
     def add_item(state, ref_text, name, path, choice, custom, key):
         if any(it["ref"] == ref_text for it in state):
             raise BadInputError(f"{name} is in the list already.")
-        info = describe(ctx, path, choice, custom or "", key)
-        return state + [{"id": uuid.uuid4().hex[:8], "ref": ref_text, "name": name, "scale": 1.0, "info": info}]
+        info = ctx.studio.describe_lora(path, choice, custom or "", key)
+        return state + [{"id": uuid.uuid4().hex[:8], "ref": ref_text, "path": str(path), "name": name, "scale": 1.0, "info": info}]
 
     def add_typed(state, text, choice, custom, key):
         try:
-            ref_text, path = resolve(ctx, text or "")
+            ref_text, path = ctx.studio.resolve_lora(text or "")
             return add_item(state, ref_text, path.name, path, choice, custom, key), "", ""
         except FluxStudioError as exc:
             return state, text, error_html(user_message(exc, shared))
@@ -124,9 +75,9 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key) -> None:
         if not file:
             return state, None, ""
         try:
-            kept = keep_upload(file)
-            name = Path(kept).name.split("-", 1)[1]
-            return add_item(state, kept, name, Path(kept), choice, custom, key), None, ""
+            kept = ctx.studio.keep_upload(file)
+            name = kept.name.split("-", 1)[1]
+            return add_item(state, str(kept), name, kept, choice, custom, key), None, ""
         except FluxStudioError as exc:
             return state, None, error_html(user_message(exc, shared))
 

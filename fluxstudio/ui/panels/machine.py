@@ -1,4 +1,4 @@
-"""Machine: what is here, and the precision advice for the chosen target card."""
+"""Machine: what is here, and the advice (format and precision) for the chosen target card."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from fluxstudio import advice
-from fluxstudio.hardware import HardwareInfo
-from fluxstudio.ui.context import THIS_MACHINE, Context
-from fluxstudio.units import human_bytes
+from fluxstudio.studio import THIS_MACHINE, advice, human_bytes
+from fluxstudio.ui.context import Context
 
 
 @dataclass
@@ -18,7 +16,7 @@ class Handles:
     advice: gr.Markdown
 
 
-def summary(hw: HardwareInfo, shared: bool) -> str:
+def summary(hw, shared: bool) -> str:
     gpus = [
         f"**{a.name}** · {a.kind}" + (f" · compute {a.capability[0]}.{a.capability[1]}" if a.capability else "")
         + f" · {human_bytes(a.vram_total_bytes)} VRAM" + ("" if a.usable_by_torch else " · *not usable by this PyTorch*")
@@ -33,15 +31,15 @@ def summary(hw: HardwareInfo, shared: bool) -> str:
 
 def advice_text(ctx: Context, target: str, model_key: str) -> tuple[str, str]:
     """(markdown, recommended precision) for the target card and model."""
-    model = advice.MODELS[model_key]
-    rec = advice.recommend_here(ctx.hw, model) if target == THIS_MACHINE else advice.recommend(advice.CARDS[target], model)
+    rec = ctx.studio.advise(target, model_key)
     alts = "  \n".join(f"· **{a.precision}**: {a.why}" for a in rec.alternatives)
-    return f"**Recommended: {rec.precision}** — {rec.reason}  \n{alts}", rec.precision
+    one_file = f"  \nFor ComfyUI / Forge: **{rec.one_file}**." if rec.one_file else ""
+    return f"**Recommended: {rec.precision}** — {rec.reason}  \n{alts}{one_file}", rec.precision
 
 
 def render(ctx: Context) -> Handles:
     with gr.Column(elem_id="machine", elem_classes="fs-card"):
-        gr.Markdown(summary(ctx.hw, not ctx.settings.local), elem_id="machine-summary")
+        gr.Markdown(summary(ctx.studio.hw, not ctx.settings.local), elem_id="machine-summary")
         with gr.Row():
             target = gr.Dropdown([THIS_MACHINE, *advice.CARDS], value=THIS_MACHINE, label="I will run it on",
                                  scale=1, elem_id="target")

@@ -1,4 +1,5 @@
-"""Output: precision (the advice by default), a name (never a path), shard size, and what it will take."""
+"""Output: what the model is for (the format), its precision (the advice by default), a name (never a path),
+the shard size, and what it will take on disk."""
 
 from __future__ import annotations
 
@@ -7,59 +8,73 @@ from datetime import datetime
 
 import gradio as gr
 
-from fluxstudio import advice
-from fluxstudio.errors import FluxStudioError
-from fluxstudio.hardware import existing_parent
-from fluxstudio.library import safe_name
-from fluxstudio.models import open_base
-from fluxstudio.quantize import make_quantizer
+from fluxstudio.studio import FORMATS, PRECISIONS, advice, human_bytes, safe_name
 from fluxstudio.ui.context import Context
-from fluxstudio.units import human_bytes
 
 SHARD_SIZES = ["1GB", "2GB", "5GB", "10GB"]
 
 
 @dataclass
 class Handles:
+    format: gr.Radio
     precision: gr.Radio
     name: gr.Textbox
     shard: gr.Dropdown
     estimate: gr.Markdown
 
 
-def estimate(ctx: Context, precision: str, choice: str, custom: str, model_key: str) -> str:
-    """Estimated output size (exact from the weights when the base is here) and the free disk."""
-    import shutil
+def precision_choices(format: str, model_key: str) -> list[tuple[str, str]]:
+    """The format's precisions, each with the model table's size for it."""
+    model = advice.MODELS[model_key]
+    return [(f"{p} · ~{human_bytes(model.weight_bytes(p))}", p) for p in FORMATS[format].precisions]
 
-    size = advice.MODELS[model_key].weight_bytes(precision)
-    try:
-        base_dir = ctx.local_base(choice, custom)
-        if base_dir is not None:
-            base = open_base(base_dir)
-            q = make_quantizer(precision, base.linear_modules, base.family.model_class())
-            size = sum(q.estimate_bytes(n, info.numel) for n, (_, info) in base.tensors.items())
-    except FluxStudioError:
-        pass  # not usable yet: the table's estimate stands
-    free = shutil.disk_usage(existing_parent(ctx.settings.output_dir)).free
-    warn = " — **not enough space**" if size > free else ""
-    return f"Output about **{human_bytes(size)}** · {human_bytes(free)} free{warn}"
+
+def default_precision(format: str, advised: str, one_file: str) -> str:
+    """The advice's pick where the format offers it, else the advice for one-file users, else the format's default."""
+    fmt = FORMATS[format]
+    if advised in fmt.precisions and format == "diffusers":
+        return advised
+    kind, _, precision = one_file.partition(" ")
+    return precision if kind == format and precision in fmt.precisions else fmt.default
+
+
+def estimate(ctx: Context, choice: str, custom: str, items: list, format: str, precision: str, model_key: str) -> str:
+    """The size the build will check the disk against (exact once the base is here), and the free disk."""
+    if precision not in FORMATS[format].precisions:
+        return ""
+    est = ctx.studio.estimate(choice, custom or "", [it["path"] for it in items or []], format, precision, model_key)
+    warn = " — **not enough space**" if not est.fits else ""
+    size = human_bytes(est.bytes) if est.exact else f"~{human_bytes(est.bytes)}"
+    return f"Output about **{size}** · {human_bytes(est.free)} free{warn}  \n{PRECISIONS[precision].note}"
 
 
 def render(ctx: Context) -> Handles:
     with gr.Column(elem_id="output", elem_classes="fs-card"):
+        fmt = gr.Radio([(f.label, f.key) for f in FORMATS.values()], value="diffusers", label="What is the model for?",
+                       elem_id="format")
         with gr.Row():
-            precision = gr.Radio(["bf16", "fp8", "nf4"], value="bf16", label="Precision", elem_id="precision", scale=2)
+            precision = gr.Radio(precision_choices("diffusers", "flux1"), value="bf16", label="Precision",
+                                 elem_id="precision", scale=3)
             name = gr.Textbox(value=f"flux-fused-{datetime.now():%Y%m%d-%H%M}", label="Output name", max_lines=1,
                               elem_id="out-name", scale=2)
             shard = gr.Dropdown(SHARD_SIZES, value="5GB", label="Shard size", scale=1, elem_id="shard")
         text = gr.Markdown(elem_id="estimate")
-    return Handles(precision, name, shard, text)
+    return Handles(fmt, precision, name, shard, text)
 
 
-def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key) -> None:
-    def refresh(precision, choice, custom, key):
-        return estimate(ctx, precision, choice, custom or "", key)
+def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key, loras, target) -> None:
+    inputs = [base_choice, base_custom, loras, h.format, h.precision, model_key]
 
-    for trigger in (h.precision.change, model_key.change):
-        trigger(refresh, [h.precision, base_choice, base_custom, model_key], h.estimate)
+    def refresh(choice, custom, items, format, precision, key):
+        return estimate(ctx, choice, custom, items, format, precision, key)
+
+    def on_format(format, key, target_card):
+        rec = ctx.studio.advise(target_card, key)
+        value = default_precision(format, rec.precision, rec.one_file)
+        return (gr.update(choices=precision_choices(format, key), value=value),
+                gr.update(visible=format == "diffusers"))
+
+    h.format.change(on_format, [h.format, model_key, target], [h.precision, h.shard])
+    for trigger in (h.precision.change, model_key.change, loras.change):
+        trigger(refresh, inputs, h.estimate)
     h.name.blur(lambda name: safe_name(name or ""), h.name, h.name)

@@ -7,14 +7,9 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from fluxstudio.build import BuildRequest, LoraRef
-from fluxstudio.jobs import Job
-from fluxstudio.library import safe_name
-from fluxstudio.models import FAMILIES
-from fluxstudio.snippets import load_snippet
+from fluxstudio.studio import Job, human_bytes, snippets
 from fluxstudio.ui.context import Context
 from fluxstudio.ui.handlers import error_html, ok_html, user_message
-from fluxstudio.units import human_bytes, parse_size
 
 STAGES = {"prepare": "Preparing", "download": "Downloading", "inspect": "Checking inputs", "fuse": "Fusing and quantizing",
           "finalize": "Writing"}
@@ -59,13 +54,16 @@ def memory_text(job: Job) -> str:
 
 def result_text(job: Job, shared: bool) -> str:
     r = job.result
-    where = r.output_dir.rsplit("/", 1)[-1] if shared else r.output_dir
+    where = r.output_dir.replace("\\", "/").rsplit("/", 1)[-1] if shared else r.output_dir
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in r.stage_seconds.items())
     lines = [f"### Saved `{where}`",
-             f"{r.precision} · **{human_bytes(r.output_bytes)}** in {len(r.files)} file(s) · {r.tensors_fused} tensors fused",
+             f"{r.format} · {r.precision} · **{human_bytes(r.output_bytes)}** in {len(r.files)} file(s) · "
+             f"{r.tensors_fused} tensors fused",
              f"Time **{r.seconds:.1f} s** ({stages})",
              f"Peak RAM **{human_bytes(r.peak_anon_bytes)}** (RSS {human_bytes(r.peak_ram_bytes)})"
              + (f" · peak VRAM **{human_bytes(r.peak_vram_bytes)}**" if r.peak_vram_bytes else "")]
+    if r.format != "diffusers":
+        lines.append(f"**Where it goes:** {snippets.placement(r.format)}")
     lines += [f"*{n}*" for n in r.notes]
     return "  \n".join(lines)
 
@@ -83,29 +81,26 @@ def render() -> Handles:
     return Handles(go, cancel, gr.State(None), status, progress, memory, result, snippet)
 
 
-def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, precision, name, shard, on_done) -> None:
+def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, format, precision, name, shard, on_done) -> None:
     shared = not ctx.settings.local
 
-    def run(choice, custom, items, prec, out_name, shard_size):
+    def run(choice, custom, items, fmt, prec, out_name, shard_size):
         idle = gr.update(interactive=True), gr.update(interactive=False)
         try:
-            req = BuildRequest(
-                base=ctx.base_ref_text(choice, custom or ""),
-                loras=tuple(LoraRef(it["ref"], it["scale"]) for it in items),
-                precision=prec, out_dir=ctx.settings.output_dir / safe_name(out_name or ""),
-                shard_bytes=parse_size(shard_size),
-            )
+            req = ctx.studio.request(choice, custom or "", [(it["ref"], it["scale"]) for it in items], fmt, prec,
+                                     out_name or "", shard_size)
         except Exception as exc:  # noqa: BLE001 - shown as one sentence
             yield (None, error_html(user_message(exc, shared)), "", "", "", gr.update(visible=False), *idle)
             return
-        job = ctx.runner.start(req)
+        job = ctx.studio.start(req)
         busy = gr.update(interactive=False), gr.update(interactive=True)
         while not job.finished:
             yield (job.id, "", progress_text(job), memory_text(job), "", gr.update(visible=False), *busy)
             job.wait(0.5)
         if job.status == "done":
-            family = next(f for f in FAMILIES if f.key == job.result.family)
-            snippet = load_snippet(job.result.output_dir if not shared else f"path/to/{req.out_dir.name}", prec, family)
+            r = job.result
+            path = r.output_dir if not shared else f"path/to/{req.out_dir.name}"
+            snippet = snippets.load_snippet(path, prec, ctx.studio.family(r.family), r.format)
             yield (None, ok_html("Done."), progress_text(job), memory_text(job), result_text(job, shared),
                    gr.update(value=snippet, visible=True), *idle)
         else:
@@ -113,11 +108,11 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, precision, n
             yield (None, status, "", memory_text(job), "", gr.update(visible=False), *idle)
 
     outputs = [h.job_id, h.status, h.progress, h.memory, h.result, h.snippet, h.go, h.cancel]
-    event = h.go.click(run, [base_choice, base_custom, loras, precision, name, shard], outputs,
+    event = h.go.click(run, [base_choice, base_custom, loras, format, precision, name, shard], outputs,
                        concurrency_limit=1, concurrency_id="build")
     event.then(on_done[0], on_done[1], on_done[2])
+
     def cancel(job_id):
-        ctx.runner.cancel(job_id)
+        ctx.studio.cancel(job_id)
 
     h.cancel.click(cancel, h.job_id, None, queue=False)
-

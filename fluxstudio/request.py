@@ -1,0 +1,49 @@
+"""What a build is asked for and what it reports: plain data, importable without torch."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DEFAULT_SHARD_BYTES = 5 * 10**9
+DISK_MARGIN = 64 << 20  # headers, config and manifest: what the disk check adds to the writer's estimate
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    ref: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    base: str
+    loras: tuple[LoraRef, ...]
+    precision: str
+    out_dir: Path
+    format: str = "diffusers"
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    device: str = "auto"
+    overwrite: bool = False
+    ignore_unmatched: bool = False
+    double_quant: bool = False
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    output_dir: str
+    precision: str
+    format: str
+    seconds: float
+    stage_seconds: dict[str, float]
+    peak_ram_bytes: int
+    peak_anon_bytes: int
+    peak_vram_bytes: int
+    output_bytes: int
+    files: list[str]
+    tensors_fused: int
+    family: str = "flux1"
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)

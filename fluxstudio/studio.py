@@ -1,0 +1,269 @@
+"""The front door: everything the app and the CLI ask of FluxStudio, in one place.
+
+Describe a base, describe a LoRA against it, estimate an output, start / watch / cancel a build, list and delete
+outputs, advise a precision. The edges (ui/, cli.py) import the core only through this module, plus the error and
+event types; they render and wire, and hold no domain logic.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fluxstudio import __version__, advice, formats, paths, snippets
+from fluxstudio.errors import BadInputError, FluxStudioError
+from fluxstudio.formats import FORMATS, PRECISIONS
+from fluxstudio.hardware import HardwareInfo, library_versions, probe
+from fluxstudio.hub import PRESETS, Hub, Ref, has_token, parse_ref, save_token
+from fluxstudio.jobs import Job, JobRunner
+from fluxstudio.request import DISK_MARGIN, BuildRequest, BuildResult, LoraRef
+from fluxstudio.library import Entry, delete_output, list_outputs, safe_name
+from fluxstudio.units import human_bytes, parse_size
+
+__all__ = [
+    "FORMATS", "PRECISIONS", "PRESETS", "BuildRequest", "Entry", "Job", "LoraRef", "Studio", "__version__", "advice",
+    "human_bytes", "library_versions", "parse_size", "paths", "safe_name", "snippets",
+]
+THIS_MACHINE = "This machine"
+CUSTOM = "custom"
+
+
+@dataclass(frozen=True)
+class BaseStatus:
+    text: str  # one line for the page
+    model_key: str  # the advice table's entry for this base
+    need_token: bool = False
+    ok: bool = True
+
+
+@dataclass(frozen=True)
+class Estimate:
+    bytes: int  # the output's size, as the build's writer computes it
+    free: int
+    exact: bool  # from the base's own weights and the LoRAs, or from the model table
+
+    @property
+    def need(self) -> int:
+        """What the build checks the free disk against."""
+        return self.bytes + DISK_MARGIN
+
+    @property
+    def fits(self) -> bool:
+        return self.need <= self.free
+
+
+@dataclass
+class Studio:
+    """One per app or CLI process. `local=False` (a shared session) refuses local paths."""
+
+    output_dir: Path = field(default_factory=paths.outputs_dir)
+    hub: Hub = field(default_factory=Hub)
+    local: bool = True
+    hardware: HardwareInfo | None = None  # probed on first use
+    runner: JobRunner | None = None
+
+    def __post_init__(self) -> None:
+        if self.runner is None:
+            self.runner = JobRunner(hub=self.hub)
+
+    @property
+    def hw(self) -> HardwareInfo:
+        if self.hardware is None:
+            self.hardware = probe(self.output_dir)
+        return self.hardware
+
+    # -- references ------------------------------------------------------------------------------------------
+    def ref(self, text: str) -> Ref:
+        ref = parse_ref(text)
+        if ref.kind == "local" and not self.local:
+            raise BadInputError("Local paths are not available in a shared session.", "Use a Hub repo id or upload a file.")
+        return ref
+
+    def base_ref(self, choice: str, custom: str = "") -> str:
+        """What to build from: `demo`, a preset's repo id, or what the person typed."""
+        if choice == "demo":
+            return "demo"
+        if choice == CUSTOM:
+            return self.ref(custom).text
+        return next(p.repo_id for p in PRESETS if p.key == choice)
+
+    @staticmethod
+    def model_key(choice: str, family: str = "flux1") -> str:
+        """Which size table entry advises for this base."""
+        if choice in advice.MODELS:  # the klein presets have entries of their own
+            return choice
+        return "flux2-dev" if choice.startswith("flux2") or family == "flux2" else "flux1"
+
+    def local_base(self, choice: str, custom: str = "") -> Path | None:
+        """The base's folder when it is on this machine already (demo, a local folder, a cached Hub snapshot)."""
+        text = self.base_ref(choice, custom)
+        if text == "demo":
+            from fluxstudio import demo
+
+            return demo.ensure_base()
+        ref = self.ref(text)
+        if ref.kind == "local":
+            return ref.path
+        from huggingface_hub import try_to_load_from_cache
+
+        config = "transformer/config.json" if not ref.subpath else f"{ref.subpath}/config.json"
+        cached = try_to_load_from_cache(ref.repo_id, config, cache_dir=self.hub.cache_dir, revision=ref.revision)
+        if isinstance(cached, str):
+            folder = Path(cached).parent.parent if not ref.subpath else Path(cached).parent
+            return folder if any(folder.rglob("*.safetensors")) else None
+        return None
+
+    def cached_preset(self) -> str | None:
+        repos = set(self.hub.cached_repos())
+        return next((p.key for p in PRESETS if p.repo_id in repos), None)
+
+    # -- describe --------------------------------------------------------------------------------------------
+    def describe_base(self, choice: str, custom: str = "") -> BaseStatus:
+        """What the chosen base is and what getting it costs. Raises FluxStudioError."""
+        from fluxstudio.models import open_base
+
+        text = self.base_ref(choice, custom)
+        if text == "demo":
+            return BaseStatus("Built-in demo model (FLUX.1 architecture, tiny): nothing to download.", "flux1")
+        ref = self.ref(text)
+        if ref.kind == "local":
+            base = open_base(ref.path)
+            return BaseStatus(f"{base.variant} · {str(base.dtype).removeprefix('torch.')} · {human_bytes(base.total_bytes)} "
+                              "· local folder", self.model_key(choice, base.family.key))
+        todo, cached, gated = self.hub.plan(ref)
+        need_token = gated and not has_token()
+        where = f"to download: {human_bytes(todo)}" if todo else "already downloaded"
+        if todo and cached:
+            where += f" ({human_bytes(cached)} already here)"
+        note = " · gated: accept its licence on the Hub and add a token with access" if need_token else ""
+        return BaseStatus(f"{ref.display()} · {where}{note}", self.model_key(choice), need_token)
+
+    def resolve_lora(self, text: str) -> tuple[str, Path]:
+        """(reference to build with, local file) for a typed LoRA reference; Hub LoRAs are downloaded here."""
+        ref = self.ref(text)
+        if ref.kind == "demo":
+            from fluxstudio import demo
+
+            return "demo", demo.ensure_lora()
+        if ref.kind == "local":
+            return str(ref.path), ref.path
+        return ref.text, self.hub.fetch_lora(ref).path
+
+    @staticmethod
+    def keep_upload(tmp: str) -> Path:
+        """Copy an upload (checked first) into the app's own folder: gradio's temp files do not last."""
+        from fluxstudio.safefile import read_header, sha256
+
+        src = Path(tmp)
+        read_header(src, "uploaded file")
+        folder = paths.home() / "uploads"
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = folder / f"{sha256(src)[:12]}-{src.name}"
+        if not dest.exists():
+            part = folder / f".{uuid.uuid4().hex}.part"
+            shutil.copyfile(src, part)
+            part.replace(dest)
+        return dest
+
+    def describe_lora(self, path: Path, choice: str, custom: str, model_key: str) -> str:
+        """One line on a LoRA, checked against the base when the base is here already."""
+        from fluxstudio.fuse import plan
+        from fluxstudio.lora import load_lora
+        from fluxstudio.models import FAMILIES, open_base
+
+        family = next(f for f in FAMILIES if f.key == ("flux2" if model_key.startswith("flux2") else "flux1"))
+        lora = load_lora(path, family)
+        parts = [lora.format, "rank " + "/".join(map(str, lora.ranks)) if lora.ranks else "no LoRA matrices",
+                 f"{len(lora.modules) + len(lora.replacements)} modules"]
+        base_dir = self.local_base(choice, custom)
+        if base_dir is not None:
+            fplan = plan(open_base(base_dir), [(lora, 1.0)], ignore_unmatched=True)
+            parts.append(f"{fplan.matched.get(lora.name, 0)} matched")
+            parts += [n.split(": ", 1)[-1] for n in fplan.notes]
+        else:
+            parts.append("checked against the base when it is downloaded")
+        if lora.skipped:
+            parts.append(f"{', '.join(lora.skipped)} parts not fused (transformer only)")
+        return " · ".join(parts)
+
+    # -- estimate --------------------------------------------------------------------------------------------
+    def estimate(self, choice: str, custom: str, lora_paths: list[Path], format: str, precision: str,
+                 model_key: str = "flux1") -> Estimate:
+        """The output's size: exactly what the build checks the disk against when the base is here (the LoRAs
+        count: a Control LoRA widens the model), else the model table's figure. Never raises."""
+        from fluxstudio.build import plan_output
+        from fluxstudio.hardware import existing_parent
+
+        free = shutil.disk_usage(existing_parent(self.output_dir)).free
+        try:
+            base_dir = self.local_base(choice, custom)
+            if base_dir is not None:
+                _, output = plan_output(base_dir, [(p, 1.0) for p in lora_paths], format, precision)
+                return Estimate(output.need_bytes(), free, True)
+        except FluxStudioError:
+            pass  # not usable yet: the table's estimate stands
+        return Estimate(advice.MODELS[model_key].weight_bytes(precision), free, False)
+
+    # -- jobs ------------------------------------------------------------------------------------------------
+    def request(self, choice: str, custom: str, loras: list[tuple[str, float]], format: str, precision: str,
+                name: str, shard: str = "5GB") -> BuildRequest:
+        fmt = formats.get_format(format)
+        return BuildRequest(
+            base=self.base_ref(choice, custom), loras=tuple(LoraRef(r, s) for r, s in loras), precision=precision,
+            format=fmt.key, out_dir=self.output_dir / (safe_name(name) + fmt.extension), shard_bytes=parse_size(shard),
+        )
+
+    def start(self, request: BuildRequest) -> Job:
+        return self.runner.start(request)
+
+    def job(self, job_id: str | None) -> Job | None:
+        return self.runner.get(job_id)
+
+    def cancel(self, job_id: str | None) -> bool:
+        return self.runner.cancel(job_id)
+
+    # -- library ---------------------------------------------------------------------------------------------
+    def outputs(self) -> list[Entry]:
+        return list_outputs(self.output_dir)
+
+    def delete(self, name: str) -> None:
+        if not self.local:
+            raise BadInputError("Deleting outputs is not available in a shared session.")
+        delete_output(self.output_dir, name)
+
+    # -- machine and Hub -------------------------------------------------------------------------------------
+    def advise(self, target: str, model_key: str) -> advice.Recommendation:
+        model = advice.MODELS[model_key]
+        return advice.recommend_here(self.hw, model) if target == THIS_MACHINE else advice.recommend(advice.CARDS[target], model)
+
+    @staticmethod
+    def family(key: str):
+        from fluxstudio.models import FAMILIES
+
+        return next(f for f in FAMILIES if f.key == key)
+
+    @staticmethod
+    def save_token(token: str) -> str:
+        return save_token(token)
+
+    @staticmethod
+    def has_token() -> bool:
+        return has_token()
+
+    def build(self, request: BuildRequest, progress=None, cancel=None) -> BuildResult:
+        """A build in this thread (the CLI); the app starts jobs instead."""
+        from fluxstudio.build import build
+
+        return build(request, progress=progress, cancel=cancel, hub=self.hub)
+
+    def download(self, text: str, lora: bool = False, progress=None, cancel=None):
+        """Fetch a base (its transformer) or a LoRA from the Hub into the HF cache."""
+        ref = parse_ref(text)
+        if ref.kind != "hub":
+            raise FluxStudioError(f"'{text}' is not a Hub reference.", "Use owner/name or a https://huggingface.co/... URL.")
+        return ref, (self.hub.fetch_lora if lora else self.hub.fetch_base)(ref, progress=progress, cancel=cancel)
+
+
+__all__ += ["BaseStatus", "BuildResult", "CUSTOM", "Estimate", "THIS_MACHINE"]
