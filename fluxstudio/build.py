@@ -20,9 +20,9 @@ from fluxstudio.hub import Hub, parse_ref
 from fluxstudio.lora import load_lora
 from fluxstudio.memory import MemorySampler
 from fluxstudio.models import open_base
-from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, check, report
+from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, report
 from fluxstudio.request import DEFAULT_SHARD_BYTES, DISK_MARGIN, BuildRequest, BuildResult, LoraRef  # noqa: F401
-from fluxstudio import formats, manifest, snippets
+from fluxstudio import formats, manifest, partials, snippets
 from fluxstudio.formats.outputs import make_output
 
 
@@ -70,14 +70,9 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool, is_file: bool =
                 f"Choose another output {what}.",
             )
     if out.exists() and out.is_dir() != (not is_file):
-        raise OutputError(f"{out} exists and is a {'folder' if out.is_dir() else 'file'}.", "Choose another output name.")
+        raise OutputError(f"{out} exists and is a {'folder' if out.is_dir() else 'file'}.", "Choose another output name.", (out,))
     if out.exists() and not overwrite:
         raise OutputError(f"The output {what} {out.name} already exists.", "Choose another name, or allow overwriting.")
-
-
-def _clean_stale(out: Path) -> None:
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def plan_output(
@@ -95,7 +90,7 @@ def plan_output(
     loaded = []
     for i, (path, scale) in enumerate(loras, start=1):
         check(cancel)
-        report(progress, ProgressEvent("inspect", i, len(loras), item=path.name, message="Reading LoRAs"))
+        report(progress, ProgressEvent(Stage.INSPECT, i, len(loras), item=path.name, message="Reading LoRAs"))
         loaded.append((load_lora(path, base.family), scale))
     fplan = plan(base, loaded, ignore_unmatched)
     output = make_output(fmt, precision, base, fplan.jobs, fplan.config_updates, filename, shard_bytes, double_quant)
@@ -124,7 +119,7 @@ def build(
             stages[name] = round(stages.get(name, 0.0) + now - tick, 3)
             tick = now
 
-        report(progress, ProgressEvent("prepare", message="Preparing inputs"))
+        report(progress, ProgressEvent(Stage.PREPARE, message="Preparing inputs"))
         device = pick_device(req.device)
         hub = hub or Hub()
         base_path, base_origin = resolve_ref(req.base, "base", hub, progress, cancel)
@@ -133,7 +128,7 @@ def build(
         check_output(out, [base_path, *lora_paths], req.overwrite, is_file=bool(fmt.extension))
         stage_done("prepare")
 
-        report(progress, ProgressEvent("inspect", message="Reading the base model and LoRAs"))
+        report(progress, ProgressEvent(Stage.INSPECT, message="Reading the base model and LoRAs"))
         (base, loras, fplan), output = plan_output(
             base_path, [(p, r.scale) for p, r in zip(lora_paths, req.loras)], req.format, req.precision, out.name,
             req.shard_bytes, req.double_quant, req.ignore_unmatched, progress, cancel,
@@ -144,20 +139,21 @@ def build(
         if free < need:
             raise DiskSpaceError(
                 f"Not enough free disk: this build needs about {_gb(need)} and {out.parent} has {_gb(free)} free.",
-                "Free some space or choose another output folder.",
+                "Free some space or choose another output folder.", (out.parent,),
             )
         stage_done("inspect")
 
-        _clean_stale(out)
+        partials.reclaim(out.parent)  # what killed builds left, whatever their name
         tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
+        partials.mark(tmp)
         inputs = _inputs(base_origin, [o for _, o in resolved], req, base, loras, fplan)
         try:
             try:
                 output.open(tmp, manifest.embedded(inputs))
                 execute(output.jobs, output.encode, output.write, device, progress, cancel)
                 stage_done("fuse")
-                report(progress, ProgressEvent("finalize", message="Writing the output"))
+                report(progress, ProgressEvent(Stage.FINALIZE, message="Writing the output"))
                 files = output.close()
             except OSError as exc:
                 if exc.errno == 28:
@@ -202,6 +198,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     if tmp.is_file():
         tmp.replace(out)
         return
+    (tmp / partials.OWNER).unlink(missing_ok=True)
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"

@@ -9,11 +9,21 @@ import sys
 from pathlib import Path
 
 from fluxstudio import studio
-from fluxstudio.errors import FluxStudioError
-from fluxstudio.progress import CancelToken, ProgressEvent
+from fluxstudio.errors import (
+    BadInputError, CancelledError, DiskSpaceError, FluxStudioError, HubError, OutputError,
+)
+from fluxstudio.progress import CancelToken, ProgressEvent, Stage
 from fluxstudio.studio import FORMATS, PRECISIONS, __version__, advice, human_bytes, paths
 
 log = logging.getLogger("fluxstudio")
+# Exit codes by error class, most specific first; 1 for anything else.
+EXIT_CODES: tuple[tuple[type[FluxStudioError], int], ...] = (
+    (CancelledError, 130), (BadInputError, 2), (OutputError, 3), (DiskSpaceError, 4), (HubError, 5), (FluxStudioError, 1),
+)
+
+
+def exit_code(exc: FluxStudioError) -> int:
+    return next(code for cls, code in EXIT_CODES if isinstance(exc, cls))
 
 
 def parse_size(text: str) -> int:
@@ -127,7 +137,7 @@ class _Bar:
     def __call__(self, ev: ProgressEvent) -> None:
         if self.quiet:
             return
-        if ev.stage not in ("fuse", "download"):
+        if ev.stage not in (Stage.FUSE, Stage.DOWNLOAD):
             if ev.stage != self.stage and ev.message:
                 self.close()
                 print(f"{ev.message}...", file=sys.stderr)
@@ -137,10 +147,10 @@ class _Bar:
             from tqdm import tqdm
 
             self.close()
-            desc = "Fusing" if ev.stage == "fuse" else "Downloading"
+            desc = "Fusing" if ev.stage == Stage.FUSE else "Downloading"
             self.bar = tqdm(total=ev.bytes_total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, dynamic_ncols=True)
         self.stage = ev.stage
-        unit = "tensors" if ev.stage == "fuse" else "files"
+        unit = "tensors" if ev.stage == Stage.FUSE else "files"
         self.bar.set_postfix_str(f"{ev.done}/{ev.total} {unit}", refresh=False)
         self.bar.update(ev.bytes_done - self.bar.n)
 
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {exc.message}", file=sys.stderr)
         if exc.hint:
             print(f"       {exc.hint}", file=sys.stderr)
-        return exc.exit_code
+        return exit_code(exc)
     except KeyboardInterrupt:
         print("Cancelled. Nothing was saved.", file=sys.stderr)
         return 130

@@ -1,30 +1,38 @@
 """One exception hierarchy for everything a user can cause.
 
-Each error carries a message (what went wrong, one sentence) and a hint (what to do next). The edges
-(CLI, UI) turn them into text through one mapping; the core never prints.
+Each error carries a message (what went wrong, one sentence), a hint (what to do next) and the local paths the
+message mentions, as separate fields: the edges decide how to show them (a shared session hides exactly those
+paths and nothing else). Exit codes are the CLI's business (cli.EXIT_CODES); the core never prints.
 """
 
 from __future__ import annotations
+
+import os
+import re
 
 
 class FluxStudioError(Exception):
     """Base class: a problem the user can act on."""
 
-    exit_code = 1
-
-    def __init__(self, message: str, hint: str = "") -> None:
+    def __init__(self, message: str, hint: str = "", paths: tuple[str | os.PathLike, ...] = ()) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.paths = tuple(str(p) for p in paths)
 
     def __str__(self) -> str:
         return f"{self.message} {self.hint}".strip()
 
+    def without_paths(self) -> str:
+        """The text with each local path it names cut to its last part (Windows paths too)."""
+        text = str(self)
+        for p in sorted(self.paths, key=len, reverse=True):
+            text = text.replace(p, re.split(r"[\\/]", p.rstrip("\\/"))[-1] or p)
+        return text
+
 
 class BadInputError(FluxStudioError):
     """A file or folder given as input cannot be used (missing, corrupt, pickle, wrong model)."""
-
-    exit_code = 2
 
 
 class LoraMismatchError(BadInputError):
@@ -38,22 +46,14 @@ class NumericError(BadInputError):
 class OutputError(FluxStudioError):
     """The output folder cannot be used (exists, overlaps the input)."""
 
-    exit_code = 3
-
 
 class DiskSpaceError(FluxStudioError):
     """Not enough free disk for the job."""
-
-    exit_code = 4
 
 
 class HubError(FluxStudioError):
     """The Hugging Face Hub refused or failed a request."""
 
-    exit_code = 5
-
 
 class CancelledError(FluxStudioError):
     """The user cancelled the job; nothing was kept."""
-
-    exit_code = 130

@@ -21,7 +21,7 @@ import torch
 from fluxstudio.errors import LoraMismatchError, NumericError
 from fluxstudio.lora import LoadedLora
 from fluxstudio.models import BaseModel
-from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, check, report
+from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, report
 from fluxstudio.safefile import TensorInfo, read_tensor
 
 
@@ -203,7 +203,7 @@ def execute(
                 now = time.monotonic()
                 if now - last > 0.1 or i == total:
                     last = now
-                    report(progress, ProgressEvent("fuse", i, total, done_bytes, bytes_total, item=job.name))
+                    report(progress, ProgressEvent(Stage.FUSE, i, total, done_bytes, bytes_total, item=job.name))
     finally:
         for f in files.values():
             f.close()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluxstudio.errors import BadInputError, CancelledError, DiskSpaceError, FluxStudioError, HubError
-from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, report
+from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Stage, report
 
 HUB_URL = "https://huggingface.co"
 CHUNK = 1 << 20  # download chunk: progress (and cancel) at least every MiB
@@ -308,7 +308,7 @@ class Hub:
         if total > free:
             raise DiskSpaceError(
                 f"Not enough free disk to download {ref.display()}: it needs {total / 1e9:.2f} GB and "
-                f"{probe} has {free / 1e9:.2f} GB free.", "Free some space, or set HF_HOME to a larger disk.")
+                f"{probe} has {free / 1e9:.2f} GB free.", "Free some space, or set HF_HOME to a larger disk.", (probe,))
         done = 0
         for i, name in enumerate(todo, start=1):
             def sink(n: int, name: str = name, i: int = i) -> None:
@@ -316,7 +316,7 @@ class Hub:
                 if cancel is not None and cancel.cancelled:
                     raise CancelledError("Download cancelled.", "Run it again to resume where it stopped.")
                 done += n
-                report(progress, ProgressEvent("download", i - 1, len(todo), done, total, item=name,
+                report(progress, ProgressEvent(Stage.DOWNLOAD, i - 1, len(todo), done, total, item=name,
                                                message=f"Downloading {ref.repo_id}"))
 
             try:
@@ -326,7 +326,7 @@ class Hub:
                 raise
             except Exception as exc:  # noqa: BLE001
                 raise hub_error(exc, ref.repo_id, ref.revision, name) from None
-        report(progress, ProgressEvent("download", len(todo), len(todo), total, total, message=f"Downloaded {ref.repo_id}"))
+        report(progress, ProgressEvent(Stage.DOWNLOAD, len(todo), len(todo), total, total, message=f"Downloaded {ref.repo_id}"))
         return total
 
     def _from_cache(self, ref: Ref, patterns: list[str], choose, error: FluxStudioError) -> Fetched:

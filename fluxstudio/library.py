@@ -66,10 +66,10 @@ def list_outputs(folder: Path) -> list[Entry]:
 def delete_output(folder: Path, name: str) -> None:
     """Delete one saved output by name: only a direct child of `folder` with a manifest, never anything else."""
     if safe_name(name) != name:
-        raise BadInputError(f"'{name}' is not an output name.")
+        raise BadInputError(f"'{name}' is not an output name.", "Pick an output from the library.")
     target = folder / name
     if target.is_symlink() or not target.exists() or manifest.read(target) is None:
-        raise BadInputError(f"There is no saved output called {name}.")
+        raise BadInputError(f"There is no saved output called {name}.", "Refresh the library to see what is there.")
     if target.is_dir():
         shutil.rmtree(target)
     else:

@@ -171,7 +171,8 @@ def load_lora(path: str | Path, family: Family) -> LoadedLora:
         elif k.endswith(".alpha"):
             alphas[key] = t
         elif ".lora_A." in k or ".lora_B." in k:
-            raise LoraMismatchError(f"{path.name} has a LoRA key FluxStudio does not understand: {key}.")
+            raise LoraMismatchError(f"{path.name} has a LoRA key FluxStudio does not understand: {key}.",
+                                    "It may be a LoRA variant FluxStudio cannot fuse yet; use a plain LoRA.")
         else:
             replacements[k] = t
     if set(ups) != set(downs):

@@ -52,7 +52,7 @@ def family_for(class_name: str) -> Family:
 
 def _find_model_folder(path: Path) -> Path:
     if not path.exists():
-        raise BadInputError(f"The base model folder {path} does not exist.", "Check the path.")
+        raise BadInputError(f"The base model folder {path} does not exist.", "Check the path.", (path,))
     if path.is_file():
         raise BadInputError(
             f"The base model must be a folder with config.json, not the file {path.name}.",
@@ -81,7 +81,7 @@ def _weight_files(folder: Path) -> list[Path]:
         return files
     if any(folder.glob("*.bin")) or any(folder.glob("*.ckpt")) or any(folder.glob("*.pt")):
         raise BadInputError(f"The model in {folder.name} is stored as pickle files.", "Use its .safetensors version.")
-    raise BadInputError(f"No .safetensors weights in {folder}.", "The download may be incomplete: download it again.")
+    raise BadInputError(f"No .safetensors weights in {folder}.", "The download may be incomplete: download it again.", (folder,))
 
 
 @dataclass
@@ -146,7 +146,7 @@ def open_base(path: str | Path) -> BaseModel:
         if not isinstance(config, dict):
             raise ValueError
     except (ValueError, UnicodeDecodeError):
-        raise BadInputError(f"{folder / 'config.json'} is not valid JSON.", "Download the model again.") from None
+        raise BadInputError(f"{folder / 'config.json'} is not valid JSON.", "Download the model again.", (folder / "config.json",)) from None
     family = family_for(str(config.get("_class_name", "")))
     headers = [read_header(p, "model file") for p in _weight_files(folder)]
     base = BaseModel(folder, config, family, headers)
@@ -164,7 +164,8 @@ def _check_weights_match(base: BaseModel) -> None:
     try:
         expected = {k: tuple(v.shape) for k, v in base.meta_model.state_dict().items()}
     except Exception as exc:  # noqa: BLE001 - a config diffusers cannot build
-        raise BadInputError(f"config.json does not describe a valid {base.family.label} model ({exc}).") from None
+        raise BadInputError(f"config.json does not describe a valid {base.family.label} model ({exc}).",
+                            "Download the model again, or pick its diffusers-format folder.") from None
     have = {k: info.shape for k, (_, info) in base.tensors.items()}
     missing = sorted(set(expected) - set(have))
     extra = sorted(set(have) - set(expected))

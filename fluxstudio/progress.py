@@ -10,15 +10,26 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 from fluxstudio.errors import CancelledError
 
 log = logging.getLogger(__name__)
 
 
+class Stage(str, Enum):
+    """The stages of a job, in order (a str, so that events read as plain text in logs and JSON)."""
+
+    PREPARE = "prepare"
+    DOWNLOAD = "download"
+    INSPECT = "inspect"
+    FUSE = "fuse"
+    FINALIZE = "finalize"
+
+
 @dataclass(frozen=True)
 class ProgressEvent:
-    stage: str  # "prepare", "inspect", "fuse", "finalize", "download", ...
+    stage: Stage
     done: int = 0
     total: int = 0
     bytes_done: int = 0

@@ -63,6 +63,7 @@ class Studio:
     local: bool = True
     hardware: HardwareInfo | None = None  # probed on first use
     runner: JobRunner | None = None
+    reclaimed_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.runner is None:
@@ -228,9 +229,16 @@ class Studio:
     def outputs(self) -> list[Entry]:
         return list_outputs(self.output_dir)
 
+    def reclaim(self) -> int:
+        """Remove what killed builds left in the outputs folder (work folders no running process owns)."""
+        from fluxstudio import partials
+
+        self.reclaimed_bytes = partials.reclaim(self.output_dir)
+        return self.reclaimed_bytes
+
     def delete(self, name: str) -> None:
         if not self.local:
-            raise BadInputError("Deleting outputs is not available in a shared session.")
+            raise BadInputError("Deleting outputs is not available in a shared session.", "Ask the app's owner.")
         delete_output(self.output_dir, name)
 
     # -- machine and Hub -------------------------------------------------------------------------------------

@@ -21,29 +21,41 @@ def free_port() -> int:
 
 
 class App:
+    """The app on a free port. The port is free when chosen but could be taken before the app binds it: a start
+    that fails for that reason is retried on another port."""
+
     def __init__(self, tmp: Path, *args: str, env: dict | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.home = tmp / "fshome"
         self.outputs = tmp / "outputs"
         self.log = tmp / "app.log"
         self.env = dict(os.environ, FLUXSTUDIO_HOME=str(self.home), PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
                         GRADIO_ANALYTICS_ENABLED="False", **(env or {}))
-        cmd = [sys.executable, str(ROOT / "app.py"), "--port", str(self.port), "--output-dir", str(self.outputs), *args]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+        for attempt in range(3):
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            cmd = [sys.executable, str(ROOT / "app.py"), "--port", str(self.port), "--output-dir", str(self.outputs), *args]
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+            if self._wait_until_up():
+                return
+            text = self.output()
+            if "address already in use" not in text.lower() and "empty port" not in text.lower():
+                break
+        self.stop()
+        raise RuntimeError(f"app did not answer:\n{self.output()}")
+
+    def _wait_until_up(self) -> bool:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"app exited:\n{self.log.read_text()}")
+                return False
             try:
                 urllib.request.urlopen(self.url, timeout=2)
-                return
+                return True
             except urllib.error.HTTPError:
-                return  # answering (a login page or an error status)
+                return True  # answering (a login page or an error status)
             except OSError:
                 time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"app did not answer:\n{self.log.read_text()}")
+        return False
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +13,13 @@ from safetensors.torch import save_file
 
 from fluxstudio.build import BuildRequest, LoraRef, build
 from fluxstudio.errors import (
-    BadInputError, CancelledError, DiskSpaceError, FluxStudioError, LoraMismatchError, NumericError, OutputError,
+    BadInputError, CancelledError, DiskSpaceError, LoraMismatchError, NumericError, OutputError,
 )
 from fluxstudio.progress import CancelToken
 from helpers import FLUX1_TINY, FLUX2_TINY, linear_shapes, peft_lora, write_model
+
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def leftovers(folder):
@@ -198,13 +202,78 @@ def test_cli_prints_one_sentence_and_exits_non_zero(tiny_base, tmp_path, work):
          "--out", str(work / "out")],
         capture_output=True, text=True, timeout=300,
     )
-    assert proc.returncode == BadInputError.exit_code
+    assert proc.returncode == 2  # cli.EXIT_CODES: bad input
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "x.safetensors" in errors[0]
     assert leftovers(work) == []
 
 
-def test_every_error_has_a_hint_and_exit_code():
-    for cls in (BadInputError, LoraMismatchError, NumericError, OutputError, DiskSpaceError, CancelledError):
-        assert issubclass(cls, FluxStudioError) and cls.exit_code != 0
+def test_every_error_raised_has_a_hint_and_an_exit_code():
+    """Read every `raise SomeError(...)` in the package: each gives a non-empty hint (what to do next), and each
+    error class has its own non-zero exit code in the CLI's table."""
+    import ast
+
+    from fluxstudio import errors
+    from fluxstudio.cli import EXIT_CODES, exit_code
+
+    classes = {n: getattr(errors, n) for n in dir(errors) if n.endswith("Error")}
+    missing, seen = [], set()
+    for f in sorted((ROOT / "fluxstudio").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in classes:
+                    seen.add(name)
+                    hint = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "hint"), None)
+                    if hint is None or (isinstance(hint, ast.Constant) and not str(hint.value).strip()):
+                        missing.append(f"{f.name}:{node.lineno} {name}")
+    assert len(seen) >= 6 and not missing, missing
+    codes = {cls: exit_code(cls("x", "y")) for cls in classes.values()}
+    assert all(code != 0 for code in codes.values())
+    assert codes[errors.LoraMismatchError] == codes[errors.BadInputError] == 2 and codes[errors.CancelledError] == 130
+    top = [cls for cls, _ in EXIT_CODES]
+    assert len({code for _, code in EXIT_CODES}) == len(top)  # one code per listed class
+
+
+def test_a_killed_build_leaves_a_partial_that_the_next_build_reclaims(wide_base, tmp_path):
+    """SIGKILL a CLI build mid-write: its hidden partial folder stays; the next build start (any name) removes it."""
+    import signal
+    import time
+
+    out = tmp_path / "outs"
+    proc = subprocess.Popen([sys.executable, "-m", "fluxstudio", "fuse", "--base", str(wide_base), "--precision", "bf16",
+                             "--out", str(out / "first"), "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    partial = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        partial = [p for p in out.glob(".first.partial-*") if any(f.stat().st_size > 10_000_000 for f in p.iterdir())]
+        if partial:
+            break
+        time.sleep(0.05)
+    assert partial, "the build finished or failed before it could be killed mid-write"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert partial[0].exists() and not (out / "first").exists()
+    from fluxstudio.library import list_outputs
+
+    assert list_outputs(out) == []  # the library never lists it
+    tiny = write_model(tmp_path / "tiny", FLUX1_TINY)
+    build(BuildRequest(str(tiny), (), "bf16", out / "second"))
+    assert [p.name for p in out.iterdir()] == ["second"]
+
+
+def test_a_running_builds_partial_is_left_alone(tmp_path):
+    from fluxstudio import partials
+
+    mine = tmp_path / ".x.partial-1234"
+    mine.mkdir()
+    partials.mark(mine)
+    dead = tmp_path / ".y.partial-5678"
+    dead.mkdir()
+    (dead / partials.OWNER).write_text("999999 12.0")  # no such process
+    (dead / "shard").write_bytes(b"\0" * 1000)
+    legacy = tmp_path / ".z.old-abcd"  # no owner file at all
+    legacy.mkdir()
+    assert partials.reclaim(tmp_path) == 1000 + len("999999 12.0")
+    assert [p.name for p in tmp_path.iterdir()] == [".x.partial-1234"]

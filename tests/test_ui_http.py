@@ -47,10 +47,14 @@ def login(app, user="alice", password="s3cret-pass"):
     return status, opener
 
 
-def test_binds_localhost_only_by_default(tmp_path):
+def test_binds_localhost_only_by_default_and_reclaims_what_killed_builds_left(tmp_path):
+    stale = tmp_path / "outputs" / ".killed-run.partial-0badf00d"  # as a SIGKILLed build leaves it: no live owner
+    stale.mkdir(parents=True)
+    (stale / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 3_000_000)
     app = App(tmp_path)
     try:
         assert "Running on local URL:  http://127.0.0.1:" in app.wait_for_output("Running on local URL")
+        assert "Reclaimed 3.0 MB left by interrupted builds." in app.output() and not stale.exists()
         import psutil
 
         addrs = {c.laddr.ip for c in psutil.Process(app.proc.pid).net_connections() if c.status == "LISTEN"}
@@ -127,3 +131,37 @@ def test_core_never_imports_gradio():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     offenders = [p.name for p in (ROOT / "fluxstudio").glob("*.py") if "import gradio" in p.read_text()]
     assert offenders == []
+
+
+def test_shared_messages_drop_only_local_paths(tmp_path):
+    """A shared session hides exactly the paths an error names: repo ids, URLs and numbers stay intact."""
+    from fluxstudio.errors import FluxStudioError
+    from fluxstudio.hub import hub_error
+    from fluxstudio.models import open_base
+    from fluxstudio.ui.handlers import user_message
+
+    class NotFound(Exception):
+        response = type("R", (), {"status_code": 404})()
+
+    repo = user_message(hub_error(NotFound(), "acme/nothing-here"), shared=True)
+    assert repo == "The repository acme/nothing-here was not found. Check the name; a private repo needs a token with access."
+    from huggingface_hub.errors import GatedRepoError
+
+    gated_exc = GatedRepoError.__new__(GatedRepoError)  # as the client raises it, minus the HTTP response
+    Exception.__init__(gated_exc, "gated")
+    gated = user_message(hub_error(gated_exc, "acme/gated-1.0"), shared=True)
+    assert "https://huggingface.co/acme/gated-1.0" in gated and "acme/gated-1.0 is gated" in gated
+
+    missing = tmp_path / "models" / "flux-dev"
+    with pytest.raises(FluxStudioError) as err:
+        open_base(missing)
+    assert str(tmp_path) in user_message(err.value, shared=False)
+    shared = user_message(err.value, shared=True)
+    assert shared == "The base model folder flux-dev does not exist. Check the path." and str(tmp_path) not in shared
+
+    win = "C:\\Users\\Zoë Müller\\FluxStudio\\outputs"
+    exc = FluxStudioError(f"Not enough free disk: 3/4 done, 12.5 GB needed and {win} has 1.2 GB free.",
+                          "See https://huggingface.co/docs or acme/flux-lora.", (win,))
+    assert user_message(exc, shared=True) == (
+        "Not enough free disk: 3/4 done, 12.5 GB needed and outputs has 1.2 GB free. "
+        "See https://huggingface.co/docs or acme/flux-lora.")

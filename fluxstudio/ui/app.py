@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from fluxstudio.studio import __version__
+from fluxstudio.studio import __version__, human_bytes
 from fluxstudio.ui.context import Context
 from fluxstudio.ui.panels import base, library, loras, machine, output, run
 from fluxstudio.ui.settings import MAX_UPLOAD, Settings, blocked_paths, generated_auth
@@ -78,7 +78,10 @@ def launch(settings: Settings) -> gr.Blocks:
         auth = generated_auth()
         print(f"Sharing needs a login. User: {auth[0]}  Password: {auth[1]}", flush=True)
     settings.output_dir.mkdir(parents=True, exist_ok=True)
-    blocks = build_ui(settings)
+    ctx = Context(settings)
+    if freed := ctx.studio.reclaim():
+        print(f"Reclaimed {human_bytes(freed)} left by interrupted builds.", flush=True)
+    blocks = build_ui(settings, ctx)
     blocks.queue(default_concurrency_limit=4)
     blocks.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share, auth=auth,

@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import logging
-import re
 
 from fluxstudio.errors import FluxStudioError
 
 log = logging.getLogger("fluxstudio.ui")
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s\\/:,;'\"()]+)+[\\/]?")
-
-
-def scrub(text: str) -> str:
-    """Replace absolute paths by their last part (shared sessions must not learn the host's layout)."""
-    return _PATH.sub(lambda m: m.group(0).rstrip("\\/").replace("\\", "/").rsplit("/", 1)[-1], text)
 
 
 def user_message(exc: BaseException, shared: bool) -> str:
+    """One sentence and its hint. A shared session sees each local path the error names cut to its last part:
+    the error carries those paths, so repo ids, URLs and numbers stay as they are."""
     if isinstance(exc, FluxStudioError):
-        text = f"{exc.message} {exc.hint}".strip()
-    else:
-        log.exception("unexpected error in the app", exc_info=exc)
-        text = f"Something unexpected went wrong ({type(exc).__name__}). Details are in the log."
-    return scrub(text) if shared else text
+        return exc.without_paths() if shared else str(exc)
+    log.exception("unexpected error in the app", exc_info=exc)
+    return f"Something unexpected went wrong ({type(exc).__name__}). Details are in the log."
 
 
 def error_html(text: str) -> str:

@@ -41,7 +41,9 @@ def render(ctx: Context) -> Handles:
                 pick = gr.Dropdown(names, label="Saved output", scale=3, elem_id="library-pick")
                 delete = gr.Button("Delete", variant="stop", scale=1, min_width=100, elem_id="library-delete")
             refresh = gr.Button("Refresh", scale=1, min_width=100)
-        message = gr.HTML()
+        freed = ctx.studio.reclaimed_bytes
+        message = gr.HTML(ok_html(f"Reclaimed {human_bytes(freed)} left by interrupted builds.") if freed else "",
+                          elem_id="library-message")
         if ctx.settings.local:
             gr.Markdown(f"Outputs are saved in `{ctx.settings.output_dir}`.", elem_classes="fs-muted")
     return Handles(table, refresh, pick, delete, message)

@@ -60,7 +60,7 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key) -> None:
 
     def add_item(state, ref_text, name, path, choice, custom, key):
         if any(it["ref"] == ref_text for it in state):
-            raise BadInputError(f"{name} is in the list already.")
+            raise BadInputError(f"{name} is in the list already.", "Change its scale in the list instead.")
         info = ctx.studio.describe_lora(path, choice, custom or "", key)
         return state + [{"id": uuid.uuid4().hex[:8], "ref": ref_text, "path": str(path), "name": name, "scale": 1.0, "info": info}]
 

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from fluxstudio.progress import Stage
 from fluxstudio.studio import Job, human_bytes, snippets
 from fluxstudio.ui.context import Context
 from fluxstudio.ui.handlers import error_html, ok_html, user_message
 
-STAGES = {"prepare": "Preparing", "download": "Downloading", "inspect": "Checking inputs", "fuse": "Fusing and quantizing",
-          "finalize": "Writing"}
+STAGES = {Stage.PREPARE: "Preparing", Stage.DOWNLOAD: "Downloading", Stage.INSPECT: "Checking inputs",
+          Stage.FUSE: "Fusing and quantizing", Stage.FINALIZE: "Writing"}
 
 
 @dataclass
@@ -33,7 +34,7 @@ def progress_text(job: Job) -> str:
         return "Starting…"
     line = f"**{STAGES.get(ev.stage, ev.stage)}**"
     if ev.total:
-        unit = "files" if ev.stage == "download" else "tensors"
+        unit = "files" if ev.stage == Stage.DOWNLOAD else "tensors"
         line += f" · {ev.done}/{ev.total} {unit}"
     if ev.bytes_total:
         line += f" · {human_bytes(ev.bytes_done)} of {human_bytes(ev.bytes_total)} ({100 * ev.bytes_done / ev.bytes_total:.0f}%)"
