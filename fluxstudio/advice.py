@@ -9,41 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fluxstudio import units
+from fluxstudio.catalogue import MODELS, ModelSpec  # noqa: F401 - the advice reads the catalogue
 from fluxstudio.hardware import BF16_CAPABILITY, FP8_CAPABILITY, GB, Accelerator, HardwareInfo
 
 ORDER = ("bf16", "fp8", "nf4")  # best quality first
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    key: str
-    label: str
-    params: float  # transformer parameters
-    fp8_bf16_share: float  # share of parameters fp8 keeps in bf16 (modules layerwise casting skips)
-    headroom_gb: float  # activations, VAE, CUDA context and the text encoder's share while it is on the card
-
-    def weight_bytes(self, precision: str) -> int:
-        """The transformer's weights at any precision of the format table (fp8 keeps some modules in bf16)."""
-        from fluxstudio.formats import PRECISIONS
-
-        per_param = PRECISIONS[precision].bytes_per_param
-        if precision.startswith("fp8"):
-            per_param += self.fp8_bf16_share
-        return int(self.params * per_param)
-
-    def need_bytes(self, precision: str) -> int:
-        return self.weight_bytes(precision) + int(self.headroom_gb * GB)
-
-
-MODELS: dict[str, ModelSpec] = {
-    m.key: m
-    for m in (
-        ModelSpec("flux1", "FLUX.1 (dev, schnell, Fill, Kontext, Depth, Canny)", 11.9e9, 0.18, 3),
-        ModelSpec("flux2-dev", "FLUX.2 dev", 32.2e9, 0.02, 16),  # its 24 B Mistral text encoder shares the card
-        ModelSpec("flux2-klein-9b", "FLUX.2 klein 9B", 9.1e9, 0.02, 5),
-        ModelSpec("flux2-klein-4b", "FLUX.2 klein 4B", 4.0e9, 0.02, 4),
-    )
-}
 
 
 @dataclass(frozen=True)
@@ -112,8 +82,8 @@ class Recommendation:
     one_file: str = ""  # the single-file / GGUF pick for ComfyUI and Forge users, e.g. "gguf Q4_K_S"
 
 
-def _gb(n: float) -> str:
-    return f"~{n / GB:.0f} GB" if n >= 10 * GB else f"~{n / GB:.1f} GB"
+def _need(model: ModelSpec, precision: str) -> str:
+    return units.gb(model.need_bytes(precision), approx=True)
 
 
 def _cap(c: Card) -> str:
@@ -130,7 +100,7 @@ def _why_not(p: str, card: Card, model: ModelSpec) -> str | None:
         return f"NF4 needs bitsandbytes, which does not run on {card.kind}"
     need = model.need_bytes(p)
     if need > card.vram_gb * GB:
-        return f"{p} needs {_gb(need)}; the {card.name} has {card.vram_gb:.0f} GB"
+        return f"{p} needs {units.gb(need, approx=True)}; the {card.name} has {card.vram_gb:.0f} GB"
     return None
 
 
@@ -141,13 +111,13 @@ def recommend(card: Card | None, model: ModelSpec) -> Recommendation:
             "bf16",
             "No NVIDIA or AMD GPU here: the output is meant for a GPU machine. Pick the card you will run it on "
             "for advice; until then bf16 keeps full quality.",
-            tuple(Alternative(p, True, f"{p} needs {_gb(model.need_bytes(p))} on the GPU") for p in ORDER[1:]),
+            tuple(Alternative(p, True, f"{p} needs {_need(model, p)} on the GPU") for p in ORDER[1:]),
         )
     blocked = {p: _why_not(p, card, model) for p in ORDER}
     usable = [p for p in ORDER if blocked[p] is None]
     if "fp8" in usable and card.fp8:
         pick = "fp8"  # the rule: fp8 wherever the card computes it natively and it fits
-        reason = (f"fp8 ({_gb(model.need_bytes('fp8'))}) fits the {card.name}, which computes fp8 natively (compute "
+        reason = (f"fp8 ({_need(model, 'fp8')}) fits the {card.name}, which computes fp8 natively (compute "
                   f"{_cap(card)}): half the VRAM of bf16, leaving room for the text encoders and larger batches, and "
                   "fp8 matmul in ComfyUI and torchao.")
         if blocked["bf16"] is None:
@@ -156,14 +126,14 @@ def recommend(card: Card | None, model: ModelSpec) -> Recommendation:
         pick = usable[0]
         need = model.need_bytes(pick)
         if pick == "bf16":
-            reason = (f"bf16 fits: {model.label} needs {_gb(need)} and the {card.name} has {card.vram_gb:.0f} GB — "
+            reason = (f"bf16 fits: {model.label} needs {units.gb(need, approx=True)} and the {card.name} has {card.vram_gb:.0f} GB — "
                       f"full quality{'' if card.fp8 else f'; fp8 would not compute natively (compute {_cap(card)})'}.")
         else:
             better = "; ".join(blocked[p] for p in ORDER[: ORDER.index(pick)])
-            reason = f"{pick} ({_gb(need)}) fits the {card.name}: {better}."
+            reason = f"{pick} ({units.gb(need, approx=True)}) fits the {card.name}: {better}."
     else:
         pick = "nf4" if card.bitsandbytes else ("fp8" if card.bf16 else "bf16")
-        reason = (f"Even {pick} needs {_gb(model.need_bytes(pick))}, more than the {card.name}'s {card.vram_gb:.0f} GB: "
+        reason = (f"Even {pick} needs {_need(model, pick)}, more than the {card.name}'s {card.vram_gb:.0f} GB: "
                   "it will run with CPU offload (pipe.enable_model_cpu_offload()), slowly.")
     alternatives = tuple(
         Alternative(p, blocked[p] is None, blocked[p] or (

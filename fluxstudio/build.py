@@ -22,13 +22,9 @@ from fluxstudio.memory import MemorySampler
 from fluxstudio.models import open_base
 from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, report
 from fluxstudio.request import DEFAULT_SHARD_BYTES, DISK_MARGIN, BuildRequest, BuildResult, LoraRef  # noqa: F401
-from fluxstudio import formats, manifest, partials, snippets
+from fluxstudio import formats, manifest, partials, snippets, units
 from fluxstudio.formats.outputs import make_output
 
-
-
-def free_disk_bytes(path: Path) -> int:
-    return shutil.disk_usage(path).free
 
 
 def resolve_ref(text: str, kind: str, hub: Hub, progress=None, cancel=None) -> tuple[Path, dict]:
@@ -101,7 +97,7 @@ def build(
     req: BuildRequest,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
-    free_bytes: Callable[[Path], int] = free_disk_bytes,
+    free_bytes: Callable[[Path], int] = units.free_bytes,
     hub: Hub | None = None,
 ) -> BuildResult:
     fmt = formats.get_format(req.format)
@@ -138,7 +134,7 @@ def build(
         free = free_bytes(out.parent)
         if free < need:
             raise DiskSpaceError(
-                f"Not enough free disk: this build needs about {_gb(need)} and {out.parent} has {_gb(free)} free.",
+                f"Not enough free disk: this build needs about {units.gb(need)} and {out.parent} has {units.gb(free)} free.",
                 "Free some space or choose another output folder.", (out.parent,),
             )
         stage_done("inspect")
@@ -206,10 +202,6 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     tmp.replace(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
 
 
 def _fingerprint(base) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import psutil
 
+from fluxstudio.units import existing_parent, free_bytes
+
 GB = 10**9
 FP8_CAPABILITY = (8, 9)
 BF16_CAPABILITY = (8, 0)
@@ -77,14 +79,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def existing_parent(path: Path) -> Path:
-    """The path itself or its nearest existing parent (where free disk can be measured)."""
-    path = path.resolve()
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
 
 
 def _nvidia_smi(run: Callable = subprocess.run) -> list[dict]:
@@ -154,7 +148,7 @@ def probe(output_dir: Path | None = None, torch_module=None, run: Callable = sub
     vm = psutil.virtual_memory()
     disk_path = existing_parent(output_dir or paths.outputs_dir())
     try:
-        disk_free = shutil.disk_usage(disk_path).free
+        disk_free = free_bytes(disk_path)
     except OSError:
         disk_free = 0
     try:

@@ -10,39 +10,17 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from fluxstudio import units
+from fluxstudio.catalogue import PRESETS  # noqa: F401 - presets are repo ids to the Hub
 from fluxstudio.errors import BadInputError, CancelledError, DiskSpaceError, FluxStudioError, HubError
 from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Stage, report
 
 HUB_URL = "https://huggingface.co"
 CHUNK = 1 << 20  # download chunk: progress (and cancel) at least every MiB
-
-
-@dataclass(frozen=True)
-class Preset:
-    key: str
-    label: str
-    repo_id: str
-    family: str
-    gated: bool
-    transformer_gb: float  # approximate download: transformer/ in bf16
-
-
-PRESETS: tuple[Preset, ...] = (
-    Preset("flux1-dev", "FLUX.1 [dev]", "black-forest-labs/FLUX.1-dev", "flux1", True, 23.8),
-    Preset("flux1-schnell", "FLUX.1 [schnell]", "black-forest-labs/FLUX.1-schnell", "flux1", False, 23.8),
-    Preset("flux1-fill-dev", "FLUX.1 Fill [dev]", "black-forest-labs/FLUX.1-Fill-dev", "flux1", True, 23.8),
-    Preset("flux1-kontext-dev", "FLUX.1 Kontext [dev]", "black-forest-labs/FLUX.1-Kontext-dev", "flux1", True, 23.8),
-    Preset("flux1-canny-dev", "FLUX.1 Canny [dev]", "black-forest-labs/FLUX.1-Canny-dev", "flux1", True, 23.8),
-    Preset("flux1-depth-dev", "FLUX.1 Depth [dev]", "black-forest-labs/FLUX.1-Depth-dev", "flux1", True, 23.8),
-    Preset("flux2-dev", "FLUX.2 [dev]", "black-forest-labs/FLUX.2-dev", "flux2", True, 64.4),
-    Preset("flux2-klein-4b", "FLUX.2 [klein] 4B", "black-forest-labs/FLUX.2-klein-4B", "flux2", False, 7.8),
-    Preset("flux2-klein-9b", "FLUX.2 [klein] 9B", "black-forest-labs/FLUX.2-klein-9B", "flux2", True, 18.2),
-)
 
 
 @dataclass(frozen=True)
@@ -199,7 +177,7 @@ class Hub:
     endpoint: str | None = None  # default: HF_ENDPOINT / huggingface.co
     token: str | bool | None = None  # default: HF_TOKEN or the stored login
     cache_dir: str | None = None  # default: HF_HUB_CACHE
-    free_bytes: Callable[[Path], int] = field(default=lambda p: shutil.disk_usage(p).free)
+    free_bytes: Callable[[Path], int] = units.free_bytes
 
     def _api(self):
         from huggingface_hub import HfApi
@@ -301,14 +279,12 @@ class Hub:
         todo = [f for f in files if not isinstance(
             try_to_load_from_cache(ref.repo_id, f, cache_dir=self.cache_dir, revision=sha), str)]
         total = sum(sizes[f] for f in todo)
-        from fluxstudio.hardware import existing_parent
-
-        probe = existing_parent(self._cache())
+        probe = units.existing_parent(self._cache())
         free = self.free_bytes(probe)
         if total > free:
             raise DiskSpaceError(
-                f"Not enough free disk to download {ref.display()}: it needs {total / 1e9:.2f} GB and "
-                f"{probe} has {free / 1e9:.2f} GB free.", "Free some space, or set HF_HOME to a larger disk.", (probe,))
+                f"Not enough free disk to download {ref.display()}: it needs {units.gb(total)} and "
+                f"{probe} has {units.gb(free)} free.", "Free some space, or set HF_HOME to a larger disk.", (probe,))
         done = 0
         for i, name in enumerate(todo, start=1):
             def sink(n: int, name: str = name, i: int = i) -> None:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-PRECISIONS: tuple[str, ...] = ("bf16", "fp8", "nf4")
 FP8_MAX = 448.0
 NF4_BLOCK = 64
 
@@ -47,11 +46,7 @@ class Quantizer:
         return [name] + [f"{name}.{s}" for s in suffixes]
 
     def estimate_bytes(self, name: str, numel: int) -> int:
-        if not self.is_quantized(name) or self.precision == "bf16":
-            return numel * 2
-        if self.precision == "fp8":
-            return numel
-        return (numel + 1) // 2 + 4 * math.ceil(numel / NF4_BLOCK) + 64 + 256
+        return encoded_bytes(self.precision if self.is_quantized(name) else "bf16", numel)
 
     def config_block(self) -> dict | None:
         if self.precision != "nf4":
@@ -73,6 +68,15 @@ class Quantizer:
         }
 
 
+def encoded_bytes(precision: str, numel: int) -> int:
+    """Bytes that one weight of `numel` values takes at a precision (with NF4's block scales and quant state)."""
+    from fluxstudio.formats import PRECISIONS
+
+    if precision == "nf4":
+        return (numel + 1) // 2 + 4 * math.ceil(numel / NF4_BLOCK) + 64 + 256
+    return math.ceil(numel * PRECISIONS[precision].bytes_per_param) + (4 if precision == "fp8-scaled" else 0)
+
+
 def layerwise_skip_patterns(model_cls: type) -> tuple[str, ...]:
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
@@ -80,7 +84,9 @@ def layerwise_skip_patterns(model_cls: type) -> tuple[str, ...]:
 
 
 def make_quantizer(precision: str, linear_modules: frozenset[str], model_cls: type, double_quant: bool = False) -> Quantizer:
-    if precision not in PRECISIONS:
+    from fluxstudio.formats import FORMATS
+
+    if precision not in FORMATS["diffusers"].precisions:
         raise ValueError(f"unknown precision {precision!r}")
     modules = linear_modules
     if precision == "fp8":

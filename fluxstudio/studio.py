@@ -12,15 +12,16 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fluxstudio import __version__, advice, formats, paths, snippets
+from fluxstudio import __version__, advice, catalogue, formats, paths, snippets
 from fluxstudio.errors import BadInputError, FluxStudioError
 from fluxstudio.formats import FORMATS, PRECISIONS
 from fluxstudio.hardware import HardwareInfo, library_versions, probe
-from fluxstudio.hub import PRESETS, Hub, Ref, has_token, parse_ref, save_token
+from fluxstudio.catalogue import PRESETS
+from fluxstudio.hub import Hub, Ref, has_token, parse_ref, save_token
 from fluxstudio.jobs import Job, JobRunner
 from fluxstudio.request import DISK_MARGIN, BuildRequest, BuildResult, LoraRef
 from fluxstudio.library import Entry, delete_output, list_outputs, safe_name
-from fluxstudio.units import human_bytes, parse_size
+from fluxstudio.units import free_bytes, human_bytes, parse_size
 
 __all__ = [
     "FORMATS", "PRECISIONS", "PRESETS", "BuildRequest", "Entry", "Job", "LoraRef", "Studio", "__version__", "advice",
@@ -92,10 +93,8 @@ class Studio:
 
     @staticmethod
     def model_key(choice: str, family: str = "flux1") -> str:
-        """Which size table entry advises for this base."""
-        if choice in advice.MODELS:  # the klein presets have entries of their own
-            return choice
-        return "flux2-dev" if choice.startswith("flux2") or family == "flux2" else "flux1"
+        """Which catalogue entry advises for this base."""
+        return catalogue.model_key(choice, family)
 
     def local_base(self, choice: str, custom: str = "") -> Path | None:
         """The base's folder when it is on this machine already (demo, a local folder, a cached Hub snapshot)."""
@@ -195,9 +194,8 @@ class Studio:
         """The output's size: exactly what the build checks the disk against when the base is here (the LoRAs
         count: a Control LoRA widens the model), else the model table's figure. Never raises."""
         from fluxstudio.build import plan_output
-        from fluxstudio.hardware import existing_parent
 
-        free = shutil.disk_usage(existing_parent(self.output_dir)).free
+        free = free_bytes(self.output_dir)
         try:
             base_dir = self.local_base(choice, custom)
             if base_dir is not None:

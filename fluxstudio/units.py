@@ -1,8 +1,10 @@
-"""Byte sizes for people: parse "5GB", print 1.2 GB."""
+"""Byte sizes for people (parse "5GB", print 1.2 GB) and the one free-disk reader."""
 
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -23,3 +25,23 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def gb(n: float, approx: bool = False) -> str:
+    """Gigabytes with two decimals ("12.50 GB"), or a rounded figure ("~12 GB", "~9.7 GB") for estimates."""
+    if not approx:
+        return f"{n / 1e9:.2f} GB"
+    return f"~{n / 1e9:.0f} GB" if n >= 10e9 else f"~{n / 1e9:.1f} GB"
+
+
+def existing_parent(path: Path) -> Path:
+    """The path itself or its nearest existing parent (where free disk can be measured)."""
+    path = Path(path).resolve()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> int:
+    """Free disk where `path` is (or would be created)."""
+    return shutil.disk_usage(existing_parent(path)).free

@@ -109,9 +109,11 @@ def test_job_runner_cancels_and_turns_errors_into_sentences(tmp_path):
     assert job.status == "cancelled" and isinstance(job.error, CancelledError)
     assert not runner.cancel(job.id) and not runner.cancel("no-such-job")
 
+    open_gate = threading.Event()
+    open_gate.set()
     for fail, status in ((BadInputError("Bad.", "Fix it."), "failed"), (KeyError("boom"), "failed")):
         events.clear()
-        job = JobRunner(fake_build(events, threading.Event(), fail)).start(BuildRequest("demo", (), "bf16", tmp_path / "y"))
+        job = JobRunner(fake_build(events, open_gate, fail)).start(BuildRequest("demo", (), "bf16", tmp_path / "y"))
         job.wait(20)
         assert job.status == status and isinstance(job.error, FluxStudioError)
         assert "KeyError" in job.error.message or job.error.message == "Bad."

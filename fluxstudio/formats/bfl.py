@@ -132,20 +132,32 @@ def swap_halves(t: torch.Tensor) -> torch.Tensor:
 class Assembler:
     """Collects fused diffusers tensors and hands out BFL tensors once all of their parts are in.
 
-    Memory: at most one group (the largest is a single block's linear1), never the model.
+    Each part is copied into the group's buffer as it arrives (in `dtype`: bf16 where the output is made from
+    the bf16 rounding anyway), so memory holds one group (the largest is a single block's linear1) and one part,
+    never the model.
     """
 
-    def __init__(self, groups: list[Group]) -> None:
-        self._group_of = {part: g for g in groups for part in g.parts}
-        self._pending: dict[str, dict[str, torch.Tensor]] = {}
+    def __init__(self, groups: list[Group], dtype: torch.dtype = torch.float32) -> None:
+        self._where: dict[str, tuple[Group, int]] = {}
+        for g in groups:
+            for i, part in enumerate(g.parts):
+                self._where[part] = (g, i)
+        self.dtype = dtype
+        self._buffers: dict[str, tuple[torch.Tensor, int]] = {}  # group -> (buffer, parts copied)
 
-    def add(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
-        group = self._group_of[name]
+    def add(self, name: str, tensor: torch.Tensor, rows: list[int] | None = None) -> tuple[str, torch.Tensor] | None:
+        """Take one part; `rows` are the row counts of all of the group's parts (needed for its first part)."""
+        group, index = self._where[name]
         if len(group.parts) == 1:
             return group.name, swap_halves(tensor) if group.swapped else tensor
-        have = self._pending.setdefault(group.name, {})
-        have[name] = tensor
-        if len(have) < len(group.parts):
+        if group.name not in self._buffers:
+            shape = (sum(rows), *tensor.shape[1:])
+            self._buffers[group.name] = (torch.empty(shape, dtype=self.dtype, device=tensor.device), 0)
+        buffer, copied = self._buffers[group.name]
+        start = sum(rows[:index])
+        buffer[start : start + tensor.shape[0]].copy_(tensor)
+        if copied + 1 < len(group.parts):
+            self._buffers[group.name] = (buffer, copied + 1)
             return None
-        del self._pending[group.name]
-        return group.name, torch.cat([have.pop(p) for p in group.parts], dim=0)  # fp32 if any part was fused
+        del self._buffers[group.name]
+        return group.name, buffer

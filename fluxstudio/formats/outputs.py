@@ -19,7 +19,7 @@ from fluxstudio.formats import Format
 from fluxstudio.formats.bfl import Assembler, layout
 from fluxstudio.fuse import TensorJob
 from fluxstudio.quant import ggml
-from fluxstudio.quantize import FP8_MAX, make_quantizer, nf4_encode
+from fluxstudio.quantize import FP8_MAX, encoded_bytes, make_quantizer, nf4_encode
 from fluxstudio.writer import ShardedWriter, header_bound
 
 # The small input/output layers keep a high precision in every one-file format (city96's rule for GGUF).
@@ -81,11 +81,13 @@ class _BflOutput:
         self.shapes = {
             g.name: (sum(by_name[p].out_shape[0] for p in g.parts), *by_name[g.parts[0]].out_shape[1:]) for g in groups
         }
-        self.assembler = Assembler(groups)
+        self.rows = {p: [by_name[q].out_shape[0] for q in g.parts] for g in groups for p in g.parts}
+        # fp8 is made from the fp32 sums (rounded once); everything else from their bf16 rounding
+        self.assembler = Assembler(groups, torch.float32 if precision.startswith("fp8") else torch.bfloat16)
         self.notes: list[str] = []
 
     def encode(self, name: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
-        done = self.assembler.add(name, fused)
+        done = self.assembler.add(name, fused, self.rows[name])
         return {} if done is None else self.encode_bfl(*done)
 
     def quantized(self, name: str) -> bool:
@@ -96,17 +98,7 @@ class SingleFileOutput(_BflOutput):
     """One BFL-keyed .safetensors: bf16, fp8, scaled fp8 or Forge's NF4 layout."""
 
     def need_bytes(self) -> int:
-        per = {"bf16": 2, "fp8": 1, "fp8-scaled": 1}
-        total = 0
-        for name, shape in self.shapes.items():
-            n = math.prod(shape)
-            if not self.quantized(name) or self.precision == "bf16":
-                total += 2 * n
-            elif self.precision == "nf4":
-                total += (n + 1) // 2 + 4 * math.ceil(n / 64) + 64 + 256
-            else:
-                total += per[self.precision] * n + 4
-        return total
+        return sum(encoded_bytes(self.precision if self.quantized(n) else "bf16", math.prod(s)) for n, s in self.shapes.items())
 
     def keys(self) -> list[str]:
         out = []
@@ -130,15 +122,16 @@ class SingleFileOutput(_BflOutput):
         key = SINGLE_PREFIX + name
         if not self.quantized(name) or self.precision == "bf16":
             return {key: t.to(torch.bfloat16).cpu()}
-        if self.precision == "fp8":
-            return {key: t.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).cpu()}
         if self.precision == "nf4":
             return nf4_encode(key, t.to(torch.bfloat16))
-        t = t.to(torch.float32)
-        amax = t.abs().max()
+        t = t.to(torch.float32)  # in place below where it is a group's own buffer: no second copy of linear1
+        if self.precision == "fp8":
+            return {key: t.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).cpu()}
+        lo, hi = torch.aminmax(t)  # no |t| temporary: linear1 alone is half a GB in fp32
+        amax = torch.maximum(-lo, hi)
         scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
         return {
-            key: (t / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).cpu(),
+            key: t.div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).cpu(),
             key[: -len("weight")] + "scale_weight": scale.reshape(()).cpu(),
         }
 
