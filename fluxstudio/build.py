@@ -13,18 +13,16 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fluxstudio import __version__
+from fluxstudio import __version__, formats, manifest, partials, snippets, units
 from fluxstudio.errors import BadInputError, DiskSpaceError, OutputError
+from fluxstudio.formats.outputs import make_output
 from fluxstudio.fuse import execute, plan
 from fluxstudio.hub import Hub, parse_ref
 from fluxstudio.lora import load_lora
 from fluxstudio.memory import MemorySampler
 from fluxstudio.models import open_base
 from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, report
-from fluxstudio.request import DEFAULT_SHARD_BYTES, DISK_MARGIN, BuildRequest, BuildResult, LoraRef  # noqa: F401
-from fluxstudio import formats, manifest, partials, snippets, units
-from fluxstudio.formats.outputs import make_output
-
+from fluxstudio.request import DEFAULT_SHARD_BYTES, DISK_MARGIN, BuildRequest, BuildResult, LoraRef  # noqa: F401 - re-exported
 
 
 def resolve_ref(text: str, kind: str, hub: Hub, progress=None, cancel=None) -> tuple[Path, dict]:
@@ -100,9 +98,7 @@ def build(
     free_bytes: Callable[[Path], int] = units.free_bytes,
     hub: Hub | None = None,
 ) -> BuildResult:
-    fmt = formats.get_format(req.format)
-    if req.precision not in fmt.precisions:
-        formats.check(req.format, req.precision, "")  # raises the one sentence for this pair
+    fmt = formats.check_precision(req.format, req.precision)  # before any download: the family is checked later
     out = formats.output_path(req.format, req.out_dir)
     stages: dict[str, float] = {}
     t0 = time.monotonic()

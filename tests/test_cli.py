@@ -78,9 +78,13 @@ def test_env_json(isolated_home):
     assert data["recommendation"]["precision"] in ("bf16", "fp8", "nf4") and data["recommendation"]["reason"]
     assert data["libraries"]["torch"] and data["libraries"]["diffusers"]
     assert data["folders"]["home"] == str(isolated_home)
-    proc = cli("env", "--json", "--target", "RTX 4090 24 GB")
-    rec = json.loads(proc.stdout)["recommendation"]
-    assert rec["precision"] == "fp8" and rec["target"] == "RTX 4090 24 GB"
+    for card, precision, fact in (("H100 80 GB", "fp8", "compute 9.0"), ("RTX 4090 24 GB", "fp8", "compute 8.9"),
+                                  ("RTX 5090 32 GB", "fp8", "compute 12.0"), ("A100 80 GB", "bf16", "compute 8.0"),
+                                  ("RTX 3080 10 GB", "nf4", "10 GB"), ("RTX 4070 12 GB", "nf4", "12 GB")):
+        proc = cli("env", "--json", "--target", card)
+        rec = json.loads(proc.stdout)["recommendation"]
+        assert (rec["precision"], rec["target"]) == (precision, card) and fact in rec["reason"], rec
+        assert rec["model"].startswith("FLUX.1") and rec["one_file"]
 
 
 def test_env_text():

@@ -72,13 +72,19 @@ def get_format(key: str) -> Format:
     return FORMATS[key]
 
 
-def check(format_key: str, precision: str, family: str) -> Format:
-    """The format, once sure it offers `precision` and its consumers load `family`; one sentence otherwise."""
+def check_precision(format_key: str, precision: str) -> Format:
+    """The format, once sure it offers `precision`; one sentence otherwise."""
     fmt = get_format(format_key)
     if precision not in fmt.precisions:
         raise BadInputError(
             f"The {fmt.key} format has no precision {precision!r}.", f"It offers {', '.join(fmt.precisions)}."
         )
+    return fmt
+
+
+def check(format_key: str, precision: str, family: str) -> Format:
+    """The format, once sure it offers `precision` and its consumers load `family`; one sentence otherwise."""
+    fmt = check_precision(format_key, precision)
     if family not in fmt.families:
         raise BadInputError(f"The {fmt.key} format cannot hold a {family} model.", "Use the diffusers format.")
     return fmt
