@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fluxstudio.formats import PRECISIONS
+
 GB = 10**9
 
 
@@ -19,8 +21,6 @@ class ModelSpec:
 
     def weight_bytes(self, precision: str) -> int:
         """The transformer's weights at any precision of the format table (fp8 keeps some modules in bf16)."""
-        from fluxstudio.formats import PRECISIONS
-
         per_param = PRECISIONS[precision].bytes_per_param
         if precision.startswith("fp8"):
             per_param += self.fp8_bf16_share

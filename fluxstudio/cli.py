@@ -10,7 +10,12 @@ from pathlib import Path
 
 from fluxstudio import studio
 from fluxstudio.errors import (
-    BadInputError, CancelledError, DiskSpaceError, FluxStudioError, HubError, OutputError,
+    BadInputError,
+    CancelledError,
+    DiskSpaceError,
+    FluxStudioError,
+    HubError,
+    OutputError,
 )
 from fluxstudio.progress import CancelToken, ProgressEvent, Stage
 from fluxstudio.studio import FORMATS, PRECISIONS, __version__, advice, human_bytes, paths

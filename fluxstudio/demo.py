@@ -46,7 +46,6 @@ def _atomic_dir(target: Path, make) -> Path:
 def make_flux1_model(folder: Path, config: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write a randomly initialized FluxTransformer2DModel (diffusers format) into `folder`."""
     from diffusers import FluxTransformer2DModel
-
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)

@@ -8,10 +8,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fluxstudio.request import BuildRequest, BuildResult
 from fluxstudio.errors import CancelledError, FluxStudioError
 from fluxstudio.memory import MemorySampler, MemorySnapshot
 from fluxstudio.progress import CancelToken, ProgressEvent
+from fluxstudio.request import BuildRequest, BuildResult
 
 
 @dataclass

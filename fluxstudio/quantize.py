@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fluxstudio.formats import FORMATS, PRECISIONS
+
 FP8_MAX = 448.0
 NF4_BLOCK = 64
 
@@ -70,8 +72,6 @@ class Quantizer:
 
 def encoded_bytes(precision: str, numel: int) -> int:
     """Bytes that one weight of `numel` values takes at a precision (with NF4's block scales and quant state)."""
-    from fluxstudio.formats import PRECISIONS
-
     if precision == "nf4":
         return (numel + 1) // 2 + 4 * math.ceil(numel / NF4_BLOCK) + 64 + 256
     return math.ceil(numel * PRECISIONS[precision].bytes_per_param) + (4 if precision == "fp8-scaled" else 0)
@@ -84,8 +84,6 @@ def layerwise_skip_patterns(model_cls: type) -> tuple[str, ...]:
 
 
 def make_quantizer(precision: str, linear_modules: frozenset[str], model_cls: type, double_quant: bool = False) -> Quantizer:
-    from fluxstudio.formats import FORMATS
-
     if precision not in FORMATS["diffusers"].precisions:
         raise ValueError(f"unknown precision {precision!r}")
     modules = linear_modules

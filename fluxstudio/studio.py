@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluxstudio import __version__, advice, catalogue, formats, paths, snippets
+from fluxstudio.catalogue import PRESETS
 from fluxstudio.errors import BadInputError, FluxStudioError
 from fluxstudio.formats import FORMATS, PRECISIONS
 from fluxstudio.hardware import HardwareInfo, library_versions, probe
-from fluxstudio.catalogue import PRESETS
 from fluxstudio.hub import Hub, Ref, has_token, parse_ref, save_token
 from fluxstudio.jobs import Job, JobRunner
-from fluxstudio.request import DISK_MARGIN, BuildRequest, BuildResult, LoraRef
 from fluxstudio.library import Entry, delete_output, list_outputs, safe_name
+from fluxstudio.request import DISK_MARGIN, BuildRequest, BuildResult, LoraRef
 from fluxstudio.units import free_bytes, human_bytes, parse_size
 
 __all__ = [
