@@ -24,8 +24,9 @@ from fluxstudio.request import DISK_MARGIN, BuildRequest, BuildResult, LoraRef
 from fluxstudio.units import free_bytes, human_bytes, parse_size
 
 __all__ = [
-    "FORMATS", "PRECISIONS", "PRESETS", "BuildRequest", "Entry", "Job", "LoraRef", "Studio", "__version__", "advice",
-    "human_bytes", "library_versions", "parse_size", "paths", "safe_name", "snippets",
+    "CUSTOM", "FORMATS", "PRECISIONS", "PRESETS", "THIS_MACHINE", "BaseStatus", "BuildRequest", "BuildResult", "Entry",
+    "Estimate", "Job", "LoraRef", "Studio", "__version__", "advice", "human_bytes", "library_versions", "parse_size",
+    "paths", "safe_name", "snippets",
 ]
 THIS_MACHINE = "This machine"
 CUSTOM = "custom"
@@ -36,7 +37,6 @@ class BaseStatus:
     text: str  # one line for the page
     model_key: str  # the advice table's entry for this base
     need_token: bool = False
-    ok: bool = True
 
 
 @dataclass(frozen=True)
@@ -270,6 +270,3 @@ class Studio:
         if ref.kind != "hub":
             raise FluxStudioError(f"'{text}' is not a Hub reference.", "Use owner/name or a https://huggingface.co/... URL.")
         return ref, (self.hub.fetch_lora if lora else self.hub.fetch_base)(ref, progress=progress, cancel=cancel)
-
-
-__all__ += ["BaseStatus", "BuildResult", "CUSTOM", "Estimate", "THIS_MACHINE"]

@@ -28,7 +28,24 @@ KEEP_F32 = ("img_in.", "time_in.in_layer.", "vector_in.in_layer.", "guidance_in.
 SINGLE_PREFIX = ""  # bare BFL names, as BFL's own files: ComfyUI, Forge and diffusers (FLUX.2 too) read them
 
 
-class DiffusersOutput:
+class _Safetensors:
+    """Writing through a ShardedWriter (the diffusers folder and the single file)."""
+
+    writer: ShardedWriter | None = None
+
+    def write(self, key: str, value: torch.Tensor) -> None:
+        self.writer.add(key, value)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+    @property
+    def total_bytes(self) -> int:
+        return self.writer.total_bytes if self.writer else 0
+
+
+class DiffusersOutput(_Safetensors):
     """A diffusers folder: sharded safetensors, config.json (+ quantization_config)."""
 
     def __init__(self, precision: str, base, jobs: list[TensorJob], config_updates: dict, shard_bytes: int,
@@ -37,7 +54,6 @@ class DiffusersOutput:
         self.jobs = jobs
         self.base, self.config_updates, self.shard_bytes = base, config_updates, shard_bytes
         self.notes: list[str] = []
-        self.writer: ShardedWriter | None = None
 
     def need_bytes(self) -> int:
         return sum(self.quantizer.estimate_bytes(j.name, math.prod(j.out_shape)) for j in self.jobs)
@@ -50,9 +66,6 @@ class DiffusersOutput:
     def encode(self, name: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.quantizer.encode(name, fused)
 
-    def write(self, key: str, value: torch.Tensor) -> None:
-        self.writer.add(key, value)
-
     def close(self) -> list[Path]:
         files = self.writer.close()
         config = dict(self.base.config) | self.config_updates
@@ -60,14 +73,6 @@ class DiffusersOutput:
             config["quantization_config"] = qconfig
         (self.folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return files + [self.folder / "config.json"]
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-
-    @property
-    def total_bytes(self) -> int:
-        return self.writer.total_bytes if self.writer else 0
 
 
 class _BflOutput:
@@ -94,7 +99,7 @@ class _BflOutput:
         return name.endswith(".weight") and len(self.shapes[name]) == 2 and not name.startswith(KEEP_HIGH)
 
 
-class SingleFileOutput(_BflOutput):
+class SingleFileOutput(_BflOutput, _Safetensors):
     """One BFL-keyed .safetensors: bf16, fp8, scaled fp8 or Forge's NF4 layout."""
 
     def need_bytes(self) -> int:
@@ -135,18 +140,8 @@ class SingleFileOutput(_BflOutput):
             key[: -len("weight")] + "scale_weight": scale.reshape(()).cpu(),
         }
 
-    def write(self, key: str, value: torch.Tensor) -> None:
-        self.writer.add(key, value)
-
     def close(self) -> list[Path]:
         return self.writer.close()
-
-    def abort(self) -> None:
-        self.writer.abort()
-
-    @property
-    def total_bytes(self) -> int:
-        return self.writer.total_bytes
 
 
 # GGUF precision -> (type of the weights it quantizes, GGUF file type)
