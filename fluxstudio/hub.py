@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fluxstudio import units
-from fluxstudio.catalogue import PRESETS  # noqa: F401 - presets are repo ids to the Hub
 from fluxstudio.errors import BadInputError, CancelledError, DiskSpaceError, FluxStudioError, HubError
 from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Stage, report
 

@@ -48,10 +48,8 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
         output.wire(ctx, o, b.choice, b.custom, b.model_key, lo.items, m.target)
 
         def advise(target, key, format):
-            text, _ = machine.advice_text(ctx, target, key)
-            rec = ctx.studio.advise(target, key)
-            value = output.default_precision(format, rec.precision, rec.one_file)
-            return text, gr.update(choices=output.precision_choices(format, key), value=value)
+            text, rec = machine.advice_text(ctx, target, key)
+            return text, output.precision_update(format, key, rec)
 
         for trigger in (m.target.change, b.model_key.change):
             trigger(advise, [m.target, b.model_key, o.format], [m.advice, o.precision])

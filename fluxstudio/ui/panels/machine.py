@@ -29,12 +29,12 @@ def summary(hw, shared: bool) -> str:
     return "  \n".join(lines)
 
 
-def advice_text(ctx: Context, target: str, model_key: str) -> tuple[str, str]:
-    """(markdown, recommended precision) for the target card and model."""
+def advice_text(ctx: Context, target: str, model_key: str) -> tuple[str, advice.Recommendation]:
+    """(markdown, the recommendation) for the target card and model."""
     rec = ctx.studio.advise(target, model_key)
     alts = "  \n".join(f"· **{a.precision}**: {a.why}" for a in rec.alternatives)
     one_file = f"  \nFor ComfyUI / Forge: **{rec.one_file}**." if rec.one_file else ""
-    return f"**Recommended: {rec.precision}** — {rec.reason}  \n{alts}{one_file}", rec.precision
+    return f"**Recommended: {rec.precision}** — {rec.reason}  \n{alts}{one_file}", rec
 
 
 def render(ctx: Context) -> Handles:

@@ -38,6 +38,12 @@ def default_precision(format: str, advised: str, one_file: str) -> str:
     return precision if kind == format and precision in fmt.precisions else fmt.default
 
 
+def precision_update(format: str, model_key: str, rec) -> dict:
+    """The precision choices for a format, with the advice's pick (`rec`, a Recommendation) selected."""
+    value = default_precision(format, rec.precision, rec.one_file)
+    return gr.update(choices=precision_choices(format, model_key), value=value)
+
+
 def estimate(ctx: Context, choice: str, custom: str, items: list, format: str, precision: str, model_key: str) -> str:
     """The size the build will check the disk against (exact once the base is here), and the free disk."""
     if precision not in FORMATS[format].precisions:
@@ -70,9 +76,7 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key, loras, t
 
     def on_format(format, key, target_card):
         rec = ctx.studio.advise(target_card, key)
-        value = default_precision(format, rec.precision, rec.one_file)
-        return (gr.update(choices=precision_choices(format, key), value=value),
-                gr.update(visible=format == "diffusers"))
+        return precision_update(format, key, rec), gr.update(visible=format == "diffusers")
 
     h.format.change(on_format, [h.format, model_key, target], [h.precision, h.shard])
     for trigger in (h.precision.change, model_key.change, loras.change):
