@@ -36,7 +36,8 @@ def resolve_ref(text: str, kind: str, hub: Hub, progress=None, cancel=None) -> t
         return ref.path, {"ref": ref.path.name}
     fetch = hub.fetch_base if kind == "base" else hub.fetch_lora
     got = fetch(ref, progress, cancel)
-    return got.path, {"ref": ref.display(), "repo_id": ref.repo_id, "revision": got.revision}
+    origin = {"ref": ref.display(), "repo_id": ref.repo_id, "revision": got.revision}
+    return got.path, origin | ({"notes": list(got.notes)} if got.notes else {})
 
 
 def pick_device(device: str) -> str:
@@ -117,6 +118,7 @@ def build(
         base_path, base_origin = resolve_ref(req.base, "base", hub, progress, cancel)
         resolved = [resolve_ref(r.ref, "lora", hub, progress, cancel) for r in req.loras]
         lora_paths = [p for p, _ in resolved]
+        download_notes = [n for origin in (base_origin, *(o for _, o in resolved)) for n in origin.pop("notes", [])]
         check_output(out, [base_path, *lora_paths], req.overwrite, is_file=bool(fmt.extension))
         stage_done("prepare")
 
@@ -168,7 +170,7 @@ def build(
                 files=sorted(p.name for p in files if p.suffix in (".safetensors", ".gguf")),
                 tensors_fused=fplan.fused_count,
                 family=base.family.key,
-                notes=fplan.notes + output.notes + [f"{lora.name}: {n}" for lora, _ in loras for n in lora.notes]
+                notes=download_notes + fplan.notes + output.notes + [f"{lora.name}: {n}" for lora, _ in loras for n in lora.notes]
                 + [f"{lora.name}: {', '.join(lora.skipped)} parts not fused (transformer only)" for lora, _ in loras if lora.skipped],
             )
             if fmt.extension:

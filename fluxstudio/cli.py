@@ -85,6 +85,8 @@ def cmd_download(args: argparse.Namespace) -> int:
         bar.close()
     note = f"downloaded {human_bytes(got.downloaded_bytes)}" if got.downloaded_bytes else "already in the cache"
     print(f"{ref.display()} @ {got.revision[:12]}: {note}\n{got.path}")
+    for line in got.notes:
+        print(f"Note: {line}")
     return 0
 
 
@@ -153,7 +155,10 @@ class _Bar:
 
             self.close()
             desc = "Fusing" if ev.stage == Stage.FUSE else "Downloading"
-            self.bar = tqdm(total=ev.bytes_total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, dynamic_ncols=True)
+            if ev.bytes_start:
+                print(f"{ev.message}.", file=sys.stderr)
+            self.bar = tqdm(total=ev.bytes_total, initial=ev.bytes_start, unit="B", unit_scale=True, desc=desc,
+                            file=sys.stderr, dynamic_ncols=True)
         self.stage = ev.stage
         unit = "tensors" if ev.stage == Stage.FUSE else "files"
         self.bar.set_postfix_str(f"{ev.done}/{ev.total} {unit}", refresh=False)

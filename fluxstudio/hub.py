@@ -11,15 +11,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fluxstudio import units
-from fluxstudio.errors import BadInputError, CancelledError, DiskSpaceError, FluxStudioError, HubError
+from fluxstudio import resume, units
+from fluxstudio.errors import BadInputError, DiskSpaceError, FluxStudioError, HubError
 from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Stage, report
 
 HUB_URL = "https://huggingface.co"
-CHUNK = 1 << 20  # download chunk: progress (and cancel) at least every MiB
 
 
 @dataclass(frozen=True)
@@ -128,45 +127,13 @@ def base_files(names: list[str], subpath: str = "") -> list[str]:
     return [n for n in keep if "/" not in n]
 
 
-class _Bar:
-    """A tqdm stand-in for hf_hub_download: turns byte counts into ProgressEvents and checks for cancel."""
-
-    def __init__(self, sink: Callable[[int], None], **kwargs) -> None:
-        self.n = kwargs.get("initial", 0) or 0
-        self.total = kwargs.get("total")
-        self._sink = sink
-        if self.n:
-            sink(self.n)
-
-    def update(self, n: int | float | None = 1) -> None:
-        self.n += int(n or 0)
-        self._sink(int(n or 0))
-
-    def __enter__(self) -> _Bar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def set_postfix_str(self, *args, **kwargs) -> None:
-        pass
-
-    def set_description(self, *args, **kwargs) -> None:
-        pass
-
-    def refresh(self) -> None:
-        pass
-
-
 @dataclass(frozen=True)
 class Fetched:
     path: Path  # a model folder (bases) or a .safetensors file (LoRAs)
     ref: Ref
     revision: str = ""  # the commit the files come from
     downloaded_bytes: int = 0
+    notes: tuple[str, ...] = ()  # what the person should know (a damaged partial download started over)
 
 
 @dataclass
@@ -207,8 +174,7 @@ class Hub:
                                     "Pick a diffusers-format FLUX repo (with a transformer/ folder).")
 
         fetched = self._fetch(ref, choose, usable, patterns, progress, cancel)
-        folder = fetched.path / ref.subpath if ref.subpath else fetched.path
-        return Fetched(folder, ref, fetched.revision, fetched.downloaded_bytes)
+        return replace(fetched, path=fetched.path / ref.subpath if ref.subpath else fetched.path)
 
     def fetch_lora(self, ref: Ref, progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> Fetched:
         chosen: list[str] = []
@@ -236,12 +202,9 @@ class Hub:
 
         patterns = [ref.subpath] if ref.subpath.endswith(".safetensors") else ["*.safetensors"]
         fetched = self._fetch(ref, choose, lambda names: None, patterns, progress, cancel)
-        return Fetched(fetched.path / chosen[0], ref, fetched.revision, fetched.downloaded_bytes)
+        return replace(fetched, path=fetched.path / chosen[0])
 
     def _fetch(self, ref, choose, usable, patterns, progress, cancel) -> Fetched:
-        from huggingface_hub import constants
-
-        constants.DOWNLOAD_CHUNK_SIZE = CHUNK
         try:
             info = self._api().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
         except Exception as exc:  # noqa: BLE001
@@ -249,60 +212,75 @@ class Hub:
             if not _is_network(exc):
                 raise error from None
             return self._from_cache(ref, patterns, choose, error)
-        sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
-        files = choose(sorted(sizes))
+        files = choose(sorted(s.rfilename for s in info.siblings or []))
         usable(files)
-        missing = [f for f in files if f not in sizes]
+        remotes = _remotes(info, files, ref.repo_id)
+        missing = [f for f in files if f not in remotes]
         if missing:
             raise HubError(f"The file {missing[0]} is not in {ref.repo_id}.", f"Check the file name at {HUB_URL}/{ref.repo_id}.")
-        downloaded = self._download(ref, info.sha, files, sizes, progress, cancel)
+        downloaded, notes = self._download(ref, [remotes[f] for f in files], progress, cancel)
         self._remember_revision(ref, info.sha)
-        return Fetched(self._snapshot(ref.repo_id, info.sha), ref, info.sha, downloaded)
+        return Fetched(self._snapshot(ref.repo_id, info.sha), ref, info.sha, downloaded, tuple(notes))
 
     def _snapshot(self, repo_id: str, sha: str) -> Path:
-        return self._cache() / f"models--{repo_id.replace('/', '--')}" / "snapshots" / sha
+        return resume.repo_dir(self._cache(), repo_id) / "snapshots" / sha
 
     def _remember_revision(self, ref: Ref, sha: str) -> None:
         """Write refs/<revision> as snapshot_download does, so the same reference resolves offline later."""
         if ref.revision == sha:
             return
-        refs = self._cache() / f"models--{ref.repo_id.replace('/', '--')}" / "refs"
+        refs = resume.repo_dir(self._cache(), ref.repo_id) / "refs"
         refs.mkdir(parents=True, exist_ok=True)
         tmp = refs / f".{ref.revision.replace('/', '_')}.tmp"
         tmp.write_text(sha)
         os.replace(tmp, refs / ref.revision)
 
-    def _download(self, ref: Ref, sha: str, files: list[str], sizes: dict[str, int], progress, cancel) -> int:
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    def _cached(self, remote: resume.RemoteFile) -> bool:
+        from huggingface_hub import try_to_load_from_cache
 
-        todo = [f for f in files if not isinstance(
-            try_to_load_from_cache(ref.repo_id, f, cache_dir=self.cache_dir, revision=sha), str)]
-        total = sum(sizes[f] for f in todo)
-        probe = units.existing_parent(self._cache())
+        found = try_to_load_from_cache(remote.repo_id, remote.filename, cache_dir=self.cache_dir, revision=remote.commit)
+        return isinstance(found, str)
+
+    def _download(self, ref: Ref, remotes: list[resume.RemoteFile], progress, cancel) -> tuple[int, list[str]]:
+        """Download what is not in the cache, resuming partial downloads; (bytes transferred, notes)."""
+        cache = self._cache()
+        resume.reclaim(cache, [ref.repo_id])
+        todo = [r for r in remotes if not self._cached(r)]
+        total = sum(r.size for r in todo)
+        done = start = sum(resume.present(cache, r) for r in todo)
+        probe = units.existing_parent(cache)
         free = self.free_bytes(probe)
-        if total > free:
+        if total - start > free:
             raise DiskSpaceError(
-                f"Not enough free disk to download {ref.display()}: it needs {units.gb(total)} and "
+                f"Not enough free disk to download {ref.display()}: it needs {units.gb(total - start)} more and "
                 f"{probe} has {units.gb(free)} free.", "Free some space, or set HF_HOME to a larger disk.", (probe,))
-        done = 0
-        for i, name in enumerate(todo, start=1):
-            def sink(n: int, name: str = name, i: int = i) -> None:
-                nonlocal done
-                if cancel is not None and cancel.cancelled:
-                    raise CancelledError("Download cancelled.", "Run it again to resume where it stopped.")
-                done += n
-                report(progress, ProgressEvent(Stage.DOWNLOAD, i - 1, len(todo), done, total, item=name,
-                                               message=f"Downloading {ref.repo_id}"))
+        message = f"Downloading {ref.repo_id}"
+        if start:
+            message = f"Resuming {ref.repo_id} at {units.human_bytes(start)} of {units.human_bytes(total)}"
+        notes: list[str] = []
 
+        def check() -> None:
+            if cancel is not None and cancel.cancelled:
+                raise resume.cancelled(sum(resume.present(cache, r) for r in todo))
+
+        for i, remote in enumerate(todo):
+            def tell(n: int = 0, i: int = i, remote: resume.RemoteFile = remote) -> None:
+                nonlocal done
+                done += n
+                report(progress, ProgressEvent(Stage.DOWNLOAD, i, len(todo), done, total, item=remote.filename,
+                                               message=message, bytes_start=start))
+
+            tell()
             try:
-                hf_hub_download(ref.repo_id, name, revision=sha, endpoint=self.endpoint, token=self.token,
-                                cache_dir=self.cache_dir, tqdm_class=lambda *a, **k: _Bar(sink, **k))
+                resume.fetch(remote, cache, endpoint=self.endpoint, token=self.token, sink=tell, check=check,
+                             note=notes.append)
             except FluxStudioError:
                 raise
             except Exception as exc:  # noqa: BLE001
-                raise hub_error(exc, ref.repo_id, ref.revision, name) from None
-        report(progress, ProgressEvent(Stage.DOWNLOAD, len(todo), len(todo), total, total, message=f"Downloaded {ref.repo_id}"))
-        return total
+                raise hub_error(exc, ref.repo_id, ref.revision, remote.filename) from None
+        report(progress, ProgressEvent(Stage.DOWNLOAD, len(todo), len(todo), total, total, message=f"Downloaded {ref.repo_id}",
+                                       bytes_start=start))
+        return total - start, notes
 
     def _from_cache(self, ref: Ref, patterns: list[str], choose, error: FluxStudioError) -> Fetched:
         """Offline or unreachable: use what the cache has for this revision, or say what it has instead."""
@@ -331,16 +309,38 @@ class Hub:
         except Exception:  # noqa: BLE001 - no cache yet
             return []
 
-    def plan(self, ref: Ref) -> tuple[int, int, bool]:
-        """(bytes to download, bytes already cached, gated) for a base, from the Hub's file sizes."""
-        from huggingface_hub import try_to_load_from_cache
-
+    def plan(self, ref: Ref) -> Plan:
+        """What getting a base costs, from the Hub's file metadata and what this machine has."""
         info = self.info(ref)
-        sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
-        wanted = base_files(sorted(sizes), ref.subpath)
-        cached = {n for n in wanted if isinstance(try_to_load_from_cache(ref.repo_id, n, cache_dir=self.cache_dir, revision=info.sha), str)}
-        return (sum(sizes[n] for n in wanted if n not in cached), sum(sizes[n] for n in cached), bool(info.gated))
+        remotes = _remotes(info, base_files(sorted(s.rfilename for s in info.siblings or []), ref.subpath), ref.repo_id)
+        cached = [r for r in remotes.values() if self._cached(r)]
+        todo = [r for r in remotes.values() if r not in cached]
+        partial = sum(resume.present(self._cache(), r) for r in todo)
+        return Plan(sum(r.size for r in todo) - partial, sum(r.size for r in cached), partial, bool(info.gated), todo)
 
+    def discard(self, ref: Ref) -> int:
+        """Delete the partial downloads of a base (a person chose to start over); the bytes freed."""
+        return resume.discard(self._cache(), self.plan(ref).todo)
+
+    def reclaim(self) -> int:
+        """Remove interrupted downloads that no running process owns and nobody will resume (at the app's start)."""
+        return resume.reclaim(self._cache())
+
+
+@dataclass(frozen=True)
+class Plan:
+    todo_bytes: int  # still to download
+    cached_bytes: int  # complete in the cache
+    partial_bytes: int  # downloaded already, of files not complete yet: a download resumes there
+    gated: bool
+    todo: list[resume.RemoteFile]
+
+
+def _remotes(info, names: list[str], repo_id: str) -> dict[str, resume.RemoteFile]:
+    """The repo's file metadata (size, sha256, blob id) for these files, at the info's commit."""
+    by_name = {s.rfilename: s for s in info.siblings or []}
+    return {n: resume.RemoteFile(repo_id, n, info.sha, by_name[n].size or 0, by_name[n].lfs.sha256 if by_name[n].lfs else "",
+                                 by_name[n].blob_id or "") for n in names if n in by_name}
 
 
 def save_token(token: str) -> str:

@@ -40,9 +40,12 @@ class Job:
         """Remaining time of the current stage from its byte rate so far."""
         ev = self.event
         elapsed = time.monotonic() - self.stage_started
-        if ev is None or not ev.bytes_total or ev.bytes_done < ev.bytes_total / 100 or elapsed < 2:
+        if ev is None or not ev.bytes_total or elapsed < 2:
+            return None
+        new = ev.bytes_done - ev.bytes_start
+        if new < (ev.bytes_total - ev.bytes_start) / 100 or new <= 0:
             return None  # too early for a rate worth showing
-        return max(0.0, elapsed * (ev.bytes_total - ev.bytes_done) / ev.bytes_done)
+        return max(0.0, elapsed * (ev.bytes_total - ev.bytes_done) / new)
 
     def on_progress(self, ev: ProgressEvent) -> None:
         if self.event is None or ev.stage != self.event.stage:

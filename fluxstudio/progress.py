@@ -34,6 +34,7 @@ class ProgressEvent:
     total: int = 0
     bytes_done: int = 0
     bytes_total: int = 0
+    bytes_start: int = 0  # bytes there already when the stage began (a resumed download): rates count the rest
     item: str = ""  # the tensor or file being worked on
     message: str = ""
 

@@ -37,6 +37,7 @@ class BaseStatus:
     text: str  # one line for the page
     model_key: str  # the advice table's entry for this base
     need_token: bool = False
+    partial_bytes: int = 0  # kept from an interrupted download
 
 
 @dataclass(frozen=True)
@@ -132,13 +133,18 @@ class Studio:
             base = open_base(ref.path)
             return BaseStatus(f"{base.variant} · {str(base.dtype).removeprefix('torch.')} · {human_bytes(base.total_bytes)} "
                               "· local folder", self.model_key(choice, base.family.key))
-        todo, cached, gated = self.hub.plan(ref)
-        need_token = gated and not has_token()
-        where = f"to download: {human_bytes(todo)}" if todo else "already downloaded"
-        if todo and cached:
-            where += f" ({human_bytes(cached)} already here)"
+        p = self.hub.plan(ref)
+        need_token = p.gated and not has_token()
+        where = f"to download: {human_bytes(p.todo_bytes)}" if p.todo_bytes else "already downloaded"
+        if p.todo_bytes and (p.cached_bytes or p.partial_bytes):
+            where += f" ({human_bytes(p.cached_bytes + p.partial_bytes)} already here"
+            where += ", and the download resumes from there)" if p.partial_bytes else ")"
         note = " · gated: accept its licence on the Hub and add a token with access" if need_token else ""
-        return BaseStatus(f"{ref.display()} · {where}{note}", self.model_key(choice), need_token)
+        return BaseStatus(f"{ref.display()} · {where}{note}", self.model_key(choice), need_token, p.partial_bytes)
+
+    def discard_download(self, choice: str, custom: str = "") -> int:
+        """Delete what an interrupted download of this base kept; the bytes freed."""
+        return self.hub.discard(self.ref(self.base_ref(choice, custom)))
 
     def resolve_lora(self, text: str) -> tuple[str, Path]:
         """(reference to build with, local file) for a typed LoRA reference; Hub LoRAs are downloaded here."""
@@ -228,10 +234,11 @@ class Studio:
         return list_outputs(self.output_dir)
 
     def reclaim(self) -> int:
-        """Remove what killed builds left in the outputs folder (work folders no running process owns)."""
+        """Remove what killed builds left in the outputs folder (work folders no running process owns) and
+        interrupted downloads in the HF cache that nobody will resume."""
         from fluxstudio import partials
 
-        self.reclaimed_bytes = partials.reclaim(self.output_dir)
+        self.reclaimed_bytes = partials.reclaim(self.output_dir) + self.hub.reclaim()
         return self.reclaimed_bytes
 
     def delete(self, name: str) -> None:

@@ -2,7 +2,10 @@
 
 It answers what the client asks (FACTS §6): model info with file sizes, HEAD/GET on resolve URLs with the Hub's
 headers, byte ranges, whoami; and injects faults per file: HTTP errors with the Hub's X-Error-Code, a connection
-dropped mid-file, a body shorter than announced, and throttling.
+dropped mid-file, a body shorter than announced, and throttling. A repo added with `xet=True` serves its LFS files as
+the Hub serves Xet-backed ones: the resolve URL answers with X-Xet-Hash and a redirect to another host (here
+`localhost`) that streams the bytes with ranges and refuses a request that carries the token, like a signed CDN URL.
+Each request records the bytes of file data it was sent (`sent`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ class Repo:
     sha: str
     refs: dict[str, str] = field(default_factory=dict)
     gated: bool = False
+    xet: bool = False
+
+
+def git_blob_id(data: bytes) -> str:
+    """A file's git blob id: what the Hub gives as a regular file's ETag and blobId."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 class FakeHub:
@@ -36,9 +45,10 @@ class FakeHub:
         self.granted: dict[str, set[str]] = {}  # gated repo -> tokens with access
         self._server: ThreadingHTTPServer | None = None
 
-    def add_repo(self, repo_id: str, files: dict[str, bytes], gated: bool = False, grant: tuple[str, ...] = ()) -> str:
+    def add_repo(self, repo_id: str, files: dict[str, bytes], gated: bool = False, grant: tuple[str, ...] = (),
+                 xet: bool = False) -> str:
         sha = hashlib.sha1(repo_id.encode() + b"".join(k.encode() + files[k] for k in sorted(files))).hexdigest()
-        self.repos[repo_id] = Repo(dict(files), sha, {"main": sha}, gated)
+        self.repos[repo_id] = Repo(dict(files), sha, {"main": sha}, gated, xet)
         self.granted[repo_id] = set(grant)
         return sha
 
@@ -48,7 +58,10 @@ class FakeHub:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def file_gets(self) -> list[dict]:
-        return [r for r in self.requests if r["method"] == "GET" and "/resolve/" in r["path"]]
+        return [r for r in self.requests if r["method"] == "GET" and ("/resolve/" in r["path"] or "/xet-bridge/" in r["path"])]
+
+    def bytes_sent(self) -> int:
+        return sum(r["sent"] for r in self.requests)
 
     def start(self) -> FakeHub:
         hub = self
@@ -99,8 +112,9 @@ class FakeHub:
     def _handle(self, h, head: bool) -> None:
         path = unquote(urlparse(h.path).path)
         token = self._token(h)
-        self.requests.append({"method": "HEAD" if head else "GET", "path": path, "range": h.headers.get("Range"),
-                              "auth": token is not None})
+        record = {"method": "HEAD" if head else "GET", "path": path, "range": h.headers.get("Range"),
+                  "auth": token is not None, "sent": 0}
+        self.requests.append(record)
         if token is not None and self.valid_tokens and token not in self.valid_tokens:
             return self._error(h, 401, None, "Invalid credentials in Authorization header", head)
         if path == "/api/whoami-v2":
@@ -111,9 +125,9 @@ class FakeHub:
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path)
         if m:
             return self._info(h, m.group(1), m.group(2) or "main", head)
-        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        m = re.fullmatch(r"/(xet-bridge/)?([^/]+/[^/]+)/(?:resolve/)?([^/]+)/(.+)", path)
         if m:
-            return self._file(h, m.group(1), m.group(2), m.group(3), token, head)
+            return self._file(h, m.group(2), m.group(3), m.group(4), token, head, record, bridge=bool(m.group(1)))
         return self._error(h, 404, None, "Not found", head)
 
     def _lookup(self, h, repo_id: str, revision: str, head: bool) -> Repo | None:
@@ -135,7 +149,7 @@ class FakeHub:
             return
         siblings = []
         for name, data in sorted(repo.files.items()):
-            entry = {"rfilename": name, "size": len(data), "blobId": hashlib.sha1(data).hexdigest()}
+            entry = {"rfilename": name, "size": len(data), "blobId": git_blob_id(data)}
             if len(data) > LFS_THRESHOLD:
                 entry["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
             siblings.append(entry)
@@ -144,7 +158,8 @@ class FakeHub:
                 "downloads": 0, "likes": 0, "lastModified": "2026-01-01T00:00:00.000Z"}
         self._send(h, 200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
 
-    def _file(self, h, repo_id: str, revision: str, name: str, token: str | None, head: bool) -> None:
+    def _file(self, h, repo_id: str, revision: str, name: str, token: str | None, head: bool, record: dict,
+              bridge: bool = False) -> None:
         fault = self.faults.get(name) or self.faults.get("*") or {}
         if "status" in fault:
             return self._error(h, fault["status"], fault.get("code"), fault.get("message", "error"), head)
@@ -157,11 +172,20 @@ class FakeHub:
         if name not in repo.files:
             return self._error(h, 404, "EntryNotFound", f"{name} does not exist", head)
         data = repo.files[name]
-        etag = hashlib.sha256(data).hexdigest() if len(data) > LFS_THRESHOLD else hashlib.sha1(data).hexdigest()
+        lfs = len(data) > LFS_THRESHOLD
+        etag = hashlib.sha256(data).hexdigest() if lfs else git_blob_id(data)
         headers = {"X-Repo-Commit": repo.sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
-        if len(data) > LFS_THRESHOLD:
+        if lfs:
             headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))})
+        if repo.xet and lfs and not bridge:  # the Hub's answer for a Xet-backed file: go elsewhere for the bytes
+            headers.update({"X-Xet-Hash": hashlib.sha256(b"xet" + data).hexdigest(),
+                            "X-Xet-Refresh-Route": f"/api/models/{repo_id}/xet-read-token/{repo.sha}",
+                            "Location": f"http://localhost:{self._server.server_address[1]}/xet-bridge/{repo_id}/{repo.sha}/{name}",
+                            "Content-Length": "0"})
+            return self._send(h, 302, b"", headers, head)
+        if bridge and token is not None:
+            return self._error(h, 400, None, "Only one auth mechanism allowed", head)
         start = 0
         rng = h.headers.get("Range")
         if rng and not head:
@@ -183,6 +207,7 @@ class FakeHub:
             if "times" in fault:  # only so many times (else: however often it is retried)
                 fault["times"] -= 1
             h.wfile.write(body[: max(0, fault["cut_at"] - start)])
+            record["sent"] += max(0, fault["cut_at"] - start)
             h.wfile.flush()
             h.close_connection = True
             h.connection.shutdown(2)
@@ -194,5 +219,6 @@ class FakeHub:
                 h.wfile.write(body[i : i + step])
             except (BrokenPipeError, ConnectionResetError):
                 return
+            record["sent"] += len(body[i : i + step])
             if rate:
                 time.sleep(step / rate)

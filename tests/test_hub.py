@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fakehub import FakeHub
+from helpers import FLUX1_TINY, linear_shapes, peft_lora, write_model
+
 from fluxstudio.build import BuildRequest, LoraRef, build
 from fluxstudio.errors import BadInputError, CancelledError, DiskSpaceError, HubError
 from fluxstudio.hub import Hub, parse_ref
-from helpers import FLUX1_TINY, linear_shapes, peft_lora, write_model
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "acme/flux-tiny"
@@ -126,7 +126,7 @@ def test_a_dropped_connection_resumes_within_the_download(fake, cache):
 def test_connection_lost_for_good_then_a_rerun_completes(fake, cache):
     hub = make_hub(fake, cache)
     weights = "transformer/diffusion_pytorch_model.safetensors"
-    fake.faults[weights] = {"cut_at": 100_000}
+    fake.faults[weights] = {"cut_at": 1_500_000}
     with pytest.raises(HubError, match="cut short") as info:
         hub.fetch_base(parse_ref(BASE))
     assert "Run it again" in info.value.hint
@@ -137,6 +137,7 @@ def test_connection_lost_for_good_then_a_rerun_completes(fake, cache):
     got = hub.fetch_base(parse_ref(BASE))
     assert (got.path / weights).read_bytes() == fake.repos[BASE].files[weights]
     assert [r["path"].rsplit("/", 2)[-2:] for r in fake.file_gets()] == [weights.split("/")]  # finished files kept
+    assert [r["range"] for r in fake.file_gets()] == [f"bytes={1 << 20}-"]  # the cut file resumed after its whole chunks
 
 
 def test_body_shorter_than_announced(fake, cache):

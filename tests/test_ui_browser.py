@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
-
 from apprunner import App
 from fakehub import FakeHub
 from helpers import FLUX1_TINY, write_model
@@ -94,22 +94,68 @@ def test_demo_flow_progress_memory_result_library(browser, app, tmp_path):
     assert manifest["precision"] == "nf4" and manifest["loras"][0]["scale"] == 0.8
 
 
-def test_cancel_midway_leaves_nothing(browser, app, tmp_path):
-    page = open_page(browser, app)
+def pick_base(page, repo: str, wait_for: str = "to download") -> None:
     page.locator("#base-choice input").click()
     page.get_by_role("option", name="Custom…").click()
-    page.fill("#base-custom textarea, #base-custom input", "acme/flux-slow")
+    page.fill("#base-custom textarea, #base-custom input", repo)
     page.press("#base-custom textarea, #base-custom input", "Enter")
-    page.wait_for_selector("#base-status:has-text('to download')", timeout=60_000)
+    page.wait_for_selector(f"#base-status:has-text('{wait_for}')", timeout=60_000)
+
+
+def test_cancel_midway_keeps_the_download_and_saves_nothing(browser, app, tmp_path):
+    page = open_page(browser, app)
+    pick_base(page, "acme/flux-slow")
     page.fill("#out-name textarea, #out-name input", "cancelled-run")
     page.click("#fuse")
     page.wait_for_selector("#progress:has-text('Downloading')", timeout=60_000)
     page.screenshot(path=str(tmp_path / "downloading.png"), full_page=True)
     page.click("#cancel")
-    page.wait_for_selector("#run-status:has-text('Cancelled')", timeout=10_000)
+    page.wait_for_selector("#run-status:has-text('cancelled')", timeout=15_000)
     page.screenshot(path=str(tmp_path / "cancelled.png"), full_page=True)
+    assert "kept; starting again resumes from there" in page.inner_text("#run-status")
     assert not (app.outputs / "cancelled-run").exists()
     assert not [p for p in app.outputs.iterdir() if "cancelled-run" in p.name] if app.outputs.exists() else True
+    page.wait_for_selector("#base-status:has-text('the download resumes from there')", timeout=30_000)
+    page.click("#base-discard")
+    page.wait_for_selector("#base-status:has-text('Discarded')", timeout=30_000)
+    assert not list((tmp_path / "hf").rglob("*.partial")) and not page.locator("#base-discard").is_visible()
+
+
+def test_a_download_resumes_after_the_app_was_closed(browser, hub, tmp_path):
+    env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    size = len(hub.repos["acme/flux-slow"].files[weights])
+    first = App(tmp_path, env=env)
+    try:
+        page = open_page(browser, first)
+        pick_base(page, "acme/flux-slow")
+        page.fill("#out-name textarea, #out-name input", "resumed")
+        page.click("#fuse")
+        deadline = time.monotonic() + 60
+        while not [p for p in (tmp_path / "hf").rglob("*.partial") if p.stat().st_size >= size // 3]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        first.stop()  # the app's process is closed mid-download
+    page.close()
+    [partial] = (tmp_path / "hf").rglob("*.partial")
+    kept = partial.stat().st_size
+    hub.faults.clear()
+    hub.requests.clear()
+    again = App(tmp_path, env=env)
+    try:
+        page = open_page(browser, again)
+        pick_base(page, "acme/flux-slow", "already here, and the download resumes from there")
+        assert page.locator("#base-discard").is_visible()
+        page.screenshot(path=str(tmp_path / "resumable.png"), full_page=True)
+        page.fill("#out-name textarea, #out-name input", "resumed")
+        page.click("#fuse")
+        page.wait_for_selector("#result:has-text('Saved')", timeout=120_000)
+        ranges = [r["range"] for r in hub.file_gets() if r["path"].endswith(weights)]
+        assert len(ranges) == 1 and int(ranges[0].removeprefix("bytes=").rstrip("-")) >= kept
+        assert (again.outputs / "resumed" / "fluxstudio.json").exists() and not list((tmp_path / "hf").rglob("*.partial"))
+    finally:
+        again.stop()
 
 
 def test_bad_lora_upload_shows_one_sentence(browser, app, tmp_path):

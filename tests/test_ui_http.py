@@ -11,7 +11,6 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
 from apprunner import ROOT, App
 
 CANARY = "hf_CANARY0123456789abcdefghijklmnopqrst"
@@ -51,10 +50,14 @@ def test_binds_localhost_only_by_default_and_reclaims_what_killed_builds_left(tm
     stale = tmp_path / "outputs" / ".killed-run.partial-0badf00d"  # as a SIGKILLed build leaves it: no live owner
     stale.mkdir(parents=True)
     (stale / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 3_000_000)
-    app = App(tmp_path)
+    orphan = tmp_path / "hf" / "hub" / "models--acme--x" / "blobs" / ("a" * 64 + ".0badf00d.incomplete")  # a killed download's
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"\0" * 1_000_000)
+    app = App(tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
     try:
         assert "Running on local URL:  http://127.0.0.1:" in app.wait_for_output("Running on local URL")
-        assert "Reclaimed 3.0 MB left by interrupted builds." in app.output() and not stale.exists()
+        assert "Reclaimed 4.0 MB left by interrupted builds and downloads." in app.output()
+        assert not stale.exists() and not orphan.exists()
         import psutil
 
         addrs = {c.laddr.ip for c in psutil.Process(app.proc.pid).net_connections() if c.status == "LISTEN"}

@@ -43,7 +43,7 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
         _step("Library")
         lib = library.render(ctx)
 
-        base.wire(ctx, b)
+        refresh_base = base.wire(ctx, b)
         loras.wire(ctx, lo, b.choice, b.custom, b.model_key)
         output.wire(ctx, o, b.choice, b.custom, b.model_key, lo.items, m.target)
 
@@ -54,18 +54,18 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
         for trigger in (m.target.change, b.model_key.change):
             trigger(advise, [m.target, b.model_key, o.format], [m.advice, o.precision])
         run.wire(ctx, r, b.choice, b.custom, lo.items, o.format, o.precision, o.name, o.shard,
-                 on_done=(lambda: library.updates(ctx, lib), None, library.outputs(lib)))
+                 on_done=[(lambda: library.updates(ctx, lib), None, library.outputs(lib)), refresh_base])
         library.wire(ctx, lib)
 
         def first_load(choice, custom, target, format):
-            status, key, need_token = base.describe(ctx, choice, custom or "")
+            status, key, need_token, kept = base.describe(ctx, choice, custom or "")
             text, precision = advise(target, key, format)
             est = output.estimate(ctx, choice, custom, [], format, precision["value"], key)
             extra = [gr.update(visible=need_token), gr.update(visible=need_token)] if b.token is not None else []
-            return [status, key, text, precision, est, *extra]
+            return [status, key, text, precision, est, gr.update(visible=kept > 0), *extra]
 
         blocks.load(first_load, [b.choice, b.custom, m.target, o.format],
-                    [b.status, b.model_key, m.advice, o.precision, o.estimate]
+                    [b.status, b.model_key, m.advice, o.precision, o.estimate, b.discard]
                     + ([b.token, b.save_token] if b.token is not None else []))
     return blocks
 
@@ -78,7 +78,7 @@ def launch(settings: Settings) -> gr.Blocks:
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     ctx = Context(settings)
     if freed := ctx.studio.reclaim():
-        print(f"Reclaimed {human_bytes(freed)} left by interrupted builds.", flush=True)
+        print(f"Reclaimed {human_bytes(freed)} left by interrupted builds and downloads.", flush=True)
     blocks = build_ui(settings, ctx)
     blocks.queue(default_concurrency_limit=4)
     blocks.launch(

@@ -42,7 +42,7 @@ def render(ctx: Context) -> Handles:
                 delete = gr.Button("Delete", variant="stop", scale=1, min_width=100, elem_id="library-delete")
             refresh = gr.Button("Refresh", scale=1, min_width=100)
         freed = ctx.studio.reclaimed_bytes
-        message = gr.HTML(ok_html(f"Reclaimed {human_bytes(freed)} left by interrupted builds.") if freed else "",
+        message = gr.HTML(ok_html(f"Reclaimed {human_bytes(freed)} left by interrupted builds and downloads.") if freed else "",
                           elem_id="library-message")
         if ctx.settings.local:
             gr.Markdown(f"Outputs are saved in `{ctx.settings.output_dir}`.", elem_classes="fs-muted")

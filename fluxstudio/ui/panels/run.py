@@ -105,13 +105,17 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, format, prec
             yield (None, ok_html("Done."), progress_text(job), memory_text(job), result_text(job, shared),
                    gr.update(value=snippet, visible=True), *idle)
         else:
-            status = error_html(user_message(job.error, shared)) if job.status == "failed" else ok_html("Cancelled: nothing was saved.")
+            if job.status == "failed":
+                status = error_html(user_message(job.error, shared))
+            else:  # a cancelled download says what it kept
+                status = ok_html(user_message(job.error, shared) if job.error else "Cancelled: nothing was saved.")
             yield (None, status, "", memory_text(job), "", gr.update(visible=False), *idle)
 
     outputs = [h.job_id, h.status, h.progress, h.memory, h.result, h.snippet, h.go, h.cancel]
     event = h.go.click(run, [base_choice, base_custom, loras, format, precision, name, shard], outputs,
                        concurrency_limit=1, concurrency_id="build")
-    event.then(on_done[0], on_done[1], on_done[2])
+    for then in on_done:
+        event = event.then(*then)
 
     def cancel(job_id):
         ctx.studio.cancel(job_id)
