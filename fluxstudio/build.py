@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fluxstudio import __version__, formats, manifest, partials, snippets, units
+from fluxstudio import __version__, formats, manifest, partials, retention, snippets, units
 from fluxstudio.errors import BadInputError, DiskSpaceError, OutputError
 from fluxstudio.formats.outputs import make_output
 from fluxstudio.fuse import execute, plan
@@ -144,11 +144,12 @@ def build(
         inputs = _inputs(base_origin, [o for _, o in resolved], req, base, loras, fplan)
         try:
             try:
-                output.open(tmp, manifest.embedded(inputs))
+                output.open(tmp, manifest.embedded(inputs, manifest.SLACK))
                 execute(output.jobs, output.encode, output.write, device, progress, cancel)
                 stage_done("fuse")
+                kept = {"lora_retained": output.retention.score, "lora_retained_worst": output.retention.worst()}
                 report(progress, ProgressEvent(Stage.FINALIZE, message="Writing the output"))
-                files = output.close()
+                files = output.close(inputs | kept)
             except OSError as exc:
                 if exc.errno == 28:
                     raise DiskSpaceError("The disk ran full while writing the output.", "Free some space and try again.") from None
@@ -170,8 +171,10 @@ def build(
                 files=sorted(p.name for p in files if p.suffix in (".safetensors", ".gguf")),
                 tensors_fused=fplan.fused_count,
                 family=base.family.key,
+                **kept,
                 notes=download_notes + fplan.notes + output.notes + [f"{lora.name}: {n}" for lora, _ in loras for n in lora.notes]
-                + [f"{lora.name}: {', '.join(lora.skipped)} parts not fused (transformer only)" for lora, _ in loras if lora.skipped],
+                + [f"{lora.name}: {', '.join(lora.skipped)} parts not fused (transformer only)" for lora, _ in loras if lora.skipped]
+                + [w for w in [retention.warning(kept["lora_retained"], kept["lora_retained_worst"], req.precision)] if w],
             )
             if fmt.extension:
                 _move_into_place(files[0], out)
@@ -257,5 +260,7 @@ def _manifest(inputs: dict, result: BuildResult) -> dict:
         "seconds": result.seconds,
         "peak_ram_bytes": result.peak_ram_bytes,
         "output_bytes": result.output_bytes,
+        "lora_retained": result.lora_retained,
+        "lora_retained_worst": result.lora_retained_worst,
         "notes": result.notes,
     }

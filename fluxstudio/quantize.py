@@ -38,6 +38,12 @@ class Quantizer:
             return {name: fused.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).cpu()}
         return nf4_encode(name, fused.to(torch.bfloat16), self.double_quant)
 
+    def decode(self, name: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What `encode` stored for this tensor, back in fp32 (the LoRA-retention score compares it)."""
+        if self.is_quantized(name) and self.precision == "nf4":
+            return nf4_decode(name, out)
+        return out[name].float()
+
     def keys(self, name: str) -> list[str]:
         """The names `encode` will write for this tensor."""
         if not self.is_quantized(name) or self.precision != "nf4":
@@ -131,6 +137,13 @@ def nf4_encode(name: str, weight: torch.Tensor, double_quant: bool = False) -> d
     out = {name: packed.cpu()}
     out.update({f"{name}.{k}": v.cpu() for k, v in state.as_dict(packed=True).items()})
     return out
+
+
+def nf4_decode(name: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The fp32 values of an NF4 weight as `nf4_encode` serialized it (bitsandbytes' own dequantization)."""
+    F = _bnb()
+    state = F.QuantState.from_dict({k[len(name) + 1:]: v for k, v in out.items() if k != name}, device=out[name].device)
+    return F.dequantize_4bit(out[name], state).float()
 
 
 def nf4_cpu(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

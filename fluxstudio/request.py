@@ -43,6 +43,8 @@ class BuildResult:
     files: list[str]
     tensors_fused: int
     family: str = "flux1"
+    lora_retained: float | None = None  # share of the LoRAs' effect the stored weights keep (None: no LoRA)
+    lora_retained_worst: list[dict] = field(default_factory=list)  # the modules that kept least
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:

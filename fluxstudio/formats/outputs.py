@@ -3,7 +3,9 @@
 Every output follows one protocol, so the engine does not know which one it feeds:
 - `jobs`: the plan's tensors in the order this output needs them (BFL groups kept together);
 - `need_bytes()`: the size estimate the disk check and the app both use;
-- `open(folder, metadata)`, `encode(name, fused) -> {key: tensor}`, `write(key, tensor)`, `close() -> files`, `abort()`.
+- `open(folder, metadata)`, `encode(name, fused) -> {key: tensor}`, `write(key, tensor)`, `close(final) -> files`
+  (one-file outputs put the final manifest where the first one was), `abort()`;
+- `retention`: the LoRA-retention score, fed by `encode` with what it stored.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import numpy as np
 import torch
 
 from fluxstudio.formats import Format
-from fluxstudio.formats.bfl import Assembler, layout
+from fluxstudio import manifest
+from fluxstudio.formats.bfl import Assembler, layout, swap_halves
 from fluxstudio.fuse import TensorJob
 from fluxstudio.quant import ggml
-from fluxstudio.quantize import FP8_MAX, encoded_bytes, make_quantizer, nf4_encode
+from fluxstudio.quantize import FP8_MAX, encoded_bytes, make_quantizer, nf4_decode, nf4_encode
+from fluxstudio.retention import Retention
 from fluxstudio.writer import ShardedWriter, header_bound
 
 # The small input/output layers keep a high precision in every one-file format (city96's rule for GGUF).
@@ -54,6 +58,7 @@ class DiffusersOutput(_Safetensors):
         self.jobs = jobs
         self.base, self.config_updates, self.shard_bytes = base, config_updates, shard_bytes
         self.notes: list[str] = []
+        self.retention = Retention.of(jobs)
 
     def need_bytes(self) -> int:
         return sum(self.quantizer.estimate_bytes(j.name, math.prod(j.out_shape)) for j in self.jobs)
@@ -64,9 +69,12 @@ class DiffusersOutput(_Safetensors):
         self.writer = ShardedWriter(folder, self.shard_bytes, header_bound(keys))
 
     def encode(self, name: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.quantizer.encode(name, fused)
+        out = self.quantizer.encode(name, fused)
+        if name in self.retention.jobs:
+            self.retention.add(name, fused, self.quantizer.decode(name, out))
+        return out
 
-    def close(self) -> list[Path]:
+    def close(self, final: dict | None = None) -> list[Path]:
         files = self.writer.close()
         config = dict(self.base.config) | self.config_updates
         if qconfig := self.quantizer.config_block():
@@ -81,6 +89,7 @@ class _BflOutput:
     def __init__(self, fmt: Format, precision: str, base, jobs: list[TensorJob], filename: str) -> None:
         self.precision, self.filename = precision, filename
         groups = layout(base.family.key, [j.name for j in jobs])
+        self.groups = {g.name: g for g in groups}
         by_name = {j.name: j for j in jobs}
         self.jobs = [by_name[p] for g in groups for p in g.parts]
         self.shapes = {
@@ -90,10 +99,23 @@ class _BflOutput:
         # fp8 is made from the fp32 sums (rounded once); everything else from their bf16 rounding
         self.assembler = Assembler(groups, torch.float32 if precision.startswith("fp8") else torch.bfloat16)
         self.notes: list[str] = []
+        self.retention = Retention.of(jobs)
 
     def encode(self, name: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
         done = self.assembler.add(name, fused, self.rows[name])
-        return {} if done is None else self.encode_bfl(*done)
+        if done is None:
+            return {}
+        out = self.encode_bfl(*done)
+        group, t = self.groups[done[0]], done[1]
+        if any(p in self.retention.jobs for p in group.parts):  # the score, per diffusers tensor of the group
+            stored = self.decode_bfl(group.name, out)
+            if group.swapped:
+                stored, t = swap_halves(stored), swap_halves(t)
+            start = 0
+            for part, rows in zip(group.parts, self.rows[group.parts[0]]):
+                self.retention.add(part, t[start : start + rows], stored[start : start + rows])
+                start += rows
+        return out
 
     def quantized(self, name: str) -> bool:
         return name.endswith(".weight") and len(self.shapes[name]) == 2 and not name.startswith(KEEP_HIGH)
@@ -129,18 +151,27 @@ class SingleFileOutput(_BflOutput, _Safetensors):
             return {key: t.to(torch.bfloat16).cpu()}
         if self.precision == "nf4":
             return nf4_encode(key, t.to(torch.bfloat16))
-        t = t.to(torch.float32)  # in place below where it is a group's own buffer: no second copy of linear1
+        t = t.to(torch.float32)  # kept as it is: the retention score compares it with what is stored
         if self.precision == "fp8":
-            return {key: t.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).cpu()}
+            return {key: t.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).cpu()}
         lo, hi = torch.aminmax(t)  # no |t| temporary: linear1 alone is half a GB in fp32
         amax = torch.maximum(-lo, hi)
         scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
         return {
-            key: t.div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).cpu(),
+            key: t.div(scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).cpu(),
             key[: -len("weight")] + "scale_weight": scale.reshape(()).cpu(),
         }
 
-    def close(self) -> list[Path]:
+    def decode_bfl(self, name: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        key = SINGLE_PREFIX + name
+        if self.quantized(name) and self.precision == "nf4":
+            return nf4_decode(key, out)
+        scale = out.get(key[: -len("weight")] + "scale_weight")
+        return out[key].float() * (scale if scale is not None else 1.0)
+
+    def close(self, final: dict | None = None) -> list[Path]:
+        if final and (entry := manifest.refit(self.writer.metadata, final, escaped=True)):
+            self.writer.metadata.update(entry)
         return self.writer.close()
 
 
@@ -189,6 +220,7 @@ class GgufOutput(_BflOutput):
         self.w = gguf.GGUFWriter(self.path, "flux")
         self.w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         self.w.add_file_type(FILE_TYPES[self.precision])
+        self.metadata = metadata
         for key, value in metadata.items():
             self.w.add_string(key, value)
         for name, shape in self.shapes.items():
@@ -212,6 +244,12 @@ class GgufOutput(_BflOutput):
             return {name: x.cpu().view(torch.int16)}
         return {name: ggml.quantize(x, kind)}
 
+    def decode_bfl(self, name: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        kind, data = self.types[name], out[name]
+        if kind in ggml.TYPES:
+            return ggml.dequantize(data, kind, self.shapes[name])
+        return (data.view(torch.bfloat16) if kind == "BF16" else data).float()
+
     def write(self, key: str, value: torch.Tensor) -> None:
         expected = next(iter(self.w.tensors[0]), None)
         if key != expected:  # the header was written from the plan: data must come in the same order
@@ -219,8 +257,16 @@ class GgufOutput(_BflOutput):
         self.w.write_tensor_data(value.contiguous().numpy())
         self.written += value.numel() * value.element_size()
 
-    def close(self) -> list[Path]:
+    def close(self, final: dict | None = None) -> list[Path]:
         self.w.close()
+        entry = manifest.refit(self.metadata, final) if final else None
+        if entry:  # the same number of bytes, in place: nothing after it moves
+            old, new = self.metadata[manifest.KEY].encode("utf-8"), entry[manifest.KEY].encode("utf-8")
+            with self.path.open("r+b") as f:
+                head = f.read(min(self.path.stat().st_size, 1 << 20))
+                if head.count(old) == 1:
+                    f.seek(head.index(old))
+                    f.write(new)
         return [self.path]
 
     def abort(self) -> None:

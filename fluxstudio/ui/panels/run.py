@@ -59,13 +59,14 @@ def result_text(job: Job, shared: bool) -> str:
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in r.stage_seconds.items())
     lines = [f"### Saved `{where}`",
              f"{r.format} · {r.precision} · **{human_bytes(r.output_bytes)}** in {len(r.files)} file(s) · "
-             f"{r.tensors_fused} tensors fused",
+             f"{r.tensors_fused} tensors fused"
+             + (f" · LoRA effect kept: **{100 * r.lora_retained:.1f}%**" if r.lora_retained is not None else ""),
              f"Time **{r.seconds:.1f} s** ({stages})",
              f"Peak RAM **{human_bytes(r.peak_anon_bytes)}** (RSS {human_bytes(r.peak_ram_bytes)})"
              + (f" · peak VRAM **{human_bytes(r.peak_vram_bytes)}**" if r.peak_vram_bytes else "")]
     if r.format != "diffusers":
         lines.append(f"**Where it goes:** {snippets.placement(r.format)}")
-    lines += [f"*{n}*" for n in r.notes]
+    lines += [f"**{n}**" if n.startswith("Warning:") else f"*{n}*" for n in r.notes]
     return "  \n".join(lines)
 
 
