@@ -143,7 +143,8 @@ def nf4_decode(name: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
     """The fp32 values of an NF4 weight as `nf4_encode` serialized it (bitsandbytes' own dequantization)."""
     F = _bnb()
     state = F.QuantState.from_dict({k[len(name) + 1:]: v for k, v in out.items() if k != name}, device=out[name].device)
-    return F.dequantize_4bit(out[name], state).float()
+    state.dtype = torch.float32  # straight to fp32: no bf16 tensor to widen afterwards
+    return F.dequantize_4bit(out[name], state)
 
 
 def nf4_cpu(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
