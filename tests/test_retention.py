@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FLUX1_TINY, linear_shapes, load_dir, peft_lora, write_model
 from safetensors.torch import load_file, save_file
 
 from fluxstudio import manifest
 from fluxstudio.build import BuildRequest, LoraRef, build
-from helpers import FLUX1_TINY, linear_shapes, load_dir, peft_lora, write_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

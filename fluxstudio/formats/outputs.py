@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxstudio.formats import Format
 from fluxstudio import manifest
+from fluxstudio.formats import Format
 from fluxstudio.formats.bfl import Assembler, layout, swap_halves
 from fluxstudio.fuse import TensorJob
 from fluxstudio.quant import ggml
