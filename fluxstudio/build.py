@@ -174,7 +174,7 @@ def build(
                 **kept,
                 notes=download_notes + fplan.notes + output.notes + [f"{lora.name}: {n}" for lora, _ in loras for n in lora.notes]
                 + [f"{lora.name}: {', '.join(lora.skipped)} parts not fused (transformer only)" for lora, _ in loras if lora.skipped]
-                + [w for w in [retention.warning(kept["lora_retained"], kept["lora_retained_worst"], req.precision)] if w],
+                + retention.warnings(kept["lora_retained"], kept["lora_retained_worst"], req.precision),
             )
             if fmt.extension:
                 _move_into_place(files[0], out)

@@ -200,7 +200,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         print(f"  peak VRAM  {human_bytes(result.peak_vram_bytes)}")
     print(f"  fused      {result.tensors_fused} tensors")
     if result.lora_retained is not None:
-        print(f"  LoRA       LoRA effect kept: {100 * result.lora_retained:.1f}%")
+        print(f"  LoRA effect kept: {100 * result.lora_retained:.1f}%")
     for note in result.notes:
         print(f"  note       {note}")
     if result.format != "diffusers":

@@ -61,10 +61,10 @@ class Retention:
         return [{"module": k.removesuffix(".weight"), "retained": round(r, 4)} for r, k in ratios[:n]]
 
 
-def warning(score: float | None, worst: list[dict], precision: str) -> str | None:
+def warnings(score: float | None, worst: list[dict], precision: str) -> list[str]:
     """One sentence when the output lost a real part of the LoRAs' effect."""
     if score is None or score >= WARN_BELOW:
-        return None
+        return []
     names = ", ".join(w["module"] for w in worst[:3])
-    return (f"Warning: only {100 * score:.1f}% of the LoRA effect was kept (least in {names}): "
-            f"use a higher precision than {precision}, or a base that was not quantized before.")
+    return [f"Warning: only {100 * score:.1f}% of the LoRA effect was kept (least in {names}): "
+            f"use a higher precision than {precision}, or a base that was not quantized before."]
