@@ -215,7 +215,6 @@ def fetch(remote: RemoteFile, cache: Path, *, endpoint: str | None, token: str |
             if have:
                 _hash_present(partial, hasher, have, check)
             with partial.open("ab" if have else "wb") as f:
-                f.truncate(have)
                 http_get(source, _HashingFile(f, hasher, check), resume_size=have, headers=headers, expected_size=remote.size,
                          displayed_filename=remote.filename, tqdm_class=lambda *a, **k: _Bar(sink))
             if hasher.matches():
