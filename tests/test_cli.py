@@ -46,7 +46,7 @@ def test_demo_fuse_with_report(tmp_path, isolated_home):
     assert manifest["loras"][0]["scale"] == 0.8 and len(manifest["loras"][0]["sha256"]) == 64
     assert manifest["libraries"]["bitsandbytes"] and manifest["timings"]
     assert "FluxTransformer2DModel.from_pretrained" in (out / "README.md").read_text()
-    assert (isolated_home / "demo" / "base" / "config.json").exists()
+    assert (isolated_home / "demo" / "pipeline" / "transformer" / "config.json").exists()
     assert "Traceback" not in proc.stderr
 
 

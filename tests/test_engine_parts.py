@@ -57,15 +57,19 @@ def test_writer_shards_and_reserved_header(tmp_path):
         assert torch.equal(loaded[k], v)
 
 
+DEMO_WEIGHTS = ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                "text_encoder_2/model.safetensors", "vae/diffusion_pytorch_model.safetensors")
+
+
 def test_demo_is_deterministic_and_cached(isolated_home, tmp_path, monkeypatch):
     first = demo.ensure_base()
     lora = demo.ensure_lora()
-    data = (first / "diffusion_pytorch_model.safetensors").read_bytes()
+    data = b"".join((first / f).read_bytes() for f in DEMO_WEIGHTS)
     lora_data = lora.read_bytes()
     assert demo.ensure_base() == first  # made once
     monkeypatch.setenv("FLUXSTUDIO_HOME", str(tmp_path / "other"))
     again = demo.ensure_base()
-    assert again != first and (again / "diffusion_pytorch_model.safetensors").read_bytes() == data
+    assert again != first and b"".join((again / f).read_bytes() for f in DEMO_WEIGHTS) == data
     assert demo.ensure_lora().read_bytes() == lora_data
 
 
@@ -88,8 +92,9 @@ def test_memory_sampler_sees_a_500mb_tensor_and_stops():
 @pytest.mark.gpu
 def test_cuda_build_matches_the_cpu_build(tiny_base, tmp_path):
     """On a GPU machine: fusing on CUDA and quantizing with bitsandbytes' CUDA kernel gives the CPU result."""
-    from fluxstudio.build import BuildRequest, build
     from helpers import load_dir
+
+    from fluxstudio.build import BuildRequest, build
 
     for device in ("cpu", "cuda"):
         build(BuildRequest(str(tiny_base), (), "nf4", tmp_path / device, device=device))
