@@ -80,6 +80,18 @@ class Recommendation:
     alternatives: tuple[Alternative, ...] = ()
     target: str = ""
     one_file: str = ""  # the single-file / GGUF pick for ComfyUI and Forge users, e.g. "gguf Q4_K_S"
+    text_encoder: str = "bf16"  # T5-XXL's precision in a pipeline export
+
+
+# T5-XXL's weights (4.76 B parameters) at each precision a pipeline export offers
+T5_BYTES = {"bf16": int(9.52e9), "fp8": int(4.8e9), "nf4": int(2.8e9)}
+
+
+def _text_encoder(pick: str, card: Card, model: ModelSpec) -> str:
+    """T5-XXL's precision: the highest that fits beside the transformer on the card (NF4 where nothing else does)."""
+    room = card.vram_gb * GB - model.need_bytes(pick)
+    usable = [p for p in ORDER if p != "nf4" or card.bitsandbytes]
+    return next((p for p in usable if T5_BYTES[p] <= room), usable[-1])
 
 
 def _need(model: ModelSpec, precision: str) -> str:
@@ -140,7 +152,7 @@ def recommend(card: Card | None, model: ModelSpec) -> Recommendation:
             "also fits, at lower quality" if ORDER.index(p) > ORDER.index(pick) else "also fits: full quality, twice the VRAM of fp8"))
         for p in ORDER if p != pick
     )
-    return Recommendation(pick, reason, alternatives, card.name, _one_file(pick, card, model))
+    return Recommendation(pick, reason, alternatives, card.name, _one_file(pick, card, model), _text_encoder(pick, card, model))
 
 
 def _one_file(pick: str, card: Card, model: ModelSpec) -> str:

@@ -10,23 +10,28 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from fluxstudio import __version__, formats, manifest, partials, retention, snippets, units
 from fluxstudio.errors import BadInputError, DiskSpaceError, OutputError
-from fluxstudio.formats.outputs import make_output
-from fluxstudio.fuse import execute, plan
+from fluxstudio.formats import pipeline
+from fluxstudio.formats.outputs import DiffusersOutput, EncoderFile, make_output
+from fluxstudio.fuse import FusePlan, execute, plan
 from fluxstudio.hub import Hub, parse_ref
-from fluxstudio.lora import load_lora
+from fluxstudio.lora import LoadedLora, load_lora
+from fluxstudio.lora import components as lora_components
 from fluxstudio.memory import MemorySampler
-from fluxstudio.models import open_base
+from fluxstudio.models import ENCODERS, BaseModel, open_base, open_encoder
 from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, report
 from fluxstudio.request import DEFAULT_SHARD_BYTES, DISK_MARGIN, BuildRequest, BuildResult, LoraRef  # noqa: F401 - re-exported
 
 
-def resolve_ref(text: str, kind: str, hub: Hub, progress=None, cancel=None) -> tuple[Path, dict]:
-    """`demo`, a local path, or a Hub reference -> a local path, and where it came from (for the manifest)."""
+def resolve_ref(text: str, kind: str, hub: Hub, progress=None, cancel=None, parts: list[str] | None = None) -> tuple[Path, dict]:
+    """`demo`, a local path, or a Hub reference -> a local path, and where it came from (for the manifest).
+
+    For a base from the Hub, `parts` are the components to download (None: the whole pipeline)."""
     ref = parse_ref(text)
     if ref.kind == "demo":
         from fluxstudio import demo
@@ -34,8 +39,7 @@ def resolve_ref(text: str, kind: str, hub: Hub, progress=None, cancel=None) -> t
         return (demo.ensure_base() if kind == "base" else demo.ensure_lora()), {"ref": "demo"}
     if ref.kind == "local":
         return ref.path, {"ref": ref.path.name}
-    fetch = hub.fetch_base if kind == "base" else hub.fetch_lora
-    got = fetch(ref, progress, cancel)
+    got = hub.fetch_base(ref, progress, cancel, parts) if kind == "base" else hub.fetch_lora(ref, progress, cancel)
     origin = {"ref": ref.display(), "repo_id": ref.repo_id, "revision": got.revision}
     return got.path, origin | ({"notes": list(got.notes)} if got.notes else {})
 
@@ -70,26 +74,102 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool, is_file: bool =
         raise OutputError(f"The output {what} {out.name} already exists.", "Choose another name, or allow overwriting.")
 
 
+@dataclass
+class Part:
+    """One component's stream: its model, plan and writer, and the subfolder it goes to ("" for the top)."""
+
+    component: str
+    model: BaseModel
+    plan: FusePlan
+    output: object
+    where: str = ""
+
+
+@dataclass
+class Planned:
+    base: BaseModel
+    loras: list[tuple[LoadedLora, float]]
+    parts: list[Part]  # the transformer first
+    root: Path | None = None  # the base pipeline, for the pipeline format
+    linked: list[str] = field(default_factory=list)  # pipeline components linked from the base, not rewritten
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def plan(self) -> FusePlan:
+        return self.parts[0].plan
+
+    @property
+    def output(self):
+        return self.parts[0].output
+
+    def need_bytes(self, target: Path) -> int:
+        linked = pipeline.copy_bytes(self.root, self.linked, target) if self.linked else 0
+        return sum(p.output.need_bytes() for p in self.parts) + linked
+
+    def fused(self) -> dict[str, int]:
+        """Tensors fused per component (the manifest and the report list them)."""
+        return {p.component: p.plan.fused_count for p in self.parts if p.plan.fused_count}
+
+
+ENCODER_FILES = {"text_encoder": "clip_l", "text_encoder_2": "t5xxl_fp8_e4m3fn"}
+
+
+def touched_encoders(loras: list[tuple[Path, float]]) -> list[str]:
+    return sorted({c for path, _ in loras for c in lora_components(path) if c != "transformer"})
+
+
+def base_components(format: str, loras: list[tuple[Path, float]]) -> list[str] | None:
+    """What of the base repo a build needs: None for everything (a pipeline), else the components to download."""
+    if format == "pipeline":
+        return None
+    return ["transformer"] + (touched_encoders(loras) if formats.get_format(format).extension else [])
+
+
 def plan_output(
     base_path: Path, loras: list[tuple[Path, float]], format: str, precision: str, filename: str = "output",
     shard_bytes: int = DEFAULT_SHARD_BYTES, double_quant: bool = False, ignore_unmatched: bool = False,
-    progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-):
-    """Open the base, read the LoRAs, plan every tensor and choose the writer: ((base, loras, plan), output).
+    progress: ProgressCallback | None = None, cancel: CancelToken | None = None, encoder_precision: str = "",
+) -> Planned:
+    """Open the base, read the LoRAs, plan every tensor of every component written, and choose the writers.
 
     The build and the app's estimate both come through here, so the size the app shows is the one the build
     checks the disk against.
     """
     base = open_base(base_path)
     fmt = formats.check(format, precision, base.family.key)
+    t5_precision = formats.check_encoder_precision(fmt.key, encoder_precision or precision)
     loaded = []
     for i, (path, scale) in enumerate(loras, start=1):
         check(cancel)
         report(progress, ProgressEvent(Stage.INSPECT, i, len(loras), item=path.name, message="Reading LoRAs"))
         loaded.append((load_lora(path, base.family), scale))
     fplan = plan(base, loaded, ignore_unmatched)
-    output = make_output(fmt, precision, base, fplan.jobs, fplan.config_updates, filename, shard_bytes, double_quant)
-    return (base, loaded, fplan), output
+    main = make_output(fmt, precision, base, fplan.jobs, fplan.config_updates, filename, shard_bytes, double_quant)
+    planned = Planned(base, loaded, [Part("transformer", base, fplan, main, "transformer" if fmt.key == "pipeline" else "")])
+    touched = sorted({c for lora, _ in loaded for c in lora.encoders})
+    if fmt.key == "pipeline" or (touched and fmt.extension):
+        planned.root = pipeline.pipeline_root(base_path)
+    if touched and fmt.key == "diffusers":
+        labels = " and ".join(ENCODERS[c].label for c in touched)
+        planned.notes.append(f"The LoRAs' {labels} parts were not fused: the diffusers format holds the transformer only "
+                             "(the pipeline format includes the text encoders)")
+        touched = []
+    for component in ENCODERS if base.family.key == "flux1" else ():
+        quantized = component == "text_encoder_2" and fmt.key == "pipeline" and t5_precision != "bf16"
+        if component not in touched and not quantized:
+            continue
+        encoder = open_encoder(planned.root, component)
+        eplan = plan(encoder, loaded, ignore_unmatched, component)
+        if fmt.key == "pipeline":
+            out = DiffusersOutput(t5_precision if component == "text_encoder_2" else "bf16", encoder, eplan.jobs, {}, shard_bytes,
+                                  double_quant)
+        else:
+            out = EncoderFile(encoder, eplan.jobs, f"{Path(filename).stem}.{ENCODER_FILES[component]}.safetensors")
+        planned.parts.append(Part(component, encoder, eplan, out, component if fmt.key == "pipeline" else ""))
+    if fmt.key == "pipeline":
+        written = {p.where for p in planned.parts}
+        planned.linked = [c for c in pipeline.components(planned.root) if c not in written]
+    return planned
 
 
 def build(
@@ -100,6 +180,7 @@ def build(
     hub: Hub | None = None,
 ) -> BuildResult:
     fmt = formats.check_precision(req.format, req.precision)  # before any download: the family is checked later
+    formats.check_encoder_precision(fmt.key, req.encoder_precision or req.precision)
     out = formats.output_path(req.format, req.out_dir)
     stages: dict[str, float] = {}
     t0 = time.monotonic()
@@ -115,20 +196,25 @@ def build(
         report(progress, ProgressEvent(Stage.PREPARE, message="Preparing inputs"))
         device = pick_device(req.device)
         hub = hub or Hub()
-        base_path, base_origin = resolve_ref(req.base, "base", hub, progress, cancel)
         resolved = [resolve_ref(r.ref, "lora", hub, progress, cancel) for r in req.loras]
         lora_paths = [p for p, _ in resolved]
+        lora_scales = [(p, r.scale) for p, r in zip(lora_paths, req.loras)]
+        base_path, base_origin = resolve_ref(req.base, "base", hub, progress, cancel, base_components(fmt.key, lora_scales))
         download_notes = [n for origin in (base_origin, *(o for _, o in resolved)) for n in origin.pop("notes", [])]
         check_output(out, [base_path, *lora_paths], req.overwrite, is_file=bool(fmt.extension))
         stage_done("prepare")
 
         report(progress, ProgressEvent(Stage.INSPECT, message="Reading the base model and LoRAs"))
-        (base, loras, fplan), output = plan_output(
-            base_path, [(p, r.scale) for p, r in zip(lora_paths, req.loras)], req.format, req.precision, out.name,
-            req.shard_bytes, req.double_quant, req.ignore_unmatched, progress, cancel,
+        planned = plan_output(
+            base_path, lora_scales, req.format, req.precision, out.name, req.shard_bytes, req.double_quant,
+            req.ignore_unmatched, progress, cancel, req.encoder_precision,
         )
-        need = output.need_bytes() + DISK_MARGIN
+        base, loras, fplan, output = planned.base, planned.loras, planned.plan, planned.output
+        companions = [out.parent / p.output.filename for p in planned.parts[1:] if fmt.extension]
+        for extra in companions:
+            check_output(extra, [base_path, *lora_paths], req.overwrite, is_file=True)
         out.parent.mkdir(parents=True, exist_ok=True)
+        need = planned.need_bytes(out.parent) + DISK_MARGIN
         free = free_bytes(out.parent)
         if free < need:
             raise DiskSpaceError(
@@ -141,21 +227,31 @@ def build(
         tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         partials.mark(tmp)
-        inputs = _inputs(base_origin, [o for _, o in resolved], req, base, loras, fplan)
+        inputs = _inputs(base_origin, [o for _, o in resolved], req, planned, [p.name for p in companions])
         try:
+            files = []
             try:
-                output.open(tmp, manifest.embedded(inputs, manifest.SLACK))
-                execute(output.jobs, output.encode, output.write, device, progress, cancel)
+                for part in planned.parts:
+                    folder = tmp / part.where
+                    folder.mkdir(exist_ok=True)
+                    part.output.open(folder, manifest.embedded(inputs, manifest.SLACK) if part.output is output else {})
+                    label = "the transformer" if part.component == "transformer" else f"the {part.model.family.label} text encoder"
+                    execute(part.output.jobs, part.output.encode, part.output.write, device, progress, cancel,
+                            message=f"Fusing {label}")
                 stage_done("fuse")
                 kept = {"lora_retained": output.retention.score, "lora_retained_worst": output.retention.worst()}
                 report(progress, ProgressEvent(Stage.FINALIZE, message="Writing the output"))
-                files = output.close(inputs | kept)
+                if planned.linked:
+                    pipeline.link(planned.root, planned.linked, tmp)
+                for part in planned.parts:
+                    files += part.output.close(inputs | kept if part.output is output else None)
             except OSError as exc:
                 if exc.errno == 28:
                     raise DiskSpaceError("The disk ran full while writing the output.", "Free some space and try again.") from None
                 raise
             finally:
-                output.abort()
+                for part in planned.parts:
+                    part.output.abort()
             check(cancel)
             stage_done("finalize")
             result = BuildResult(
@@ -167,17 +263,19 @@ def build(
                 peak_ram_bytes=sampler.peak_rss_bytes,
                 peak_anon_bytes=sampler.peak_anon_bytes,
                 peak_vram_bytes=sampler.peak_vram_bytes,
-                output_bytes=output.total_bytes,
-                files=sorted(p.name for p in files if p.suffix in (".safetensors", ".gguf")),
-                tensors_fused=fplan.fused_count,
+                output_bytes=sum(p.output.total_bytes for p in planned.parts),
+                files=sorted(str(p.relative_to(tmp)) for p in files if p.suffix in (".safetensors", ".gguf")),
+                tensors_fused=sum(planned.fused().values()),
+                fused_per_component=planned.fused(),
                 family=base.family.key,
                 **kept,
-                notes=download_notes + fplan.notes + output.notes + [f"{lora.name}: {n}" for lora, _ in loras for n in lora.notes]
-                + [f"{lora.name}: {', '.join(lora.skipped)} parts not fused (transformer only)" for lora, _ in loras if lora.skipped]
+                notes=download_notes + fplan.notes + planned.notes + output.notes
+                + [f"{lora.name}: {n}" for lora, _ in loras for n in lora.notes]
                 + retention.warnings(kept["lora_retained"], kept["lora_retained_worst"], req.precision),
             )
             if fmt.extension:
-                _move_into_place(files[0], out)
+                for f in files:
+                    _move_into_place(f, out if f.name == out.name else out.parent / f.name)
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 full = _manifest(inputs, result)
@@ -218,9 +316,11 @@ def _fingerprint(base) -> str:
     return h.hexdigest()
 
 
-def _inputs(base_origin: dict, lora_origins: list[dict], req: BuildRequest, base, loras, fplan) -> dict:
+def _inputs(base_origin: dict, lora_origins: list[dict], req: BuildRequest, planned: Planned, companions: list[str]) -> dict:
     """What went into the output: known before the first byte is written, so one-file formats embed it."""
     from fluxstudio.hardware import library_versions
+
+    base, loras, fplan = planned.base, planned.loras, planned.plan
 
     return {
         "fluxstudio_version": __version__,
@@ -242,11 +342,15 @@ def _inputs(base_origin: dict, lora_origins: list[dict], req: BuildRequest, base
                 "format": lora.format,
                 "ranks": lora.ranks,
                 "modules_matched": fplan.matched.get(lora.name, 0),
+                "components": lora.components,
             }
             for (lora, scale), origin in zip(loras, lora_origins)
         ],
         "format": req.format,
         "precision": req.precision,
+        "fused_per_component": {p.component: p.plan.fused_count for p in planned.parts},
+        **({"text_encoder_precision": {p.component: p.output.quantizer.precision for p in planned.parts[1:]}} if planned.parts[1:] else {}),
+        **({"text_encoder_files": companions} if companions else {}),
         "double_quant": req.double_quant if req.precision == "nf4" else None,
         "config_updates": fplan.config_updates,
         "libraries": library_versions(),

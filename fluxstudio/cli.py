@@ -18,7 +18,7 @@ from fluxstudio.errors import (
     OutputError,
 )
 from fluxstudio.progress import CancelToken, ProgressEvent, Stage
-from fluxstudio.studio import FORMATS, PRECISIONS, __version__, advice, human_bytes, paths
+from fluxstudio.studio import ENCODER_PRECISIONS, FORMATS, PRECISIONS, __version__, advice, human_bytes, paths
 
 log = logging.getLogger("fluxstudio")
 # Exit codes by error class, most specific first; 1 for anything else.
@@ -48,11 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lora", action="append", default=[], help="LoRA: Hub repo id (owner/name[/file.safetensors]), Hub URL, local .safetensors, or 'demo' (repeatable)")
     f.add_argument("--lora-scale", action="append", type=float, default=[], help="scale of the matching --lora (default 1.0; negative allowed)")
     f.add_argument("--format", choices=list(FORMATS), default="diffusers",
-                   help="diffusers: a folder for Python; single-file: one BFL-keyed .safetensors for ComfyUI/Forge/SwarmUI; "
+                   help="diffusers: a folder for Python; pipeline: the whole diffusers pipeline (text encoders, VAE, "
+                   "tokenizers) that loads in one line; single-file: one BFL-keyed .safetensors for ComfyUI/Forge/SwarmUI; "
                    "gguf: one .gguf for ComfyUI-GGUF/Forge/stable-diffusion.cpp (default diffusers)")
     f.add_argument("--precision", choices=list(PRECISIONS), metavar="PRECISION",
                    help="; ".join(f"{k}: {', '.join(v.precisions)}" for k, v in FORMATS.items())
-                   + " (default: bf16, fp8-scaled, Q8_0 respectively)")
+                   + " (default: " + ", ".join(f.default for f in FORMATS.values()) + " respectively)")
+    f.add_argument("--t5-precision", choices=ENCODER_PRECISIONS, default="",
+                   help="pipeline: T5-XXL's precision (default: the same as --precision)")
     f.add_argument("--out", required=True, type=Path,
                    help="output folder (diffusers) or file (the extension is added when missing); must not exist unless --overwrite")
     f.add_argument("--shard-size", type=parse_size, default="5GB", help="largest shard file (default 5GB)")
@@ -179,6 +182,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         loras=tuple(studio.LoraRef(r, s) for r, s in zip(args.lora, scales)),
         precision=args.precision or FORMATS[args.format].default,
         format=args.format,
+        encoder_precision=args.t5_precision,
         out_dir=args.out,
         shard_bytes=args.shard_size if isinstance(args.shard_size, int) else parse_size(args.shard_size),
         device=args.device,
@@ -198,13 +202,14 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     print(f"  peak RAM   {human_bytes(result.peak_ram_bytes)} (anonymous {human_bytes(result.peak_anon_bytes)})")
     if result.peak_vram_bytes:
         print(f"  peak VRAM  {human_bytes(result.peak_vram_bytes)}")
-    print(f"  fused      {result.tensors_fused} tensors")
+    print(f"  fused      {result.tensors_fused} tensors"
+          + (" (" + ", ".join(f"{k} {v}" for k, v in result.fused_per_component.items()) + ")" if len(result.fused_per_component) > 1 else ""))
     if result.lora_retained is not None:
         print(f"  LoRA effect kept: {100 * result.lora_retained:.1f}%")
     for note in result.notes:
         print(f"  note       {note}")
-    if result.format != "diffusers":
-        print(f"\n{studio.snippets.placement(result.format)}")
+    if result.format not in ("diffusers", "pipeline"):
+        print(f"\n{studio.snippets.placement(result.format, result.files)}")
     snippet = studio.snippets.load_snippet(result.output_dir, result.precision, front.family(result.family), result.format)
     print("\nLoad it in diffusers with:\n" + snippet)
     if args.report_json:

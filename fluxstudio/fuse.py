@@ -64,8 +64,10 @@ def _list(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def plan(base: BaseModel, loras: list[tuple[LoadedLora, float]], ignore_unmatched: bool = False) -> FusePlan:
-    """Decide what happens to every base tensor. Pure apart from reading shapes; raises on any misfit."""
+def plan(base: BaseModel, loras: list[tuple[LoadedLora, float]], ignore_unmatched: bool = False,
+         component: str = "transformer") -> FusePlan:
+    """Decide what happens to every tensor of one component (the transformer, or a text encoder). Pure apart from
+    reading shapes; raises on any misfit."""
     tensors = base.tensors
     expandable = dict(base.family.expandable)
     deltas: dict[str, list[Delta]] = {}
@@ -76,8 +78,12 @@ def plan(base: BaseModel, loras: list[tuple[LoadedLora, float]], ignore_unmatche
     hint = f"Check that the LoRA was made for {base.variant} ({base.family.label})."
     for lora, scale in loras:
         unmatched: list[str] = []
-        for m, mod in lora.modules.items():
-            key = f"{m}.weight"
+        modules = lora.modules if component == "transformer" else lora.encoders.get(component, {})
+        lora_replacements = lora.replacements if component == "transformer" else {}
+        if not modules and not lora_replacements:
+            continue
+        for m, mod in modules.items():
+            key = base.weight_key(m)
             if key not in tensors:
                 unmatched.append(m)
                 continue
@@ -97,17 +103,17 @@ def plan(base: BaseModel, loras: list[tuple[LoadedLora, float]], ignore_unmatche
                 result.notes.append(f"{lora.name}: {m} LoRA inputs zero-padded {in_f}→{shape[1]}")
             deltas.setdefault(key, []).append(Delta(mod.up, mod.down, scale * mod.factor))
             if mod.up_bias is not None:
-                if f"{m}.bias" not in tensors:
+                if f"{m}.bias" not in tensors:  # biases come only in transformer LoRAs
                     raise LoraMismatchError(f"{lora.name} adds a bias to {m}, which has none in this base.", hint)
                 bias_deltas.setdefault(f"{m}.bias", []).append((mod.up_bias, scale * mod.factor))
-        for pname, t in lora.replacements.items():
+        for pname, t in lora_replacements.items():
             if pname not in tensors:
                 unmatched.append(pname)
             elif tuple(t.shape) != tensors[pname][1].shape:
                 raise LoraMismatchError(f"{lora.name} replaces {pname} with a tensor of another shape.", hint)
             else:
                 replacements[pname] = t
-        total = len(lora.modules) + len(lora.replacements)
+        total = len(modules) + len(lora_replacements)
         if unmatched and (not ignore_unmatched or len(unmatched) == total):
             raise LoraMismatchError(
                 f"{len(unmatched)} of {total} parts of {lora.name} match nothing in this {base.variant} base: {_list(unmatched)}.",
@@ -170,6 +176,7 @@ def execute(
     device: str = "cpu",
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    message: str = "",
 ) -> None:
     """Stream every tensor, in the given order: read -> fuse -> encode (quantize) -> write. Memory stays at a few
     tensors (encode may hold back the parts of one output tensor until all of them are in).
@@ -203,7 +210,7 @@ def execute(
                 now = time.monotonic()
                 if now - last > 0.1 or i == total:
                     last = now
-                    report(progress, ProgressEvent(Stage.FUSE, i, total, done_bytes, bytes_total, item=job.name))
+                    report(progress, ProgressEvent(Stage.FUSE, i, total, done_bytes, bytes_total, item=job.name, message=message))
     finally:
         for f in files.values():
             f.close()

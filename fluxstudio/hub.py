@@ -1,6 +1,7 @@
 """Base models and LoRAs from the Hugging Face Hub, through the real huggingface_hub client and its cache.
 
-Only what a job needs is downloaded (the base's transformer/ files and model_index.json; one LoRA file), into the
+Only what a job needs is downloaded (model_index.json and the base's transformer/ files, plus the text encoders a
+LoRA changes, or every component for a pipeline export; one LoRA file), into the
 standard HF cache, so models a diffusers user already has are reused, and cached ones work offline. Every Hub
 failure becomes one actionable sentence (ERROR_TABLE). Tokens come from huggingface_hub itself (HF_TOKEN or the
 stored login) and never appear in a message.
@@ -117,14 +118,27 @@ def hub_error(exc: BaseException, repo_id: str, revision: str = "main", filename
 # -- downloads ----------------------------------------------------------------------------------------------
 
 
-def base_files(names: list[str], subpath: str = "") -> list[str]:
-    """The files a base needs from a repo: its transformer folder (config, weights, index) and model_index.json."""
-    keep = [n for n in names if n.endswith((".safetensors", ".json"))]
+PIPELINE_FILES = (".safetensors", ".json", ".txt", ".model")  # weights, configs, tokenizers (no pickles)
+
+
+def base_files(names: list[str], subpath: str = "", parts: list[str] | None = ("transformer",)) -> list[str]:
+    """The files a base needs from a repo: model_index.json and the component folders in `parts` (None: every
+    component of the pipeline; never the repo's top-level single files)."""
     if subpath:
+        keep = [n for n in names if n.endswith((".safetensors", ".json"))]
         return [n for n in keep if n.startswith(subpath + "/") and "/" not in n[len(subpath) + 1:]]
-    if any(n.startswith("transformer/") for n in keep):
-        return [n for n in keep if n == "model_index.json" or (n.startswith("transformer/") and n.count("/") == 1)]
-    return [n for n in keep if "/" not in n]
+    if not any(n.startswith("transformer/") for n in names):
+        return [n for n in names if n.endswith((".safetensors", ".json")) and "/" not in n]
+
+    def wanted(name: str) -> bool:
+        folder, _, rest = name.partition("/")
+        if not rest:  # top level: only the index, never BFL's single files (flux1-dev.safetensors, ae.safetensors)
+            return name == "model_index.json"
+        if parts is None:
+            return name.endswith(PIPELINE_FILES)
+        return folder in parts and "/" not in rest and name.endswith((".safetensors", ".json"))
+
+    return [n for n in names if wanted(n)]
 
 
 @dataclass(frozen=True)
@@ -162,11 +176,15 @@ class Hub:
         except Exception as exc:  # noqa: BLE001 - mapped to one sentence
             raise hub_error(exc, ref.repo_id, ref.revision) from None
 
-    def fetch_base(self, ref: Ref, progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> Fetched:
-        patterns = [f"{ref.subpath}/*"] if ref.subpath else ["model_index.json", "transformer/*", "config.json", "*.safetensors*"]
+    def fetch_base(self, ref: Ref, progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+                   parts: list[str] | None = ("transformer",)) -> Fetched:
+        """A base's files: model_index.json and the components in `parts` (None: the whole pipeline)."""
+        folders = ["*"] if parts is None else list(parts)
+        patterns = [f"{ref.subpath}/*"] if ref.subpath else ["model_index.json", "config.json", "*.safetensors*",
+                                                            *(f"{p}/*" for p in folders)]
 
         def choose(names: list[str]) -> list[str]:
-            return base_files(names, ref.subpath)
+            return base_files(names, ref.subpath, parts)
 
         def usable(names: list[str]) -> None:
             if not any(n.endswith(".safetensors") for n in names):
@@ -309,10 +327,10 @@ class Hub:
         except Exception:  # noqa: BLE001 - no cache yet
             return []
 
-    def plan(self, ref: Ref) -> Plan:
-        """What getting a base costs, from the Hub's file metadata and what this machine has."""
+    def plan(self, ref: Ref, parts: list[str] | None = ("transformer",)) -> Plan:
+        """What getting a base (these components of it) costs, from the Hub's file metadata and what this machine has."""
         info = self.info(ref)
-        remotes = _remotes(info, base_files(sorted(s.rfilename for s in info.siblings or []), ref.subpath), ref.repo_id)
+        remotes = _remotes(info, base_files(sorted(s.rfilename for s in info.siblings or []), ref.subpath, parts), ref.repo_id)
         cached = [r for r in remotes.values() if self._cached(r)]
         todo = [r for r in remotes.values() if r not in cached]
         partial = sum(resume.present(self._cache(), r) for r in todo)

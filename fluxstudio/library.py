@@ -31,7 +31,13 @@ def safe_name(text: str, default: str = "fused") -> str:
 
 
 def _size(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _companions(path: Path, data: dict) -> list[Path]:
+    """The fused text-encoder files a one-file output has beside it (plain names, in the same folder)."""
+    names = data.get("text_encoder_files") or [] if path.is_file() else []
+    return [path.parent / n for n in names if isinstance(n, str) and safe_name(n) == n and (path.parent / n).is_file()]
 
 
 def _candidates(folder: Path):
@@ -55,7 +61,7 @@ def list_outputs(folder: Path) -> list[Entry]:
                 loras=tuple((str(lr.get("ref") or lr["name"]), float(lr["scale"])) for lr in data.get("loras", [])),
                 format=str(data.get("format", "diffusers")),
                 precision=str(data["precision"]),
-                size_bytes=_size(sub),
+                size_bytes=_size(sub) + sum(_size(c) for c in _companions(sub, data)),
                 created=str(data.get("created", "")),
             ))
         except (ValueError, KeyError, TypeError, OSError):
@@ -68,9 +74,12 @@ def delete_output(folder: Path, name: str) -> None:
     if safe_name(name) != name:
         raise BadInputError(f"'{name}' is not an output name.", "Pick an output from the library.")
     target = folder / name
-    if target.is_symlink() or not target.exists() or manifest.read(target) is None:
+    data = None if target.is_symlink() or not target.exists() else manifest.read(target)
+    if data is None:
         raise BadInputError(f"There is no saved output called {name}.", "Refresh the library to see what is there.")
     if target.is_dir():
         shutil.rmtree(target)
     else:
+        for companion in _companions(target, data):
+            companion.unlink()
         target.unlink()

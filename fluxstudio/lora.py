@@ -18,10 +18,21 @@ from pathlib import Path
 import torch
 
 from fluxstudio.errors import BadInputError, LoraMismatchError, NumericError
-from fluxstudio.models import Family
+from fluxstudio.models import ENCODERS, Family
 from fluxstudio.safefile import load_all, read_header, sha256
 
 PREFIX = "transformer."
+# Where a LoRA keeps its text-encoder parts: kohya (sd-scripts, fluxgym: te1 = CLIP-L, te3 = T5-XXL) and diffusers/peft
+ENCODER_PREFIXES = {"lora_te1_": "text_encoder", "lora_te_": "text_encoder", "lora_te3_": "text_encoder_2",
+                    "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
+# kohya's names are module paths with "_" for "."; these are the Linear modules sd-scripts trains in each encoder
+KOHYA_MODULES = {
+    "text_encoder": (re.compile(r"text_model_encoder_layers_(\d+)_(self_attn|mlp)_(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"),
+                     "text_model.encoder.layers.{}.{}.{}"),
+    "text_encoder_2": (re.compile(r"encoder_block_(\d+)_layer_(\d+)_(SelfAttention|DenseReluDense)_(q|k|v|o|wi_0|wi_1|wi|wo)"),
+                       "encoder.block.{}.layer.{}.{}.{}"),
+}
+LORA_SUFFIXES = {".lora_down.weight": "A", ".lora_A.weight": "A", ".lora_up.weight": "B", ".lora_B.weight": "B", ".alpha": "alpha"}
 UNSUPPORTED_KINDS = {"lokr_": "LoKr", "hada_": "LoHa", "lora_magnitude_vector": "DoRA"}
 
 
@@ -45,7 +56,7 @@ class LoadedLora:
     format: str
     modules: dict[str, LoraModule]
     replacements: dict[str, torch.Tensor]  # full parameter name -> tensor that replaces the base's
-    skipped: list[str] = field(default_factory=list)  # parts not fused (text encoders)
+    encoders: dict[str, dict[str, LoraModule]] = field(default_factory=dict)  # text_encoder(_2) -> its modules
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -54,7 +65,58 @@ class LoadedLora:
 
     @property
     def ranks(self) -> list[int]:
-        return sorted({m.rank for m in self.modules.values()})
+        return sorted({m.rank for mods in (self.modules, *self.encoders.values()) for m in mods.values()})
+
+    @property
+    def components(self) -> list[str]:
+        """The pipeline components this LoRA changes."""
+        return (["transformer"] if self.modules or self.replacements else []) + sorted(self.encoders)
+
+
+def encoder_component(key: str) -> str | None:
+    return next((c for prefix, c in ENCODER_PREFIXES.items() if key.startswith(prefix)), None)
+
+
+def components(path: str | Path) -> list[str]:
+    """The components a LoRA file touches, from its header alone (to know what to download before reading it)."""
+    keys = read_header(Path(path), "LoRA file").tensors
+    found = {encoder_component(k) or "transformer" for k in keys}
+    return [c for c in ("transformer", "text_encoder", "text_encoder_2") if c in found]
+
+
+def _encoder_modules(sd: dict[str, torch.Tensor], meta: dict, name: str) -> dict[str, dict[str, LoraModule]]:
+    """The text-encoder parts of a LoRA (kohya or peft keys) as modules named like the encoders' own."""
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        prefix = next(p for p in ENCODER_PREFIXES if key.startswith(p))
+        component, rest = ENCODER_PREFIXES[prefix], key[len(prefix):]
+        suffix = next((s for s in LORA_SUFFIXES if rest.endswith(s)), None)
+        if suffix is None:
+            raise LoraMismatchError(f"{name} has a text-encoder key FluxStudio does not understand: {key}.",
+                                    "It may be a LoRA variant FluxStudio cannot fuse yet; use a plain LoRA.")
+        module = rest[: -len(suffix)]
+        if prefix.endswith("_"):  # kohya: the module path with "_" for "."
+            pattern, template = KOHYA_MODULES[component]
+            match = pattern.fullmatch(module)
+            if match is None:
+                raise LoraMismatchError(
+                    f"{name} has a {ENCODERS[component].label} part in a layout FluxStudio does not know: {key}.",
+                    "Use a LoRA made for FLUX.1's CLIP-L and T5-XXL, or one without text-encoder parts.",
+                )
+            module = template.format(*match.groups())
+        parts.setdefault((component, module), {})[LORA_SUFFIXES[suffix]] = t
+    out: dict[str, dict[str, LoraModule]] = {}
+    for (component, module), p in sorted(parts.items()):
+        if "A" not in p or "B" not in p:
+            raise LoraMismatchError(f"{name} is incomplete: {component}.{module} has only one of its two LoRA matrices.",
+                                    "Get the file again.")
+        rank = int(p["A"].shape[0])
+        if "alpha" in p:
+            factor = float(p["alpha"]) / rank
+        else:
+            factor = _alpha_from_metadata(meta.get(component, {}), module, rank) if meta.get(component) else 1.0
+        out.setdefault(component, {})[module] = LoraModule(module, p["A"], p["B"], factor)
+    return out
 
 
 def detect_format(keys: list[str]) -> str:
@@ -121,15 +183,19 @@ def _alpha_from_metadata(meta: dict, module: str, rank: int) -> float:
     return float(alpha) / (math.sqrt(rank) if meta.get("use_rslora") else rank)
 
 
-def _adapter_metadata(metadata: dict[str, str]) -> dict:
+def _adapter_metadata(metadata: dict[str, str]) -> dict[str, dict]:
+    """peft's adapter config per component (`transformer`, `text_encoder`, ...), as diffusers saves it."""
     raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return {}
     try:
-        meta = json.loads(raw)
+        meta = json.loads(raw) if raw else {}
     except ValueError:
         return {}
-    return {k.removeprefix(PREFIX): v for k, v in meta.items() if k.startswith(PREFIX)}
+    out: dict[str, dict] = {}
+    for key, value in meta.items() if isinstance(meta, dict) else ():
+        component, _, field_name = key.partition(".")
+        if field_name:
+            out.setdefault(component, {})[field_name] = value
+    return out
 
 
 def load_lora(path: str | Path, family: Family) -> LoadedLora:
@@ -146,14 +212,16 @@ def load_lora(path: str | Path, family: Family) -> LoadedLora:
         if any(needle in k for k in raw):
             raise LoraMismatchError(f"{path.name} is a {kind} adapter, which FluxStudio cannot fuse yet.", "Use a plain LoRA.")
     fmt = detect_format(list(raw))
-    if not any(k.startswith(("transformer.", "text_encoder")) for k in raw) and all(
+    meta = _adapter_metadata(header.metadata)
+    encoders = _encoder_modules({k: v for k, v in raw.items() if encoder_component(k)}, meta, path.name)
+    raw = {k: v for k, v in raw.items() if not encoder_component(k)}
+    if not any(k.startswith("transformer.") for k in raw) and all(
         ".lora_A." in k or ".lora_B." in k or k.endswith(".alpha") for k in raw
     ):
         raw = {PREFIX + k: v for k, v in raw.items()}  # bare peft keys: a transformer-only adapter
-    sd, alphas, notes = _convert(raw, family, path.name)
-    meta = _adapter_metadata(header.metadata)
+    sd, alphas, notes = _convert(raw, family, path.name) if raw else ({}, {}, [])
+    meta = meta.get("transformer", {})
 
-    skipped = sorted({k.split(".")[0] for k in sd if not k.startswith(PREFIX)})
     ups: dict[str, torch.Tensor] = {}
     downs: dict[str, torch.Tensor] = {}
     biases: dict[str, torch.Tensor] = {}
@@ -178,8 +246,11 @@ def load_lora(path: str | Path, family: Family) -> LoadedLora:
     if set(ups) != set(downs):
         odd = sorted(set(ups) ^ set(downs))
         raise LoraMismatchError(f"{path.name} is incomplete: {odd[0]} has only one of its two LoRA matrices.", "Get the file again.")
-    if not downs and not replacements:
+    if not downs and not replacements and not encoders:
         raise LoraMismatchError(f"{path.name} has no weights for the {family.label} transformer.", f"Check that it is a {family.label} LoRA.")
+    if encoders and family.key != "flux1":
+        raise LoraMismatchError(f"{path.name} has text-encoder parts, which FluxStudio fuses only for FLUX.1 (CLIP-L and T5-XXL).",
+                                "Use a FLUX.1 base, or a LoRA without text-encoder parts.")
 
     modules: dict[str, LoraModule] = {}
     for name in sorted(downs):
@@ -199,4 +270,9 @@ def load_lora(path: str | Path, family: Family) -> LoadedLora:
         else:
             factor = 1.0
         modules[name] = LoraModule(name, down, up, factor, biases.get(name))
-    return LoadedLora(path, sha256(path), fmt, modules, replacements, skipped, notes)
+    for component, mods in encoders.items():
+        for module, mod in mods.items():
+            if mod.down.dim() != 2 or mod.up.dim() != 2 or mod.down.shape[0] != mod.up.shape[1]:
+                raise LoraMismatchError(f"{path.name} is broken at {component}.{module}: its two matrices do not fit together.",
+                                        "Get the file again.")
+    return LoadedLora(path, sha256(path), fmt, modules, replacements, encoders, notes)

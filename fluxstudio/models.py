@@ -20,11 +20,22 @@ class Family:
     class_name: str  # diffusers transformer class
     lora_mixin: str  # diffusers LoRA loader mixin that converts this family's LoRA formats
     expandable: tuple[tuple[str, str], ...] = ()  # Linear module -> config attribute it sizes
+    library: str = "diffusers"  # the package whose class loads it (text encoders: transformers)
 
     def model_class(self) -> type:
-        import diffusers
+        import importlib
 
-        return getattr(diffusers, self.class_name)
+        return getattr(importlib.import_module(self.library), self.class_name)
+
+    def empty_model(self, config: dict) -> torch.nn.Module:
+        """An instance on the meta device: shapes and module types, no memory."""
+        from accelerate import init_empty_weights
+
+        cls = self.model_class()
+        with init_empty_weights():
+            if self.library == "diffusers":
+                return cls.from_config(config)
+            return cls(cls.config_class.from_dict(config))
 
     def mixin(self) -> type:
         from diffusers.loaders import lora_pipeline
@@ -36,6 +47,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("flux1", "FLUX.1", "FluxTransformer2DModel", "FluxLoraLoaderMixin", (("x_embedder", "in_channels"),)),
     Family("flux2", "FLUX.2", "Flux2Transformer2DModel", "Flux2LoraLoaderMixin"),
 )
+# The text encoders a FLUX.1 LoRA may also train, by the pipeline's component name
+ENCODERS: dict[str, Family] = {
+    "text_encoder": Family("clip_l", "CLIP-L", "CLIPTextModel", "", library="transformers"),
+    "text_encoder_2": Family("t5", "T5-XXL", "T5EncoderModel", "", library="transformers"),
+}
 FULL_PRECISION = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -131,23 +147,54 @@ class BaseModel:
 
     @cached_property
     def meta_model(self) -> torch.nn.Module:
-        """An instance of the diffusers class on the meta device: shapes and module types, no memory."""
-        from accelerate import init_empty_weights
+        """An instance of the model's class on the meta device: shapes and module types, no memory."""
+        return self.family.empty_model(self.config)
 
-        with init_empty_weights():
-            return self.family.model_class().from_config(self.config)
+    def weight_key(self, module: str) -> str:
+        """The stored name of a module's weight. CLIP files name modules `text_model.…`, as LoRAs do, while
+        transformers 5 drops that prefix when it saves: accept either spelling."""
+        key = f"{module}.weight"
+        if key not in self.tensors:
+            other = key.removeprefix("text_model.") if key.startswith("text_model.") else "text_model." + key
+            key = other if other in self.tensors else key
+        return key
+
+    def canonical(self, name: str) -> str:
+        """A stored tensor name as the model's class names it (transformers 5 CLIP: without `text_model.`)."""
+        return name.removeprefix("text_model.") if self.family.key == "clip_l" else name
+
+
+def open_encoder(root: Path, component: str) -> BaseModel:
+    """A pipeline's text encoder (`text_encoder`: CLIP-L, `text_encoder_2`: T5), checked like a base."""
+    folder = Path(root) / component
+    if not (folder / "config.json").exists():
+        raise BadInputError(
+            f"The base has no {component}/ folder with config.json, which the LoRA's {ENCODERS[component].label} part needs.",
+            "Pick the whole diffusers pipeline folder (or repo) of the base model.", (folder,),
+        )
+    return _open(folder, ENCODERS[component])
 
 
 def open_base(path: str | Path) -> BaseModel:
     """Open a model folder (or pipeline folder with transformer/) and check it is a usable full-precision base."""
     folder = _find_model_folder(Path(path).expanduser().resolve())
+    config = _read_config(folder)
+    return _open(folder, family_for(str(config.get("_class_name", ""))), config)
+
+
+def _read_config(folder: Path) -> dict:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         if not isinstance(config, dict):
             raise ValueError
     except (ValueError, UnicodeDecodeError):
         raise BadInputError(f"{folder / 'config.json'} is not valid JSON.", "Download the model again.", (folder / "config.json",)) from None
-    family = family_for(str(config.get("_class_name", "")))
+    return config
+
+
+def _open(folder: Path, family: Family, config: dict | None = None) -> BaseModel:
+    if config is None:
+        config = _read_config(folder)
     headers = [read_header(p, "model file") for p in _weight_files(folder)]
     base = BaseModel(folder, config, family, headers)
     quantized = {info.dtype for _, info in base.tensors.values()} - set(FULL_PRECISION)
@@ -166,7 +213,9 @@ def _check_weights_match(base: BaseModel) -> None:
     except Exception as exc:  # noqa: BLE001 - a config diffusers cannot build
         raise BadInputError(f"config.json does not describe a valid {base.family.label} model ({exc}).",
                             "Download the model again, or pick its diffusers-format folder.") from None
-    have = {k: info.shape for k, (_, info) in base.tensors.items()}
+    for tied in getattr(base.meta_model, "_tied_weights_keys", None) or ():
+        expected.pop(tied, None)  # transformers saves a tied weight once (T5: encoder.embed_tokens = shared)
+    have = {base.canonical(k): info.shape for k, (_, info) in base.tensors.items() if not k.endswith("position_ids")}
     missing = sorted(set(expected) - set(have))
     extra = sorted(set(have) - set(expected))
     wrong = sorted(k for k in set(expected) & set(have) if expected[k] != have[k])

@@ -26,6 +26,7 @@ class Quantizer:
     precision: str
     quantized_modules: frozenset[str]  # Linear modules whose weight gets the low-precision format
     double_quant: bool = False
+    kept_modules: frozenset[str] = frozenset()  # Linear modules the model's class keeps in full precision
 
     def is_quantized(self, name: str) -> bool:
         return name.endswith(".weight") and name[: -len(".weight")] in self.quantized_modules
@@ -92,11 +93,14 @@ def layerwise_skip_patterns(model_cls: type) -> tuple[str, ...]:
 def make_quantizer(precision: str, linear_modules: frozenset[str], model_cls: type, double_quant: bool = False) -> Quantizer:
     if precision not in FORMATS["diffusers"].precisions:
         raise ValueError(f"unknown precision {precision!r}")
-    modules = linear_modules
+    # transformers keeps some Linear layers out of quantization and in fp32 (T5: the feed-forward output `wo`)
+    keep = tuple(getattr(model_cls, "_keep_in_fp32_modules", None) or ())
+    kept = frozenset(m for m in linear_modules if m.rsplit(".", 1)[-1] in keep)
+    modules = linear_modules - kept
     if precision == "fp8":
         skip = layerwise_skip_patterns(model_cls)
-        modules = frozenset(m for m in linear_modules if not any(re.search(p, m) for p in skip))
-    return Quantizer(precision, modules, double_quant)
+        modules = frozenset(m for m in modules if not any(re.search(p, m) for p in skip))
+    return Quantizer(precision, modules, double_quant, kept)
 
 
 def _bnb():

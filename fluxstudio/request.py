@@ -27,6 +27,7 @@ class BuildRequest:
     overwrite: bool = False
     ignore_unmatched: bool = False
     double_quant: bool = False
+    encoder_precision: str = ""  # T5-XXL in a pipeline export: bf16, fp8 or nf4 ("" = as the transformer)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class BuildResult:
     output_bytes: int
     files: list[str]
     tensors_fused: int
+    fused_per_component: dict[str, int] = field(default_factory=dict)
     family: str = "flux1"
     lora_retained: float | None = None  # share of the LoRAs' effect the stored weights keep (None: no LoRA)
     lora_retained_worst: list[dict] = field(default_factory=list)  # the modules that kept least

@@ -15,7 +15,7 @@ from pathlib import Path
 from fluxstudio import __version__, advice, catalogue, formats, paths, snippets
 from fluxstudio.catalogue import PRESETS
 from fluxstudio.errors import BadInputError, FluxStudioError
-from fluxstudio.formats import FORMATS, PRECISIONS
+from fluxstudio.formats import ENCODER_PRECISIONS, FORMATS, PRECISIONS
 from fluxstudio.hardware import HardwareInfo, library_versions, probe
 from fluxstudio.hub import Hub, Ref, has_token, parse_ref, save_token
 from fluxstudio.jobs import Job, JobRunner
@@ -24,7 +24,7 @@ from fluxstudio.request import DISK_MARGIN, BuildRequest, BuildResult, LoraRef
 from fluxstudio.units import free_bytes, human_bytes, parse_size
 
 __all__ = [
-    "CUSTOM", "FORMATS", "PRECISIONS", "PRESETS", "THIS_MACHINE", "BaseStatus", "BuildRequest", "BuildResult", "Entry",
+    "CUSTOM", "ENCODER_PRECISIONS", "FORMATS", "PRECISIONS", "PRESETS", "THIS_MACHINE", "BaseStatus", "BuildRequest", "BuildResult", "Entry",
     "Estimate", "Job", "LoraRef", "Studio", "__version__", "advice", "human_bytes", "library_versions", "parse_size",
     "paths", "safe_name", "snippets",
 ]
@@ -181,8 +181,12 @@ class Studio:
 
         family = next(f for f in FAMILIES if f.key == ("flux2" if model_key.startswith("flux2") else "flux1"))
         lora = load_lora(path, family)
+        from fluxstudio.models import ENCODERS
+
+        labels = {"transformer": "transformer", **{c: e.label for c, e in ENCODERS.items()}}
         parts = [lora.format, "rank " + "/".join(map(str, lora.ranks)) if lora.ranks else "no LoRA matrices",
-                 f"{len(lora.modules) + len(lora.replacements)} modules"]
+                 f"{len(lora.modules) + len(lora.replacements)} modules",
+                 "changes the " + " + ".join(labels[c] for c in lora.components)]
         base_dir = self.local_base(choice, custom)
         if base_dir is not None:
             fplan = plan(open_base(base_dir), [(lora, 1.0)], ignore_unmatched=True)
@@ -190,13 +194,11 @@ class Studio:
             parts += [n.split(": ", 1)[-1] for n in fplan.notes]
         else:
             parts.append("checked against the base when it is downloaded")
-        if lora.skipped:
-            parts.append(f"{', '.join(lora.skipped)} parts not fused (transformer only)")
         return " · ".join(parts)
 
     # -- estimate --------------------------------------------------------------------------------------------
     def estimate(self, choice: str, custom: str, lora_paths: list[Path], format: str, precision: str,
-                 model_key: str = "flux1") -> Estimate:
+                 model_key: str = "flux1", t5_precision: str = "") -> Estimate:
         """The output's size: exactly what the build checks the disk against when the base is here (the LoRAs
         count: a Control LoRA widens the model), else the model table's figure. Never raises."""
         from fluxstudio.build import plan_output
@@ -205,19 +207,20 @@ class Studio:
         try:
             base_dir = self.local_base(choice, custom)
             if base_dir is not None:
-                _, output = plan_output(base_dir, [(p, 1.0) for p in lora_paths], format, precision)
-                return Estimate(output.need_bytes(), free, True)
+                planned = plan_output(base_dir, [(p, 1.0) for p in lora_paths], format, precision, encoder_precision=t5_precision)
+                return Estimate(planned.need_bytes(self.output_dir), free, True)
         except FluxStudioError:
             pass  # not usable yet: the table's estimate stands
         return Estimate(advice.MODELS[model_key].weight_bytes(precision), free, False)
 
     # -- jobs ------------------------------------------------------------------------------------------------
     def request(self, choice: str, custom: str, loras: list[tuple[str, float]], format: str, precision: str,
-                name: str, shard: str = "5GB") -> BuildRequest:
+                name: str, shard: str = "5GB", t5_precision: str = "") -> BuildRequest:
         fmt = formats.get_format(format)
         return BuildRequest(
             base=self.base_ref(choice, custom), loras=tuple(LoraRef(r, s) for r, s in loras), precision=precision,
             format=fmt.key, out_dir=self.output_dir / (safe_name(name) + fmt.extension), shard_bytes=parse_size(shard),
+            encoder_precision=t5_precision if fmt.key == "pipeline" else "",
         )
 
     def start(self, request: BuildRequest) -> Job:

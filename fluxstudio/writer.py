@@ -32,13 +32,14 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
 
 
 class ShardedWriter:
-    """Shards named like diffusers' own, or with `single_name` one file of that name whatever its size."""
+    """Shards named like diffusers' own (transformers': prefix "model"), or with `single_name` one file of that name
+    whatever its size."""
 
     def __init__(
         self, folder: Path, max_shard_bytes: int, header_reserve: int, metadata: dict[str, str] | None = None,
-        single_name: str | None = None,
+        single_name: str | None = None, prefix: str = PREFIX,
     ) -> None:
-        self.folder = folder
+        self.folder, self.prefix = folder, prefix
         self.single_name = single_name
         self.max_shard_bytes = max(1, max_shard_bytes) if single_name is None else float("inf")
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -54,7 +55,7 @@ class ShardedWriter:
         if self._header and self._size + nbytes > self.max_shard_bytes:
             self._close_shard()
         if self._file is None:
-            path = self.folder / f".shard-{len(self.shards) + 1:05d}"
+            path = self.folder / f".{self.single_name or self.prefix}.shard-{len(self.shards) + 1:05d}"  # writers may share a folder
             self._file = path.open("wb")
             self._file.seek(8 + self.header_reserve)
             self._size = 0
@@ -87,13 +88,13 @@ class ShardedWriter:
         files: list[Path] = []
         weight_map: dict[str, str] = {}
         for i, (tmp, names) in enumerate(self.shards, start=1):
-            fname = self.single_name or (f"{PREFIX}.safetensors" if n == 1 else f"{PREFIX}-{i:05d}-of-{n:05d}.safetensors")
+            fname = self.single_name or (f"{self.prefix}.safetensors" if n == 1 else f"{self.prefix}-{i:05d}-of-{n:05d}.safetensors")
             os.replace(tmp, self.folder / fname)
             files.append(self.folder / fname)
             weight_map.update(dict.fromkeys(names, fname))
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.folder / f"{PREFIX}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         return files
 
     def abort(self) -> None:

@@ -162,4 +162,4 @@ def test_text_encoder_parts_are_reported_not_fused(tiny_base, tmp_path):
              "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(768, 4)}
     lora = peft_lora(tmp_path / "te.safetensors", linear_shapes(tiny_base), extra=extra)
     result = run(tiny_base, [(lora, 1.0)], tmp_path)
-    assert any("text_encoder parts not fused (transformer only)" in n for n in result.notes)
+    assert any("CLIP-L parts were not fused: the diffusers format holds the transformer only" in n for n in result.notes)

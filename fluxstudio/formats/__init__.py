@@ -55,6 +55,8 @@ FORMATS: dict[str, Format] = {
     for f in (
         Format("diffusers", "diffusers (Python)", "", ("bf16", "fp8", "nf4"), "bf16",
                "Load it with from_pretrained (snippet below)."),
+        Format("pipeline", "pipeline (diffusers): transformer, text encoders, VAE, tokenizers", "", ("bf16", "fp8", "nf4"), "bf16",
+               "Load the whole pipeline in one line (snippet below); it needs nothing else."),
         Format("single-file", "ComfyUI / Forge / SwarmUI, one file", ".safetensors", ("bf16", "fp8", "fp8-scaled", "nf4"), "fp8-scaled",
                "ComfyUI: put it in models/diffusion_models/ and use the Load Diffusion Model node. "
                "Forge: put it in models/Stable-diffusion/. SwarmUI: models/diffusion_models/."),
@@ -80,6 +82,18 @@ def check_precision(format_key: str, precision: str) -> Format:
             f"The {fmt.key} format has no precision {precision!r}.", f"It offers {', '.join(fmt.precisions)}."
         )
     return fmt
+
+
+ENCODER_PRECISIONS = ("bf16", "fp8", "nf4")  # what the pipeline format offers for T5-XXL
+
+
+def check_encoder_precision(format_key: str, precision: str) -> str:
+    """The T5 precision of a pipeline export ("" for other formats); one sentence if it has no such precision."""
+    if format_key != "pipeline":
+        return ""
+    if precision not in ENCODER_PRECISIONS:
+        raise BadInputError(f"The T5 text encoder has no precision {precision!r}.", f"Use one of {', '.join(ENCODER_PRECISIONS)}.")
+    return precision
 
 
 def check(format_key: str, precision: str, family: str) -> Format:

@@ -57,6 +57,7 @@ class DiffusersOutput(_Safetensors):
         self.quantizer = make_quantizer(precision, base.linear_modules, base.family.model_class(), double_quant)
         self.jobs = jobs
         self.base, self.config_updates, self.shard_bytes = base, config_updates, shard_bytes
+        self.prefix = "diffusion_pytorch_model" if base.family.library == "diffusers" else "model"
         self.notes: list[str] = []
         self.retention = Retention.of(jobs)
 
@@ -66,7 +67,7 @@ class DiffusersOutput(_Safetensors):
     def open(self, folder: Path, metadata: dict[str, str]) -> None:
         self.folder = folder
         keys = [k for j in self.jobs for k in self.quantizer.keys(j.name)]
-        self.writer = ShardedWriter(folder, self.shard_bytes, header_bound(keys))
+        self.writer = ShardedWriter(folder, self.shard_bytes, header_bound(keys), prefix=self.prefix)
 
     def encode(self, name: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.quantizer.encode(name, fused)
@@ -78,7 +79,8 @@ class DiffusersOutput(_Safetensors):
         files = self.writer.close()
         config = dict(self.base.config) | self.config_updates
         if qconfig := self.quantizer.config_block():
-            config["quantization_config"] = qconfig
+            config["quantization_config"] = qconfig | (
+                {"llm_int8_skip_modules": sorted(self.quantizer.kept_modules)} if self.base.family.library == "transformers" else {})
         (self.folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return files + [self.folder / "config.json"]
 
@@ -172,6 +174,35 @@ class SingleFileOutput(_BflOutput, _Safetensors):
     def close(self, final: dict | None = None) -> list[Path]:
         if final and (entry := manifest.refit(self.writer.metadata, final, escaped=True)):
             self.writer.metadata.update(entry)
+        return self.writer.close()
+
+
+class EncoderFile(_Safetensors):
+    """A fused text encoder as one file for ComfyUI and Forge, beside the transformer: CLIP-L in bf16 with the
+    `text_model.` keys ComfyUI's CLIP loaders read, T5-XXL with fp8 Linear weights (the t5xxl_fp8_e4m3fn layout)."""
+
+    def __init__(self, base, jobs: list[TensorJob], filename: str) -> None:
+        self.base, self.filename = base, filename
+        self.jobs = [j for j in jobs if not j.name.endswith("position_ids")]  # a buffer older files carry
+        precision = "fp8" if base.family.key == "t5" else "bf16"
+        self.quantizer = make_quantizer(precision, base.linear_modules, base.family.model_class())
+        self.notes: list[str] = []
+        self.retention = Retention.of(jobs)
+
+    def key(self, name: str) -> str:
+        return "text_model." + self.base.canonical(name) if self.base.family.key == "clip_l" else name
+
+    def need_bytes(self) -> int:
+        return sum(self.quantizer.estimate_bytes(j.name, math.prod(j.out_shape)) for j in self.jobs)
+
+    def open(self, folder: Path, metadata: dict[str, str]) -> None:
+        self.writer = ShardedWriter(folder, 0, header_bound([self.key(j.name) for j in self.jobs]), single_name=self.filename)
+
+    def encode(self, name: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.quantizer.encode(name, fused)
+        return {self.key(name): out[name]}
+
+    def close(self, final: dict | None = None) -> list[Path]:
         return self.writer.close()
 
 
@@ -280,7 +311,7 @@ class GgufOutput(_BflOutput):
 
 def make_output(fmt: Format, precision: str, base, jobs: list[TensorJob], config_updates: dict, filename: str,
                 shard_bytes: int, double_quant: bool = False):
-    if fmt.key == "diffusers":
+    if not fmt.extension:  # diffusers, and the pipeline's transformer/ folder
         return DiffusersOutput(precision, base, jobs, config_updates, shard_bytes, double_quant)
     cls = SingleFileOutput if fmt.key == "single-file" else GgufOutput
     return cls(fmt, precision, base, jobs, filename)

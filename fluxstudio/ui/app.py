@@ -53,7 +53,7 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
 
         for trigger in (m.target.change, b.model_key.change):
             trigger(advise, [m.target, b.model_key, o.format], [m.advice, o.precision])
-        run.wire(ctx, r, b.choice, b.custom, lo.items, o.format, o.precision, o.name, o.shard,
+        run.wire(ctx, r, b.choice, b.custom, lo.items, o.format, o.precision, o.name, o.shard, o.t5,
                  on_done=[(lambda: library.updates(ctx, lib), None, library.outputs(lib)), refresh_base])
         library.wire(ctx, lib)
 

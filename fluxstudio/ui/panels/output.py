@@ -8,7 +8,7 @@ from datetime import datetime
 
 import gradio as gr
 
-from fluxstudio.studio import FORMATS, PRECISIONS, advice, human_bytes, safe_name
+from fluxstudio.studio import ENCODER_PRECISIONS, FORMATS, PRECISIONS, advice, human_bytes, safe_name
 from fluxstudio.ui.context import Context
 
 SHARD_SIZES = ["1GB", "2GB", "5GB", "10GB"]
@@ -21,6 +21,7 @@ class Handles:
     name: gr.Textbox
     shard: gr.Dropdown
     estimate: gr.Markdown
+    t5: gr.Radio  # T5-XXL's precision, for pipeline exports
 
 
 def precision_choices(format: str, model_key: str) -> list[tuple[str, str]]:
@@ -44,11 +45,13 @@ def precision_update(format: str, model_key: str, rec) -> dict:
     return gr.update(choices=precision_choices(format, model_key), value=value)
 
 
-def estimate(ctx: Context, choice: str, custom: str, items: list, format: str, precision: str, model_key: str) -> str:
+def estimate(ctx: Context, choice: str, custom: str, items: list, format: str, precision: str, model_key: str,
+             t5: str = "") -> str:
     """The size the build will check the disk against (exact once the base is here), and the free disk."""
     if precision not in FORMATS[format].precisions:
         return ""
-    est = ctx.studio.estimate(choice, custom or "", [it["path"] for it in items or []], format, precision, model_key)
+    est = ctx.studio.estimate(choice, custom or "", [it["path"] for it in items or []], format, precision, model_key,
+                              t5 if format == "pipeline" else "")
     warn = " — **not enough space**" if not est.fits else ""
     size = human_bytes(est.bytes) if est.exact else f"~{human_bytes(est.bytes)}"
     return f"Output about **{size}** · {human_bytes(est.free)} free{warn}  \n{PRECISIONS[precision].note}"
@@ -64,21 +67,24 @@ def render(ctx: Context) -> Handles:
             name = gr.Textbox(value=f"flux-fused-{datetime.now():%Y%m%d-%H%M}", label="Output name", max_lines=1,
                               elem_id="out-name", scale=2)
             shard = gr.Dropdown(SHARD_SIZES, value="5GB", label="Shard size", scale=1, elem_id="shard")
+        t5 = gr.Radio(list(ENCODER_PRECISIONS), value="bf16", label="T5-XXL text encoder precision", visible=False,
+                      elem_id="t5-precision")
         text = gr.Markdown(elem_id="estimate")
-    return Handles(fmt, precision, name, shard, text)
+    return Handles(fmt, precision, name, shard, text, t5)
 
 
 def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key, loras, target) -> None:
-    inputs = [base_choice, base_custom, loras, h.format, h.precision, model_key]
+    inputs = [base_choice, base_custom, loras, h.format, h.precision, model_key, h.t5]
 
-    def refresh(choice, custom, items, format, precision, key):
-        return estimate(ctx, choice, custom, items, format, precision, key)
+    def refresh(choice, custom, items, format, precision, key, t5):
+        return estimate(ctx, choice, custom, items, format, precision, key, t5)
 
     def on_format(format, key, target_card):
         rec = ctx.studio.advise(target_card, key)
-        return precision_update(format, key, rec), gr.update(visible=format == "diffusers")
+        return (precision_update(format, key, rec), gr.update(visible=not FORMATS[format].extension),
+                gr.update(visible=format == "pipeline", value=rec.text_encoder))
 
-    h.format.change(on_format, [h.format, model_key, target], [h.precision, h.shard])
-    for trigger in (h.precision.change, model_key.change, loras.change):
+    h.format.change(on_format, [h.format, model_key, target], [h.precision, h.shard, h.t5])
+    for trigger in (h.precision.change, model_key.change, loras.change, h.t5.change):
         trigger(refresh, inputs, h.estimate)
     h.name.blur(lambda name: safe_name(name or ""), h.name, h.name)

@@ -64,8 +64,10 @@ def result_text(job: Job, shared: bool) -> str:
              f"Time **{r.seconds:.1f} s** ({stages})",
              f"Peak RAM **{human_bytes(r.peak_anon_bytes)}** (RSS {human_bytes(r.peak_ram_bytes)})"
              + (f" · peak VRAM **{human_bytes(r.peak_vram_bytes)}**" if r.peak_vram_bytes else "")]
-    if r.format != "diffusers":
-        lines.append(f"**Where it goes:** {snippets.placement(r.format)}")
+    if r.format not in ("diffusers", "pipeline"):
+        lines.append(f"**Where it goes:** {snippets.placement(r.format, r.files)}")
+    if len(r.fused_per_component) > 1:
+        lines.append("Fused: " + ", ".join(f"{k} {v} tensors" for k, v in r.fused_per_component.items()))
     lines += [f"**{n}**" if n.startswith("Warning:") else f"*{n}*" for n in r.notes]
     return "  \n".join(lines)
 
@@ -83,14 +85,14 @@ def render() -> Handles:
     return Handles(go, cancel, gr.State(None), status, progress, memory, result, snippet)
 
 
-def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, format, precision, name, shard, on_done) -> None:
+def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, format, precision, name, shard, t5, on_done) -> None:
     shared = not ctx.settings.local
 
-    def run(choice, custom, items, fmt, prec, out_name, shard_size):
+    def run(choice, custom, items, fmt, prec, out_name, shard_size, t5_precision):
         idle = gr.update(interactive=True), gr.update(interactive=False)
         try:
             req = ctx.studio.request(choice, custom or "", [(it["ref"], it["scale"]) for it in items], fmt, prec,
-                                     out_name or "", shard_size)
+                                     out_name or "", shard_size, t5_precision)
         except Exception as exc:  # noqa: BLE001 - shown as one sentence
             yield (None, error_html(user_message(exc, shared)), "", "", "", gr.update(visible=False), *idle)
             return
@@ -102,7 +104,7 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, format, prec
         if job.status == "done":
             r = job.result
             path = r.output_dir if not shared else f"path/to/{req.out_dir.name}"
-            snippet = snippets.load_snippet(path, prec, ctx.studio.family(r.family), r.format)
+            snippet = snippets.load_snippet(path, prec, ctx.studio.family(r.family), r.format, req.encoder_precision or prec)
             yield (None, ok_html("Done."), progress_text(job), memory_text(job), result_text(job, shared),
                    gr.update(value=snippet, visible=True), *idle)
         else:
@@ -113,7 +115,7 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, format, prec
             yield (None, status, "", memory_text(job), "", gr.update(visible=False), *idle)
 
     outputs = [h.job_id, h.status, h.progress, h.memory, h.result, h.snippet, h.go, h.cancel]
-    event = h.go.click(run, [base_choice, base_custom, loras, format, precision, name, shard], outputs,
+    event = h.go.click(run, [base_choice, base_custom, loras, format, precision, name, shard, t5], outputs,
                        concurrency_limit=1, concurrency_id="build")
     for then in on_done:
         event = event.then(*then)
