@@ -348,7 +348,7 @@ def _inputs(base_origin: dict, lora_origins: list[dict], req: BuildRequest, plan
         ],
         "format": req.format,
         "precision": req.precision,
-        "fused_per_component": {p.component: p.plan.fused_count for p in planned.parts},
+        "fused_per_component": planned.fused(),
         **({"text_encoder_precision": {p.component: p.output.quantizer.precision for p in planned.parts[1:]}} if planned.parts[1:] else {}),
         **({"text_encoder_files": companions} if companions else {}),
         "double_quant": req.double_quant if req.precision == "nf4" else None,

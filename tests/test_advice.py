@@ -158,3 +158,16 @@ def test_real_gpu_probe_matches_nvidia_smi(tmp_path):
     assert gpu.capability == tuple(int(x) for x in cap.split("."))
     assert abs(gpu.vram_total_bytes - int(total_mib) * 2**20) / (int(total_mib) * 2**20) < 0.05
     assert gpu.fp8_compute == (gpu.capability >= (8, 9)) and gpu.bf16
+
+
+@pytest.mark.parametrize("card,transformer,t5", [
+    ("RTX 5090 32 GB", "fp8", "bf16"),  # room for T5 in bf16 beside the fp8 transformer
+    ("RTX 4090 24 GB", "fp8", "fp8"),
+    ("RTX 4080 16 GB", "nf4", "fp8"),
+    ("RTX 4070 12 GB", "nf4", "nf4"),  # 8-12 GB cards get T5 in NF4 too
+    ("A100 80 GB", "bf16", "bf16"),
+    ("Apple M-series 32 GB", "bf16", "fp8"),  # no bitsandbytes: never NF4
+])
+def test_the_advice_picks_t5s_precision_for_a_pipeline_export(card, transformer, t5):
+    rec = recommend(CARDS[card], MODELS["flux1"])
+    assert (rec.precision, rec.text_encoder) == (transformer, t5)

@@ -297,3 +297,14 @@ def test_downloads_fetch_only_what_the_output_needs(pipe_dir, tmp_path):
                              "tokenizer", "tokenizer_2"}  # never the repo's top-level single file
     finally:
         fake.stop()
+
+
+def test_the_loras_panel_says_which_components_a_lora_changes(pipe_dir, tmp_path):
+    from fluxstudio.studio import Studio
+
+    parts = encoder_lora_parts(pipe_dir)
+    studio = Studio(output_dir=tmp_path / "outputs", local=True)
+    line = studio.describe_lora(peft_file(tmp_path / "all.safetensors", parts), "custom", str(pipe_dir), "flux1")
+    assert "changes the transformer + CLIP-L + T5-XXL" in line
+    line = studio.describe_lora(peft_file(tmp_path / "tr.safetensors", parts, ("transformer",)), "custom", str(pipe_dir), "flux1")
+    assert "changes the transformer ·" in line and "1 matched" in line
