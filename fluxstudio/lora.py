@@ -110,13 +110,19 @@ def _encoder_modules(sd: dict[str, torch.Tensor], meta: dict, name: str) -> dict
         if "A" not in p or "B" not in p:
             raise LoraMismatchError(f"{name} is incomplete: {component}.{module} has only one of its two LoRA matrices.",
                                     "Get the file again.")
+        _check_fits(name, f"{component}.{module}", p["A"], p["B"])
         rank = int(p["A"].shape[0])
-        if "alpha" in p:
-            factor = float(p["alpha"]) / rank
-        else:
-            factor = _alpha_from_metadata(meta.get(component, {}), module, rank) if meta.get(component) else 1.0
+        factor = float(p["alpha"]) / rank if "alpha" in p else _alpha_from_metadata(meta.get(component, {}), module, rank)
         out.setdefault(component, {})[module] = LoraModule(module, p["A"], p["B"], factor)
     return out
+
+
+def _check_fits(file: str, where: str, down: torch.Tensor, up: torch.Tensor) -> None:
+    if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
+        raise LoraMismatchError(
+            f"{file} is broken at {where}: its two matrices do not fit together ({tuple(up.shape)} x {tuple(down.shape)}).",
+            "Get the file again.",
+        )
 
 
 def detect_format(keys: list[str]) -> str:
@@ -255,12 +261,7 @@ def load_lora(path: str | Path, family: Family) -> LoadedLora:
     modules: dict[str, LoraModule] = {}
     for name in sorted(downs):
         down, up = downs[name], ups[name]
-        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
-            raise LoraMismatchError(
-                f"{path.name} is broken at {name}: its two matrices do not fit together "
-                f"({tuple(up.shape)} x {tuple(down.shape)}).",
-                "Get the file again.",
-            )
+        _check_fits(path.name, name, down, up)
         rank = int(down.shape[0])
         alpha = alphas.get(f"{PREFIX}{name}.alpha")
         if alpha is not None:
@@ -270,9 +271,4 @@ def load_lora(path: str | Path, family: Family) -> LoadedLora:
         else:
             factor = 1.0
         modules[name] = LoraModule(name, down, up, factor, biases.get(name))
-    for component, mods in encoders.items():
-        for module, mod in mods.items():
-            if mod.down.dim() != 2 or mod.up.dim() != 2 or mod.down.shape[0] != mod.up.shape[1]:
-                raise LoraMismatchError(f"{path.name} is broken at {component}.{module}: its two matrices do not fit together.",
-                                        "Get the file again.")
     return LoadedLora(path, sha256(path), fmt, modules, replacements, encoders, notes)

@@ -53,13 +53,13 @@ class DiffusersOutput(_Safetensors):
     """A diffusers folder: sharded safetensors, config.json (+ quantization_config)."""
 
     def __init__(self, precision: str, base, jobs: list[TensorJob], config_updates: dict, shard_bytes: int,
-                 double_quant: bool = False) -> None:
+                 double_quant: bool = False, score: bool = True) -> None:
         self.quantizer = make_quantizer(precision, base.linear_modules, base.family.model_class(), double_quant)
         self.jobs = jobs
         self.base, self.config_updates, self.shard_bytes = base, config_updates, shard_bytes
         self.prefix = "diffusion_pytorch_model" if base.family.library == "diffusers" else "model"
         self.notes: list[str] = []
-        self.retention = Retention.of(jobs)
+        self.retention = Retention.of(jobs if score else [])  # a text encoder's writer does not score (nothing reads it)
 
     def need_bytes(self) -> int:
         return sum(self.quantizer.estimate_bytes(j.name, math.prod(j.out_shape)) for j in self.jobs)
@@ -187,7 +187,6 @@ class EncoderFile(_Safetensors):
         precision = "fp8" if base.family.key == "t5" else "bf16"
         self.quantizer = make_quantizer(precision, base.linear_modules, base.family.model_class())
         self.notes: list[str] = []
-        self.retention = Retention.of(jobs)
 
     def key(self, name: str) -> str:
         return "text_model." + self.base.canonical(name) if self.base.family.key == "clip_l" else name
