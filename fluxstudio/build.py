@@ -114,21 +114,19 @@ class Planned:
 ENCODER_FILES = {"text_encoder": "clip_l", "text_encoder_2": "t5xxl_fp8_e4m3fn"}
 
 
-def touched_encoders(loras: list[tuple[Path, float]]) -> list[str]:
-    return sorted({c for path, _ in loras for c in lora_components(path) if c != "transformer"})
-
-
 def base_components(format: str, loras: list[tuple[Path, float]]) -> list[str] | None:
     """What of the base repo a build needs: None for everything (a pipeline), else the components to download."""
     if format == "pipeline":
         return None
-    return ["transformer"] + (touched_encoders(loras) if formats.get_format(format).extension else [])
+    if not formats.get_format(format).extension:
+        return ["transformer"]
+    return ["transformer"] + sorted({c for path, _ in loras for c in lora_components(path) if c != "transformer"})
 
 
 def plan_output(
     base_path: Path, loras: list[tuple[Path, float]], format: str, precision: str, filename: str = "output",
     shard_bytes: int = DEFAULT_SHARD_BYTES, double_quant: bool = False, ignore_unmatched: bool = False,
-    progress: ProgressCallback | None = None, cancel: CancelToken | None = None, encoder_precision: str = "",
+    progress: ProgressCallback | None = None, cancel: CancelToken | None = None, t5_precision: str = "",
 ) -> Planned:
     """Open the base, read the LoRAs, plan every tensor of every component written, and choose the writers.
 
@@ -137,7 +135,7 @@ def plan_output(
     """
     base = open_base(base_path)
     fmt = formats.check(format, precision, base.family.key)
-    t5_precision = formats.check_encoder_precision(fmt.key, encoder_precision or precision)
+    t5_precision = formats.check_encoder_precision(fmt.key, t5_precision or precision)
     loaded = []
     for i, (path, scale) in enumerate(loras, start=1):
         check(cancel)
@@ -162,7 +160,7 @@ def plan_output(
         eplan = plan(encoder, loaded, ignore_unmatched, component)
         if fmt.key == "pipeline":
             out = DiffusersOutput(t5_precision if component == "text_encoder_2" else "bf16", encoder, eplan.jobs, {}, shard_bytes,
-                                  double_quant)
+                                  double_quant, score=False)
         else:
             out = EncoderFile(encoder, eplan.jobs, f"{Path(filename).stem}.{ENCODER_FILES[component]}.safetensors")
         planned.parts.append(Part(component, encoder, eplan, out, component if fmt.key == "pipeline" else ""))
@@ -180,7 +178,7 @@ def build(
     hub: Hub | None = None,
 ) -> BuildResult:
     fmt = formats.check_precision(req.format, req.precision)  # before any download: the family is checked later
-    formats.check_encoder_precision(fmt.key, req.encoder_precision or req.precision)
+    formats.check_encoder_precision(fmt.key, req.t5_precision)
     out = formats.output_path(req.format, req.out_dir)
     stages: dict[str, float] = {}
     t0 = time.monotonic()
@@ -207,7 +205,7 @@ def build(
         report(progress, ProgressEvent(Stage.INSPECT, message="Reading the base model and LoRAs"))
         planned = plan_output(
             base_path, lora_scales, req.format, req.precision, out.name, req.shard_bytes, req.double_quant,
-            req.ignore_unmatched, progress, cancel, req.encoder_precision,
+            req.ignore_unmatched, progress, cancel, req.t5_precision,
         )
         base, loras, fplan, output = planned.base, planned.loras, planned.plan, planned.output
         companions = [out.parent / p.output.filename for p in planned.parts[1:] if fmt.extension]

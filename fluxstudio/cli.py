@@ -210,7 +210,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         print(f"  note       {note}")
     if result.format not in ("diffusers", "pipeline"):
         print(f"\n{studio.snippets.placement(result.format, result.files)}")
-    snippet = studio.snippets.load_snippet(result.output_dir, result.precision, front.family(result.family), result.format)
+    snippet = studio.snippets.load_snippet(result.output_dir, result.precision, front.family(result.family), result.format,
+                                           req.t5_precision)
     print("\nLoad it in diffusers with:\n" + snippet)
     if args.report_json:
         args.report_json.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")

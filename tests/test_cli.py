@@ -114,3 +114,15 @@ def test_format_errors_are_one_sentence(tmp_path):
     proc = cli("fuse", "--base", "demo", "--format", "gguf", "--out", tmp_path / "o.safetensors")
     assert proc.returncode == 3 and "a gguf output is a .gguf file" in proc.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["fshome"]  # logs only: no output, nothing partial
+
+
+def test_a_pipeline_export_prints_its_one_line_load_with_t5_in_fp8(tmp_path, isolated_home):
+    out = tmp_path / "pipe"
+    proc = cli("fuse", "--base", "demo", "--lora", "demo", "--format", "pipeline", "--precision", "bf16",
+               "--t5-precision", "fp8", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert f'FluxPipeline.from_pretrained(r"{out}"' in proc.stdout
+    assert "apply_layerwise_casting(pipe.text_encoder_2, storage_dtype=torch.float8_e4m3fn" in proc.stdout
+    assert "pipe.transformer.enable_layerwise_casting" not in proc.stdout  # the transformer is bf16
+    config = json.loads((out / "text_encoder_2" / "config.json").read_text())
+    assert "quantization_config" not in config and (out / "vae").is_dir()

@@ -50,8 +50,7 @@ def estimate(ctx: Context, choice: str, custom: str, items: list, format: str, p
     """The size the build will check the disk against (exact once the base is here), and the free disk."""
     if precision not in FORMATS[format].precisions:
         return ""
-    est = ctx.studio.estimate(choice, custom or "", [it["path"] for it in items or []], format, precision, model_key,
-                              t5 if format == "pipeline" else "")
+    est = ctx.studio.estimate(choice, custom or "", [it["path"] for it in items or []], format, precision, model_key, t5)
     warn = " — **not enough space**" if not est.fits else ""
     size = human_bytes(est.bytes) if est.exact else f"~{human_bytes(est.bytes)}"
     return f"Output about **{size}** · {human_bytes(est.free)} free{warn}  \n{PRECISIONS[precision].note}"

@@ -104,7 +104,7 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, format, prec
         if job.status == "done":
             r = job.result
             path = r.output_dir if not shared else f"path/to/{req.out_dir.name}"
-            snippet = snippets.load_snippet(path, prec, ctx.studio.family(r.family), r.format, req.encoder_precision or prec)
+            snippet = snippets.load_snippet(path, prec, ctx.studio.family(r.family), r.format, req.t5_precision)
             yield (None, ok_html("Done."), progress_text(job), memory_text(job), result_text(job, shared),
                    gr.update(value=snippet, visible=True), *idle)
         else:
