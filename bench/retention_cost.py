@@ -30,7 +30,7 @@ def one_build(base: Path, lora: Path, out: Path, fmt: str, precision: str, measu
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t0 = time.perf_counter()
-    _, output = plan_output(base, [(lora, 1.0)], fmt, precision, "bench.out", 5 * 10**9, False, False, None, None)
+    output = plan_output(base, [(lora, 1.0)], fmt, precision, "bench.out", 5 * 10**9).output
     if not measure:
         output.retention = Retention({})  # a writer with nothing to measure
     output.open(out, {})

@@ -40,10 +40,11 @@ class Quantizer:
         return nf4_encode(name, fused.to(torch.bfloat16), self.double_quant)
 
     def decode(self, name: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """What `encode` stored for this tensor, back in fp32 (the LoRA-retention score compares it)."""
+        """What `encode` stored for this tensor, back in fp32, in a new tensor (the LoRA-retention score compares
+        it, and may overwrite it)."""
         if self.is_quantized(name) and self.precision == "nf4":
             return nf4_decode(name, out)
-        return out[name].float()
+        return out[name].to(torch.float32, copy=True)
 
     def keys(self, name: str) -> list[str]:
         """The names `encode` will write for this tensor."""

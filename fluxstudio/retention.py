@@ -31,20 +31,20 @@ class Retention:
         return cls({j.name: j for j in jobs if (j.deltas or j.bias_deltas) and j.replacement is None})
 
     def add(self, name: str, fused: torch.Tensor, stored: torch.Tensor) -> None:
-        """One tensor: its fused value (as the writer had it) and what the output stores, dequantized."""
+        """One tensor: its fused value (as the writer had it) and what the output stores, dequantized into a tensor
+        of the caller's own (it is overwritten with the error: a new tensor the size of a weight costs more)."""
         job = self.jobs.get(name)
         if job is None:
             return
-        stored, fused = stored.to(device=fused.device, dtype=torch.float32), fused.to(torch.float32)
+        e = stored.to(device=fused.device, dtype=torch.float32).sub_(fused)
         if job.bias_deltas or fused.dim() != 2:  # small tensors: ΔW itself
             dw = sum(b.to(fused.device, torch.float32) * w for b, w in job.bias_deltas)
-            cross, den = float(((stored - fused) * dw).sum()), float((dw * dw).sum())
+            cross, den = float((e * dw).sum()), float((dw * dw).sum())
         else:
             ups = [d.up.to(fused.device, torch.float32) * d.weight for d in job.deltas]
             downs = [torch.nn.functional.pad(d.down.to(fused.device, torch.float32), (0, fused.shape[1] - d.down.shape[1]))
                      for d in job.deltas]
-            # Uᵀ·stored − Uᵀ·fused: two rank-r products cost less than writing out e = stored − fused
-            cross = float(sum(((u.T @ stored - u.T @ fused) * d).sum() for u, d in zip(ups, downs)))
+            cross = float(sum(((u.T @ e) * d).sum() for u, d in zip(ups, downs)))
             den = float(sum(((u.T @ u2) * (d @ d2.T)).sum() for u, d in zip(ups, downs) for u2, d2 in zip(ups, downs)))
         if den > 0:
             self.num[name], self.den[name] = den + cross, den

@@ -278,7 +278,7 @@ class GgufOutput(_BflOutput):
         kind, data = self.types[name], out[name]
         if kind in ggml.TYPES:
             return ggml.dequantize(data, kind, self.shapes[name])
-        return (data.view(torch.bfloat16) if kind == "BF16" else data).float()
+        return (data.view(torch.bfloat16) if kind == "BF16" else data).to(torch.float32, copy=True)
 
     def write(self, key: str, value: torch.Tensor) -> None:
         expected = next(iter(self.w.tensors[0]), None)
