@@ -88,13 +88,19 @@ def make_tokenizers(folder: Path) -> tuple:
 
 
 def make_flux1_pipeline(folder: Path, config: dict = DEMO_CONFIG, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                        clip: dict = DEMO_CLIP, t5: dict = DEMO_T5) -> Path:
-    """Write a whole FluxPipeline folder of random weights: transformer, CLIP-L, T5, VAE, scheduler, tokenizers."""
+                        clip: dict = DEMO_CLIP, t5: dict = DEMO_T5, transformer: Path | None = None) -> Path:
+    """Write a whole FluxPipeline folder of random weights: transformer (or links to the files of `transformer`,
+    an existing one), CLIP-L, T5, VAE, scheduler, tokenizers."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     folder.mkdir(parents=True, exist_ok=True)
-    make_flux1_model(folder / "transformer", config, seed, dtype)
+    if transformer is None:
+        make_flux1_model(folder / "transformer", config, seed, dtype)
+    else:
+        (folder / "transformer").mkdir()
+        for f in transformer.iterdir():
+            (folder / "transformer" / f.name).hardlink_to(f)
     clip_tok, t5_tok = make_tokenizers(folder)
     torch.manual_seed(seed + 1)
     CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), bos_token_id=0, eos_token_id=1, **clip)).to(dtype).save_pretrained(

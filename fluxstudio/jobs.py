@@ -68,10 +68,11 @@ class JobRunner:
         self._jobs: dict[str, Job] = {}
         self._one_at_a_time = threading.Lock()
 
-    def start(self, request: BuildRequest) -> Job:
+    def start(self, request, run: Callable | None = None) -> Job:
+        """Start a build (or, with `run`, another job taking the same arguments: a preview); one at a time."""
         job = Job(uuid.uuid4().hex, request)
         self._jobs[job.id] = job
-        job._thread = threading.Thread(target=self._work, args=(job,), name=f"job-{job.id[:8]}", daemon=True)
+        job._thread = threading.Thread(target=self._work, args=(job, run or self._run), name=f"job-{job.id[:8]}", daemon=True)
         job._thread.start()
         return job
 
@@ -85,18 +86,18 @@ class JobRunner:
         job.cancel.cancel()
         return True
 
-    def _work(self, job: Job) -> None:
+    def _work(self, job: Job, run: Callable) -> None:
         import logging
 
         with self._one_at_a_time, job.sampler:
             try:
-                job.result = self._run(job.request, progress=job.on_progress, cancel=job.cancel, **self._build_kwargs)
+                job.result = run(job.request, progress=job.on_progress, cancel=job.cancel, **self._build_kwargs)
                 job.status = "done"
             except CancelledError as exc:
                 job.error, job.status = exc, "cancelled"
             except FluxStudioError as exc:
                 job.error, job.status = exc, "failed"
             except Exception as exc:  # noqa: BLE001 - shown as one sentence; details go to the log
-                logging.getLogger(__name__).exception("build failed")
+                logging.getLogger(__name__).exception("job failed")
                 job.error = FluxStudioError(f"Something unexpected went wrong ({type(exc).__name__}).", "Details are in the log.")
                 job.status = "failed"

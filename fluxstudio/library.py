@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxstudio import manifest
+from fluxstudio import manifest, preview
 from fluxstudio.errors import BadInputError
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -22,6 +22,7 @@ class Entry:
     precision: str
     size_bytes: int
     created: str
+    preview: str = ""  # the saved Try-it figures, one line ("" when none)
 
 
 def safe_name(text: str, default: str = "fused") -> str:
@@ -63,10 +64,18 @@ def list_outputs(folder: Path) -> list[Entry]:
                 precision=str(data["precision"]),
                 size_bytes=_size(sub) + sum(_size(c) for c in _companions(sub, data)),
                 created=str(data.get("created", "")),
+                preview=summary(preview.read(sub)),
             ))
         except (ValueError, KeyError, TypeError, OSError):
             continue
     return sorted(entries, key=lambda e: e.created, reverse=True)
+
+
+def summary(p: preview.PreviewResult | None) -> str:
+    """A saved preview in one line: each image's it/s."""
+    if p is None:
+        return ""
+    return " · ".join(f"({r.key}) {r.it_per_s:.2f} it/s" for r in p.renders)
 
 
 def delete_output(folder: Path, name: str) -> None:
@@ -77,6 +86,9 @@ def delete_output(folder: Path, name: str) -> None:
     data = None if target.is_symlink() or not target.exists() else manifest.read(target)
     if data is None:
         raise BadInputError(f"There is no saved output called {name}.", "Refresh the library to see what is there.")
+    shown = preview.folder_for(target)
+    if shown.is_dir() and not shown.is_symlink():
+        shutil.rmtree(shown)
     if target.is_dir():
         shutil.rmtree(target)
     else:

@@ -25,6 +25,7 @@ class Stage(str, Enum):
     INSPECT = "inspect"
     FUSE = "fuse"
     FINALIZE = "finalize"
+    PREVIEW = "preview"  # a Try-it render (its own job)
 
 
 @dataclass(frozen=True)

@@ -226,6 +226,36 @@ class Studio:
     def start(self, request: BuildRequest) -> Job:
         return self.runner.start(request)
 
+    # -- try it ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def preview_unavailable(base: str) -> str | None:
+        """Why this machine cannot preview a build from this base (None: it can)."""
+        from fluxstudio import preview
+
+        return preview.unavailable(base)
+
+    @staticmethod
+    def preview_defaults(request: BuildRequest, output: Path) -> tuple[int, int]:
+        """(steps, size) the preview starts from for a built output."""
+        from fluxstudio import manifest, preview
+
+        variant = (manifest.read(output) or {}).get("base", {}).get("variant", "")
+        return preview.defaults(variant, request.base == "demo")
+
+    def start_preview(self, request: BuildRequest, output: Path, prompt: str, seed: int, steps: int, size: int) -> Job:
+        """Render the same seed unfused and fused, as a job (after any running build: one job at a time)."""
+        from fluxstudio import preview
+
+        req = preview.PreviewRequest(request, output, prompt.strip() or preview.PreviewRequest.prompt, int(seed),
+                                     int(steps), int(size))
+        return self.runner.start(req, preview.run)
+
+    def saved_preview(self, name: str):
+        """The preview saved beside an output of the library (PreviewResult), or None."""
+        from fluxstudio import preview
+
+        return preview.read(self.output_dir / name) if safe_name(name) == name else None
+
     def job(self, job_id: str | None) -> Job | None:
         return self.runner.get(job_id)
 

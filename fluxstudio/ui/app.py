@@ -10,7 +10,7 @@ import gradio as gr
 
 from fluxstudio.studio import __version__, human_bytes
 from fluxstudio.ui.context import Context
-from fluxstudio.ui.panels import base, library, loras, machine, output, run
+from fluxstudio.ui.panels import base, library, loras, machine, output, preview, run
 from fluxstudio.ui.settings import MAX_UPLOAD, Settings, blocked_paths, generated_auth
 
 ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
@@ -40,6 +40,7 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
         _step("4 · Output")
         o = output.render(ctx)
         r = run.render()
+        p = preview.render()
         _step("Library")
         lib = library.render(ctx)
 
@@ -54,7 +55,9 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
         for trigger in (m.target.change, b.model_key.change):
             trigger(advise, [m.target, b.model_key, o.format], [m.advice, o.precision])
         run.wire(ctx, r, b.choice, b.custom, lo.items, o.format, o.precision, o.name, o.shard, o.t5,
-                 on_done=[(lambda: library.updates(ctx, lib), None, library.outputs(lib)), refresh_base])
+                 on_done=[(lambda: library.updates(ctx, lib), None, library.outputs(lib)), refresh_base,
+                          (lambda last: preview.on_build(ctx, last), r.last, [p.box, p.why, p.steps, p.size, p.go])])
+        preview.wire(ctx, p, r.last, on_done=(lambda: library.updates(ctx, lib), None, library.outputs(lib)))
         library.wire(ctx, lib)
 
         def first_load(choice, custom, target, format):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
@@ -26,15 +27,16 @@ class Handles:
     memory: gr.Markdown
     result: gr.Markdown
     snippet: gr.Code
+    last: gr.State  # the last finished build: {"request", "output"} for Try it (None when the last one failed)
 
 
 def progress_text(job: Job) -> str:
     ev = job.event
     if ev is None:
         return "Starting…"
-    line = f"**{STAGES.get(ev.stage, ev.stage)}**"
+    line = f"**{ev.message if ev.stage == Stage.PREVIEW else STAGES.get(ev.stage, ev.stage)}**"
     if ev.total:
-        unit = "files" if ev.stage == Stage.DOWNLOAD else "tensors"
+        unit = {Stage.DOWNLOAD: "files", Stage.PREVIEW: "steps"}.get(ev.stage, "tensors")
         line += f" · {ev.done}/{ev.total} {unit}"
     if ev.bytes_total:
         line += f" · {human_bytes(ev.bytes_done)} of {human_bytes(ev.bytes_total)} ({100 * ev.bytes_done / ev.bytes_total:.0f}%)"
@@ -82,7 +84,7 @@ def render() -> Handles:
         memory = gr.Markdown(elem_id="memory")
     result = gr.Markdown(elem_id="result")
     snippet = gr.Code(language="python", label="Load it in diffusers", visible=False, elem_id="snippet")
-    return Handles(go, cancel, gr.State(None), status, progress, memory, result, snippet)
+    return Handles(go, cancel, gr.State(None), status, progress, memory, result, snippet, gr.State(None))
 
 
 def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, format, precision, name, shard, t5, on_done) -> None:
@@ -94,27 +96,27 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, format, prec
             req = ctx.studio.request(choice, custom or "", [(it["ref"], it["scale"]) for it in items], fmt, prec,
                                      out_name or "", shard_size, t5_precision)
         except Exception as exc:  # noqa: BLE001 - shown as one sentence
-            yield (None, error_html(user_message(exc, shared)), "", "", "", gr.update(visible=False), *idle)
+            yield (None, error_html(user_message(exc, shared)), "", "", "", gr.update(visible=False), *idle, None)
             return
         job = ctx.studio.start(req)
         busy = gr.update(interactive=False), gr.update(interactive=True)
         while not job.finished:
-            yield (job.id, "", progress_text(job), memory_text(job), "", gr.update(visible=False), *busy)
+            yield (job.id, "", progress_text(job), memory_text(job), "", gr.update(visible=False), *busy, None)
             job.wait(0.5)
         if job.status == "done":
             r = job.result
             path = r.output_dir if not shared else f"path/to/{req.out_dir.name}"
             snippet = snippets.load_snippet(path, prec, ctx.studio.family(r.family), r.format, req.t5_precision)
             yield (None, ok_html("Done."), progress_text(job), memory_text(job), result_text(job, shared),
-                   gr.update(value=snippet, visible=True), *idle)
+                   gr.update(value=snippet, visible=True), *idle, {"request": req, "output": Path(r.output_dir)})
         else:
             if job.status == "failed":
                 status = error_html(user_message(job.error, shared))
             else:  # a cancelled download says what it kept
                 status = ok_html(user_message(job.error, shared) if job.error else "Cancelled: nothing was saved.")
-            yield (None, status, "", memory_text(job), "", gr.update(visible=False), *idle)
+            yield (None, status, "", memory_text(job), "", gr.update(visible=False), *idle, None)
 
-    outputs = [h.job_id, h.status, h.progress, h.memory, h.result, h.snippet, h.go, h.cancel]
+    outputs = [h.job_id, h.status, h.progress, h.memory, h.result, h.snippet, h.go, h.cancel, h.last]
     event = h.go.click(run, [base_choice, base_custom, loras, format, precision, name, shard, t5], outputs,
                        concurrency_limit=1, concurrency_id="build")
     for then in on_done:

@@ -1,0 +1,334 @@
+"""Try it: the same seed through the model as people run it today and through the fused output, side by side.
+
+(a) the base at the output's precision with the LoRAs applied unfused (peft adapters, as diffusers, ComfyUI and
+    Forge run them), (b) the fused output FluxStudio built, and (c) the bf16 base with the LoRAs, when it fits the
+    card. Each render reports it/s (the denoising steps after the first), seconds per image and peak VRAM.
+The prompt is encoded once with the base's text encoders (T5 in NF4 when VRAM is short), then freed, so the
+transformers have the card to themselves; a card too small for one offloads it layer group by group.
+Images and preview.json go into `NAME.preview/` beside the output.
+
+It runs on CUDA. Without a GPU only the demo base runs (on the CPU, in seconds): its images are noise, and what
+it shows is the plumbing, the determinism and the figures.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fluxstudio import manifest, partials, paths
+from fluxstudio.errors import BadInputError, FluxStudioError
+from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, report
+from fluxstudio.request import BuildRequest
+
+SUFFIX = ".preview"
+FILE = "preview.json"
+PARTS = ["transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"]
+HEADROOM = 3 << 30  # activations at 1024², the VAE decode and CUDA's own: what a card needs beyond the weights
+NO_GPU = ("This machine has no CUDA GPU, and the preview renders FLUX models on an NVIDIA GPU "
+          "(on the CPU one image would take hours).")
+DEMO_ONLY = "The demo preview runs on the CPU in seconds: build from the built-in demo base to try it."
+# what diffusers cannot load (the result's snippet says what reads them instead)
+NOT_IN_DIFFUSERS = {("single-file", "nf4"): "Forge", ("single-file", "fp8-scaled"): "ComfyUI and Forge"}
+
+
+@dataclass(frozen=True)
+class PreviewRequest:
+    build: BuildRequest  # the build that made the output: its base and LoRAs
+    output: Path  # the saved output (folder or file)
+    prompt: str = "a red fox in fresh snow, detailed fur, golden hour"
+    seed: int = 0
+    steps: int = 0  # 0: the base's default (4 for schnell, 20 otherwise)
+    size: int = 0  # 0: 512 (64 for the demo)
+    device: str = "auto"  # auto: CUDA, or the CPU for the demo base; "cpu" renders any base there (slowly)
+
+
+@dataclass(frozen=True)
+class Render:
+    key: str  # a, b, c
+    label: str
+    image: str  # file name in the preview folder
+    seconds: float  # one image, start to decoded
+    it_per_s: float
+    peak_vram_bytes: int | None  # None on the CPU
+
+
+@dataclass(frozen=True)
+class PreviewResult:
+    folder: str
+    settings: dict
+    renders: list[Render]
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"renders": [asdict(r) for r in self.renders]}
+
+
+def folder_for(output: Path) -> Path:
+    return output.parent / (output.name + SUFFIX)
+
+
+def read(output: Path) -> PreviewResult | None:
+    """The saved preview of an output, or None (none, or damaged)."""
+    try:
+        data = json.loads((folder_for(output) / FILE).read_text(encoding="utf-8"))
+        renders = [Render(**r) for r in data["renders"]]
+        return PreviewResult(str(folder_for(output)), dict(data["settings"]), renders, list(data.get("notes", [])))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def unavailable(base: str) -> str | None:
+    """Why the preview cannot run here for this base (one sentence and its hint), or None."""
+    import torch
+
+    if torch.cuda.is_available() or base == "demo":
+        return None
+    return f"{NO_GPU} {DEMO_ONLY}"
+
+
+def defaults(variant: str, demo: bool) -> tuple[int, int]:
+    """(steps, size) for a base: 4 steps for schnell, 20 otherwise; 512² (64² for the demo's tiny VAE)."""
+    return (4 if "schnell" in variant else 20), (64 if demo else 512)
+
+
+def vram_plan(total_vram: int, transformer_bytes: int) -> tuple[bool, bool]:
+    """(T5 in NF4, offload the transformer) for a card: T5 is quantized when it would not fit beside headroom, and
+    the transformer offloads when it and the headroom do not fit (8-12 GB cards)."""
+    from fluxstudio.advice import T5_BYTES
+
+    return total_vram < T5_BYTES["bf16"] + HEADROOM, total_vram < transformer_bytes + HEADROOM
+
+
+def run(req: PreviewRequest, progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+        hub=None) -> PreviewResult:
+    import torch
+
+    from fluxstudio.build import resolve_ref
+    from fluxstudio.formats.pipeline import pipeline_root
+    from fluxstudio.hub import Hub
+
+    data = manifest.read(req.output)
+    if data is None:
+        raise BadInputError(f"{req.output.name} is not a FluxStudio output.", "Pick an output from the library.", (req.output,))
+    fmt, precision, variant = data.get("format", "diffusers"), data["precision"], data["base"].get("variant", "")
+    if not variant.startswith("FLUX.1"):
+        raise BadInputError(f"The preview renders FLUX.1 models; {req.output.name} is {variant or 'another family'}.",
+                            "Load it with the snippet shown with the result.")
+    if reader := NOT_IN_DIFFUSERS.get((fmt, precision)):
+        raise BadInputError(f"diffusers cannot load a {precision} single file ({reader} read it), so it has no preview.",
+                            "Build the diffusers format or a GGUF file to preview the same weights.")
+    if req.device == "auto" and unavailable(req.build.base):
+        raise BadInputError(NO_GPU, DEMO_ONLY)
+    device = "cuda" if req.device == "auto" and torch.cuda.is_available() else "cpu"
+    if device == "cpu" and precision == "nf4":
+        raise BadInputError("NF4 models run on a CUDA GPU only (diffusers' bitsandbytes layers need one).",
+                            "Build the demo at bf16, fp8 or a GGUF type to preview it on the CPU.")
+    demo = req.build.base == "demo"
+    steps, size = defaults(variant, demo)
+    steps, size = req.steps or steps, req.size or size
+    if not 1 <= steps <= 100:
+        raise BadInputError(f"{steps} steps is out of range.", "Use 1 to 100 steps (4 for schnell, 20-30 for dev).")
+    if not 32 <= size <= 2048 or size % 16:
+        raise BadInputError(f"An image size of {size} does not work.", "Use a multiple of 16 from 32 to 2048 (512 is quick).")
+    hub = hub or Hub()
+    report(progress, ProgressEvent(Stage.PREPARE, message="Getting the base's text encoders, VAE and scheduler"))
+    base_path, _ = resolve_ref(req.build.base, "base", hub, progress, cancel, PARTS)
+    root = pipeline_root(base_path)
+    config = json.loads((root / "transformer" / "config.json").read_text(encoding="utf-8"))
+    if fmt in ("single-file", "gguf") and config["num_attention_heads"] * config["attention_head_dim"] != 3072:
+        raise BadInputError("diffusers reads single files and GGUF only at FLUX.1's real width (its converter assumes "
+                            "3072), and this base is narrower.",
+                            "Build the demo in the diffusers or pipeline format to preview it; real FLUX models "
+                            "preview in every format diffusers loads.")
+    loras = [(resolve_ref(r.ref, "lora", hub, progress, cancel)[0], r.scale) for r in req.build.loras]
+    settings = {"prompt": req.prompt, "seed": req.seed, "steps": steps, "width": size, "height": size,
+                "guidance": 0.0 if "schnell" in variant else 3.5, "device": device, "format": fmt, "precision": precision,
+                "output": req.output.name}
+    notes = ["The LoRAs' text-encoder parts are not in the preview: every image uses the base's text encoders."] \
+        if any(c != "transformer" for lr in data.get("loras", []) for c in lr.get("components", [])) else []
+    total_vram = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 0
+    t5_nf4, _ = vram_plan(total_vram, 0) if device == "cuda" else (False, False)
+    check(cancel)
+    report(progress, ProgressEvent(Stage.PREVIEW, message="Encoding the prompt"))
+    embeds = _encode(root, req.prompt, device, t5_nf4, 32 if demo else (256 if "schnell" in variant else 512))
+    shared = _shared(root)
+
+    variants = [("a", f"base {precision} + LoRA (unfused)", "base", precision, True),
+                ("b", f"fused {precision} (FluxStudio)", "output", precision, False)]
+    bf16_bytes = sum(p.stat().st_size for p in (root / "transformer").glob("*.safetensors"))
+    if precision != "bf16" and (device == "cpu" or bf16_bytes + HEADROOM <= total_vram):
+        variants.append(("c", "base bf16 + LoRA (unfused)", "base", "bf16", True))
+    elif precision != "bf16":
+        notes.append("The bf16 base + LoRA image is left out: the bf16 transformer does not fit this card.")
+    folder = folder_for(req.output)
+    tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    partials.mark(tmp)
+    try:
+        renders = []
+        for key, label, source, prec, with_loras in variants:
+            check(cancel)
+            report(progress, ProgressEvent(Stage.PREVIEW, 0, steps, item=label, message=f"Loading {label}"))
+            model = _transformer(source, prec, fmt, root, req.output, device, progress, cancel, hub, req.build.base)
+            renders.append(_render(key, label, model, loras if with_loras else [], prec, shared, embeds, settings,
+                                   device, total_vram, tmp, progress, cancel))
+            del model
+            _free(device)
+        result = PreviewResult(str(folder), settings, renders, notes)
+        (tmp / FILE).write_text(json.dumps(result.to_json() | {"created": _now()}, indent=2) + "\n", encoding="utf-8")
+        (tmp / partials.OWNER).unlink(missing_ok=True)
+        old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+        if folder.exists():
+            folder.replace(old)
+        tmp.replace(folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return result
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        _free(device)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _free(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _encode(root: Path, prompt: str, device: str, t5_nf4: bool, max_len: int) -> tuple:
+    """(prompt_embeds, pooled_prompt_embeds) from the base's CLIP-L and T5, which are freed afterwards."""
+    import torch
+    from diffusers import FluxPipeline
+
+    extra = {}
+    if t5_nf4:
+        from transformers import BitsAndBytesConfig, T5EncoderModel
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        extra["text_encoder_2"] = T5EncoderModel.from_pretrained(root / "text_encoder_2", quantization_config=q,
+                                                                 dtype=torch.bfloat16, device_map=device)
+    pipe = FluxPipeline.from_pretrained(root, transformer=None, vae=None, dtype=torch.bfloat16, **extra)
+    if device == "cuda" and t5_nf4:
+        pipe.text_encoder.to(device)
+    else:
+        pipe.to(device)
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device=device, max_sequence_length=max_len)
+    del pipe, extra
+    _free(device)
+    return embeds, pooled
+
+
+def _shared(root: Path) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    return {"vae": AutoencoderKL.from_pretrained(root / "vae", dtype=torch.bfloat16),
+            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")}
+
+
+def _transformer(source: str, precision: str, fmt: str, root: Path, output: Path, device: str, progress, cancel, hub,
+                 base_ref: str):
+    """The FluxTransformer2DModel to render with: the output (b), or the base at a precision (a, c)."""
+    import torch
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+
+    bf16 = {"dtype": torch.bfloat16}
+    config = str(root / "transformer")
+    gguf = {"quantization_config": GGUFQuantizationConfig(compute_dtype=torch.bfloat16)}
+    if source == "output":
+        if fmt in ("diffusers", "pipeline"):
+            return FluxTransformer2DModel.from_pretrained(output / ("transformer" if fmt == "pipeline" else ""), **bf16)
+        return FluxTransformer2DModel.from_single_file(str(output), config=config, **bf16, **(gguf if fmt == "gguf" else {}))
+    if fmt == "gguf" and precision != "bf16":  # the base quantized to the same GGUF type, as people download it
+        path = _base_gguf(base_ref, precision, progress, cancel, hub)
+        return FluxTransformer2DModel.from_single_file(str(path), config=config, **bf16, **gguf)
+    if precision == "nf4":
+        from diffusers import BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        return FluxTransformer2DModel.from_pretrained(config, quantization_config=q, **bf16)
+    return FluxTransformer2DModel.from_pretrained(config, **bf16)  # fp8 is cast layer by layer once the LoRAs are in
+
+
+def _base_gguf(base_ref: str, precision: str, progress, cancel, hub) -> Path:
+    """The base alone at a GGUF type, built once by FluxStudio's own writer and kept for later previews."""
+    from fluxstudio.build import build
+
+    folder = paths.home() / "preview-bases"
+    path = folder / f"{hashlib.sha256(base_ref.encode()).hexdigest()[:12]}-{precision}.gguf"
+    if not path.is_file():
+        build(BuildRequest(base_ref, (), precision, path, format="gguf"), progress=progress, cancel=cancel, hub=hub)
+    return path
+
+
+def _render(key: str, label: str, model, loras: list[tuple[Path, float]], precision: str, shared: dict, embeds: tuple,
+            settings: dict, device: str, total_vram: int, folder: Path, progress, cancel) -> Render:
+    import torch
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(transformer=model, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                        **shared)
+    try:
+        for i, (path, scale) in enumerate(loras):
+            pipe.load_lora_weights(str(path), adapter_name=f"lora{i}")
+        if loras:
+            pipe.set_adapters([f"lora{i}" for i in range(len(loras))], [s for _, s in loras])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise FluxStudioError(f"diffusers could not apply the LoRAs unfused to the base: {exc}",
+                              "The fused output is unaffected; the preview needs the unfused LoRAs for its comparison.") from None
+    if precision.startswith("fp8"):
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    if device == "cuda":
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        if vram_plan(total_vram, weights)[1]:
+            pipe.enable_model_cpu_offload()
+        else:
+            pipe.to(device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        pipe.to(device)
+    steps = settings["steps"]
+    marks: list[float] = []
+
+    def on_step(_pipe, i, _t, kwargs):
+        check(cancel)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+        report(progress, ProgressEvent(Stage.PREVIEW, i + 1, steps, item=label, message=f"Rendering {label}"))
+        return kwargs
+
+    embeds_, pooled = (t.to(device) for t in embeds)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        image = pipe(prompt_embeds=embeds_, pooled_prompt_embeds=pooled, num_inference_steps=steps,
+                     width=settings["width"], height=settings["height"], guidance_scale=settings["guidance"],
+                     generator=torch.Generator("cpu").manual_seed(settings["seed"]), callback_on_step_end=on_step,
+                     ).images[0]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    it_s = (len(marks) - 1) / (marks[-1] - marks[0]) if len(marks) > 1 else steps / seconds
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    name = f"{key}.png"
+    image.save(folder / name)
+    pipe.remove_all_hooks()
+    del pipe
+    return Render(key, label, name, round(seconds, 3), round(it_s, 3), peak)

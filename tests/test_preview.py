@@ -1,0 +1,159 @@
+"""Try it: the same-seed A/B preview, on the CPU with the demo pipeline and with a FLUX-width one (device=cpu)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import FLUX1_WIDE, linear_shapes, peft_lora
+from PIL import Image
+
+from fluxstudio import demo, preview
+from fluxstudio.build import build
+from fluxstudio.errors import BadInputError
+from fluxstudio.library import delete_output, list_outputs
+from fluxstudio.request import BuildRequest, LoraRef
+
+# encoders as wide as FLUX1_WIDE's text inputs (joint attention and pooled projection: 64)
+SMALL_CLIP = dict(demo.DEMO_CLIP, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                  projection_dim=64)
+SMALL_T5 = dict(demo.DEMO_T5, d_model=64, d_kv=32, d_ff=128, num_layers=1, num_heads=2)
+
+
+def demo_build(out, precision="fp8", fmt="diffusers") -> BuildRequest:
+    req = BuildRequest("demo", (LoraRef("demo", 1.0),), precision, out, format=fmt)
+    build(req)
+    return req
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+def test_demo_preview_on_the_cpu_renders_same_seed_images_with_figures_and_saves_them(tmp_path):
+    out = tmp_path / "outputs" / "demo-fp8"
+    req = demo_build(out)
+    result = preview.run(preview.PreviewRequest(req, out, seed=7, steps=3))
+    assert [r.key for r in result.renders] == ["a", "b", "c"]
+    assert [r.label for r in result.renders] == ["base fp8 + LoRA (unfused)", "fused fp8 (FluxStudio)", "base bf16 + LoRA (unfused)"]
+    for r in result.renders:
+        assert r.it_per_s > 0 and r.seconds > 0 and r.peak_vram_bytes is None  # the CPU has no VRAM to report
+    folder = out.parent / "demo-fp8.preview"
+    saved = json.loads((folder / "preview.json").read_text())
+    assert saved["settings"] | {"prompt": ""} == {
+        "prompt": "", "seed": 7, "steps": 3, "width": 64, "height": 64, "guidance": 3.5, "device": "cpu", "format": "diffusers",
+        "precision": "fp8", "output": "demo-fp8"}
+    assert [r["image"] for r in saved["renders"]] == ["a.png", "b.png", "c.png"]
+    first = {k: pixels(folder / f"{k}.png") for k in "abc"}
+    assert all(im.shape == (64, 64, 3) for im in first.values())
+    # unfused and fused fp8 draw the same LoRA from the same noise: close, but not the same arithmetic
+    assert 0 < np.abs(first["a"] - first["b"]).mean() < 0.1 * first["a"].std()
+
+    again = preview.run(preview.PreviewRequest(req, out, seed=7, steps=3))
+    assert all(np.array_equal(first[k], pixels(folder / f"{k}.png")) for k in "abc")  # same seed, same images
+    assert again.settings == result.settings
+    other = preview.run(preview.PreviewRequest(req, out, seed=8, steps=3))
+    assert np.abs(pixels(folder / "b.png") - first["b"]).mean() > 1 and other.settings["seed"] == 8
+
+    entry = next(e for e in list_outputs(out.parent) if e.name == "demo-fp8")
+    assert entry.preview.startswith("(a) ") and entry.preview.count("it/s") == 3
+    assert preview.read(out).renders == other.renders
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no work folder left
+    delete_output(out.parent, "demo-fp8")
+    assert not folder.exists() and not out.exists()
+
+
+def test_a_bf16_pipeline_export_previews_a_and_b_only(tmp_path):
+    out = tmp_path / "demo-pipe"
+    req = demo_build(out, "bf16", "pipeline")
+    result = preview.run(preview.PreviewRequest(req, out, steps=2))
+    assert [r.key for r in result.renders] == ["a", "b"]  # (c) would be (a) again
+
+
+@pytest.fixture(scope="module")
+def wide_pipeline(wide_base, tmp_path_factory):
+    """The FLUX-width transformer in a pipeline with small encoders, VAE and tokenizers, and a LoRA for it."""
+    root = demo.make_flux1_pipeline(tmp_path_factory.mktemp("widepipe") / "pipe", FLUX1_WIDE, clip=SMALL_CLIP, t5=SMALL_T5,
+                                    transformer=wide_base)
+    lora = peft_lora(root.parent / "lora.safetensors", linear_shapes(wide_base), rank=4, strength=0.2)
+    return root, lora
+
+
+@pytest.mark.parametrize("fmt,precision,keys", [("single-file", "fp8", "abc"), ("gguf", "Q8_0", "abc")])
+def test_one_file_outputs_preview_through_diffusers_single_file_loaders(wide_pipeline, tmp_path, fmt, precision, keys):
+    root, lora = wide_pipeline
+    out = tmp_path / ("wide" + (".gguf" if fmt == "gguf" else ".safetensors"))
+    req = BuildRequest(str(root), (LoraRef(str(lora), 1.0),), precision, out, format=fmt)
+    build(req)
+    result = preview.run(preview.PreviewRequest(req, out, steps=2, size=32, device="cpu"))
+    assert "".join(r.key for r in result.renders) == keys
+    a, b = (pixels(tmp_path / f"{out.name}.preview" / f"{k}.png") for k in "ab")
+    assert a.shape == (32, 32, 3) and np.abs(a - b).mean() < 0.1 * a.std()
+    if fmt == "gguf":  # (a) is the base alone at the same GGUF type, built once and kept for the next preview
+        kept = list((tmp_path / "fshome" / "preview-bases").glob("*-Q8_0.gguf"))
+        assert len(kept) == 1
+
+
+def test_what_cannot_preview_says_why_in_one_sentence(tmp_path, wide_pipeline):
+    root, lora = wide_pipeline
+    out = tmp_path / "w-nf4.safetensors"
+    req = BuildRequest(str(root), (LoraRef(str(lora), 1.0),), "nf4", out, format="single-file")
+    build(req)
+    with pytest.raises(BadInputError, match="diffusers cannot load a nf4 single file"):
+        preview.run(preview.PreviewRequest(req, out, device="cpu"))
+
+    folder = tmp_path / "w-bf16"
+    req = BuildRequest(str(root), (LoraRef(str(lora), 1.0),), "bf16", folder)
+    build(req)
+    if not torch.cuda.is_available():  # the app offers only the demo without a GPU, and says why
+        assert preview.unavailable(str(root)).startswith("This machine has no CUDA GPU")
+        assert preview.unavailable("demo") is None
+        with pytest.raises(BadInputError, match="no CUDA GPU"):
+            preview.run(preview.PreviewRequest(req, folder))
+    with pytest.raises(BadInputError, match="out of range"):
+        preview.run(preview.PreviewRequest(req, folder, steps=500, device="cpu"))
+
+    nf4 = tmp_path / "demo-nf4"
+    nf4_req = demo_build(nf4, "nf4")
+    if not torch.cuda.is_available():
+        with pytest.raises(BadInputError, match="NF4 models run on a CUDA GPU only"):
+            preview.run(preview.PreviewRequest(nf4_req, nf4))
+    gguf = tmp_path / "demo.gguf"
+    gguf_req = demo_build(gguf, "Q8_0", "gguf")
+    with pytest.raises(BadInputError, match="only at FLUX.1's real width"):
+        preview.run(preview.PreviewRequest(gguf_req, gguf))
+    assert not list(tmp_path.glob("*.preview")) and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("vram_gb,transformer_gb,plan", [
+    (8, 6.7, (True, True)),  # an 8 GB card with NF4: T5 in NF4, the transformer offloaded
+    (10, 6.7, (True, False)),
+    (12, 6.7, (False, False)),  # T5 encodes alone, before the transformer loads: in bf16 it fits a 12 GB card
+    (24, 11.9, (False, False)),  # a 4090 with fp8
+    (24, 23.8, (False, True)),  # bf16 does not fit beside the headroom
+    (80, 23.8, (False, False)),
+])
+def test_vram_plan_quantizes_t5_and_offloads_on_small_cards(vram_gb, transformer_gb, plan):
+    assert preview.vram_plan(int(vram_gb * 2**30), int(transformer_gb * 1e9)) == plan
+
+
+@pytest.mark.gpu
+def test_preview_on_cuda_with_a_flux_width_model_within_a_vram_cap(wide_pipeline, tmp_path):
+    root, lora = wide_pipeline
+    cap = 6 << 30
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        for fmt, precision, name in (("diffusers", "nf4", "w-nf4"), ("gguf", "Q4_K_S", "w.gguf"), ("diffusers", "fp8", "w-fp8")):
+            out = tmp_path / name
+            req = BuildRequest(str(root), (LoraRef(str(lora), 1.0),), precision, out, format=fmt)
+            build(req)
+            result = preview.run(preview.PreviewRequest(req, out, steps=4, size=256))
+            assert [r.key for r in result.renders] == ["a", "b", "c"]
+            for r in result.renders:
+                assert r.it_per_s > 0 and 0 < r.peak_vram_bytes < cap, r
+            assert result.settings["device"] == "cuda"
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
