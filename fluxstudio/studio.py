@@ -207,7 +207,7 @@ class Studio:
         try:
             base_dir = self.local_base(choice, custom)
             if base_dir is not None:
-                planned = plan_output(base_dir, [(p, 1.0) for p in lora_paths], format, precision, t5_precision=t5_precision)
+                planned = plan_output(base_dir, [(Path(p), 1.0) for p in lora_paths], format, precision, t5_precision=t5_precision)
                 return Estimate(planned.need_bytes(self.output_dir), free, True)
         except FluxStudioError:
             pass  # not usable yet: the table's estimate stands

@@ -187,3 +187,54 @@ def test_gguf_for_comfyui_with_placement_hint_and_library_file(browser, app, tmp
     page.wait_for_selector("#library-table:has-text('demo-q4.gguf')", timeout=30_000)
     assert (app.outputs / "demo-q4.gguf").is_file()
     assert not [p for p in app.outputs.iterdir() if p.name.startswith(".")]
+
+
+def test_try_it_renders_both_demo_images_with_figures_and_the_library_shows_them(browser, app, tmp_path):
+    page = open_page(browser, app)
+    page.fill("#lora-ref textarea, #lora-ref input", "demo")
+    page.click("#lora-add")
+    page.wait_for_selector(".fs-lora-info:has-text('demo_lora.safetensors')", timeout=60_000)
+    page.locator("#precision label:has-text('fp8 ·')").click()
+    page.fill("#out-name textarea, #out-name input", "demo-try")
+    page.click("#fuse")
+    page.wait_for_selector("#try-it #try", timeout=120_000)
+    assert page.input_value("#preview-size input") == "64" and page.input_value("#preview-steps input") == "20"
+    page.fill("#preview-seed input", "5")
+    page.fill("#preview-steps input", "4")
+    page.click("#try")
+    page.wait_for_selector("#preview-figures:has-text('it/s')", timeout=120_000)
+    page.screenshot(path=str(tmp_path / "try-it.png"), full_page=True)
+    figures = page.inner_text("#preview-figures")
+    assert "(a) base fp8 + LoRA (unfused)" in figures and "(b) fused fp8 (FluxStudio)" in figures and "Seed 5" in figures
+    for key in "ab":
+        assert page.locator(f"#preview-{key} img").count() == 1
+        assert "it/s" in page.inner_text(f"#preview-{key}")
+    folder = app.outputs / "demo-try.preview"
+    saved = json.loads((folder / "preview.json").read_text())
+    assert saved["settings"]["seed"] == 5 and [r["key"] for r in saved["renders"]] == ["a", "b", "c"]
+    first = (folder / "b.png").read_bytes()
+
+    page.click("#try")  # the same seed again: the same image
+    page.wait_for_selector("#preview-status:has-text('Done')", timeout=120_000)
+    page.wait_for_function("() => !document.querySelector('#try').disabled", timeout=120_000)
+    assert (folder / "b.png").read_bytes() == first
+
+    page.wait_for_selector("#library-table:has-text('(a) ')", timeout=30_000)
+    page.locator("#library-pick input").click()
+    page.get_by_role("option", name="demo-try").click()
+    page.wait_for_selector("#library-preview img", timeout=30_000)
+    assert page.locator("#library-preview img").count() == 3
+    page.screenshot(path=str(tmp_path / "library-preview.png"), full_page=True)
+    assert "Traceback" not in app.output()  # no handler failed on the way (the page would show an Error badge)
+
+
+def test_try_it_without_a_gpu_offers_only_the_demo_and_says_why(browser, app, tmp_path):
+    local = write_model(tmp_path / "localbase" / "transformer", FLUX1_TINY).parent
+    page = open_page(browser, app)
+    pick_base(page, str(local), wait_for="local folder")
+    page.locator("#precision label:has-text('bf16 ·')").click()
+    page.fill("#out-name textarea, #out-name input", "local-bf16")
+    page.click("#fuse")
+    page.wait_for_selector("#preview-why:has-text('no CUDA GPU')", timeout=120_000)
+    assert "demo" in page.inner_text("#preview-why")
+    assert page.locator("#try").is_disabled()

@@ -75,6 +75,9 @@ def figures_table(result) -> str:
     return "\n".join(rows + [f"*{n}*" for n in result.notes])
 
 
+SHOWN_PX = 384  # smaller images (the demo's 64²) are shown enlarged, pixel for pixel; the saved files are not
+
+
 def pictures(result) -> dict[str, tuple]:
     """{key: (PIL image, caption)} of a preview's saved images (a missing or damaged one is left out)."""
     from PIL import Image
@@ -83,7 +86,8 @@ def pictures(result) -> dict[str, tuple]:
     for r in result.renders:
         try:
             with Image.open(Path(result.folder) / r.image) as im:
-                shown[r.key] = (im.copy(), caption(r))
+                factor = max(1, SHOWN_PX // max(im.size))
+                shown[r.key] = (im.resize((im.width * factor, im.height * factor), Image.NEAREST), caption(r))
         except OSError:
             continue
     return shown
