@@ -36,6 +36,8 @@ DEMO_T5 = {"d_model": 512, "d_kv": 64, "d_ff": 1024, "num_layers": 2, "num_heads
 DEMO_VAE = {"down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
             "block_out_channels": [32, 32], "layers_per_block": 1, "latent_channels": 16, "norm_num_groups": 8,
             "use_quant_conv": False, "use_post_quant_conv": False, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+FLUX1_VAE = dict(DEMO_VAE, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                 block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32)  # FLUX.1's own shape
 FLUX1_INDEX = {"_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
                "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
                "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
@@ -88,7 +90,8 @@ def make_tokenizers(folder: Path) -> tuple:
 
 
 def make_flux1_pipeline(folder: Path, config: dict = DEMO_CONFIG, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                        clip: dict = DEMO_CLIP, t5: dict = DEMO_T5, transformer: Path | None = None) -> Path:
+                        clip: dict = DEMO_CLIP, t5: dict = DEMO_T5, transformer: Path | None = None,
+                        vae: dict = DEMO_VAE) -> Path:
     """Write a whole FluxPipeline folder of random weights: transformer (or links to the files of `transformer`,
     an existing one), CLIP-L, T5, VAE, scheduler, tokenizers."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
@@ -106,7 +109,7 @@ def make_flux1_pipeline(folder: Path, config: dict = DEMO_CONFIG, seed: int = 0,
     CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), bos_token_id=0, eos_token_id=1, **clip)).to(dtype).save_pretrained(
         folder / "text_encoder")
     T5EncoderModel(T5Config(vocab_size=len(t5_tok), **t5)).to(dtype).save_pretrained(folder / "text_encoder_2")
-    AutoencoderKL(**DEMO_VAE).save_pretrained(folder / "vae")  # tiny: kept in fp32
+    AutoencoderKL(**vae).save_pretrained(folder / "vae")  # small: kept in fp32
     FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                     base_image_seq_len=256, max_image_seq_len=4096).save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps(FLUX1_INDEX, indent=2) + "\n", encoding="utf-8")
