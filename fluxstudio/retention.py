@@ -10,6 +10,8 @@ already on the grid) scores near 0, because rounding snaps the small ΔW back to
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -25,10 +27,19 @@ class Retention:
     jobs: dict[str, TensorJob]  # the tensors a LoRA changes
     num: dict[str, float] = field(default_factory=dict)
     den: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0  # spent measuring (decoding what was stored included): what the score costs a build
 
     @classmethod
     def of(cls, jobs: list[TensorJob]) -> Retention:
         return cls({j.name: j for j in jobs if (j.deltas or j.bias_deltas) and j.replacement is None})
+
+    @contextmanager
+    def timed(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t0
 
     def add(self, name: str, fused: torch.Tensor, stored: torch.Tensor) -> None:
         """One tensor: its fused value (as the writer had it) and what the output stores, dequantized into a tensor

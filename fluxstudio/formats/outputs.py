@@ -72,7 +72,8 @@ class DiffusersOutput(_Safetensors):
     def encode(self, name: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.quantizer.encode(name, fused)
         if name in self.retention.jobs:
-            self.retention.add(name, fused, self.quantizer.decode(name, out))
+            with self.retention.timed():
+                self.retention.add(name, fused, self.quantizer.decode(name, out))
         return out
 
     def close(self, final: dict | None = None) -> list[Path]:
@@ -110,14 +111,18 @@ class _BflOutput:
         out = self.encode_bfl(*done)
         group, t = self.groups[done[0]], done[1]
         if any(p in self.retention.jobs for p in group.parts):  # the score, per diffusers tensor of the group
-            stored = self.decode_bfl(group.name, out)
-            if group.swapped:
-                stored, t = swap_halves(stored), swap_halves(t)
-            start = 0
-            for part, rows in zip(group.parts, self.rows[group.parts[0]]):
-                self.retention.add(part, t[start : start + rows], stored[start : start + rows])
-                start += rows
+            with self.retention.timed():
+                self._score(group, t, out)
         return out
+
+    def _score(self, group, t: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+        stored = self.decode_bfl(group.name, out)
+        if group.swapped:
+            stored, t = swap_halves(stored), swap_halves(t)
+        start = 0
+        for part, rows in zip(group.parts, self.rows[group.parts[0]]):
+            self.retention.add(part, t[start : start + rows], stored[start : start + rows])
+            start += rows
 
     def quantized(self, name: str) -> bool:
         return name.endswith(".weight") and len(self.shapes[name]) == 2 and not name.startswith(KEEP_HIGH)
