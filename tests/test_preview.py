@@ -157,3 +157,34 @@ def test_preview_on_cuda_with_a_flux_width_model_within_a_vram_cap(wide_pipeline
             assert result.settings["device"] == "cuda"
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_a_hub_base_brings_its_encoders_vae_and_scheduler_with_progress_once(tmp_path):
+    from fakehub import FakeHub
+
+    from fluxstudio.hub import Hub
+    from fluxstudio.progress import Stage
+
+    pipe = demo.ensure_base()
+    files = {str(p.relative_to(pipe)): p.read_bytes() for p in pipe.rglob("*") if p.is_file()}
+    files["flux1-dev.safetensors"] = b"BFL's own single file, which the preview does not need" * 1000
+    fake = FakeHub().start()
+    fake.add_repo("acme/flux-demo", files)
+    cache = tmp_path / "hf"
+    try:
+        hub = Hub(endpoint=fake.url, cache_dir=str(cache))
+        out = tmp_path / "hub-fp8"
+        req = BuildRequest("acme/flux-demo", (LoraRef("demo", 1.0),), "fp8", out)
+        build(req, hub=hub)
+        built = len(fake.file_gets())
+        events = []
+        result = preview.run(preview.PreviewRequest(req, out, steps=2, size=64, device="cpu"), progress=events.append, hub=hub)
+        assert [r.key for r in result.renders] == ["a", "b", "c"]
+        fetched = {r["path"].split("/resolve/")[1].split("/", 1)[1].split("/")[0] for r in fake.file_gets()[built:]}
+        assert fetched == {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"}
+        assert any(e.stage == Stage.DOWNLOAD and e.total for e in events)
+        again = len(fake.file_gets())
+        preview.run(preview.PreviewRequest(req, out, steps=2, size=64, device="cpu"), hub=hub)
+        assert len(fake.file_gets()) == again  # reused from the HF cache
+    finally:
+        fake.stop()
