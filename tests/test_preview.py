@@ -188,3 +188,22 @@ def test_a_hub_base_brings_its_encoders_vae_and_scheduler_with_progress_once(tmp
         assert len(fake.file_gets()) == again  # reused from the HF cache
     finally:
         fake.stop()
+
+
+def test_a_cancelled_preview_leaves_nothing_and_keeps_the_last_one(tmp_path):
+    from fluxstudio.errors import CancelledError
+    from fluxstudio.progress import CancelToken, Stage
+
+    out = tmp_path / "demo-bf16"
+    req = demo_build(out, "bf16")
+    kept = preview.run(preview.PreviewRequest(req, out, seed=1, steps=2))
+    token = CancelToken()
+
+    def cancel_midway(event):
+        if event.stage == Stage.PREVIEW and event.done == 1 and event.item.startswith("fused"):
+            token.cancel()
+
+    with pytest.raises(CancelledError):
+        preview.run(preview.PreviewRequest(req, out, seed=2, steps=3), progress=cancel_midway, cancel=token)
+    assert preview.read(out) == kept  # the preview saved before is still there, whole
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
