@@ -55,7 +55,8 @@ def main() -> None:
                                  clip=CLIP, t5=T5, transformer=base, vae=demo.FLUX1_VAE)
     g = torch.Generator().manual_seed(0)
     embeds = (torch.randn(1, 512, 4096, generator=g).bfloat16(), torch.randn(1, 768, generator=g).bfloat16())
-    settings = {"steps": args.steps, "width": args.size, "height": args.size, "guidance": 3.5, "seed": 0}
+    settings = {"steps": args.steps, "width": args.size, "height": args.size, "guidance": 3.5, "seed": 0,
+                "device": args.device}
     total_vram = torch.cuda.get_device_properties(0).total_memory if args.device == "cuda" else 0
     shared = preview._shared(root)
     images = args.workdir / f"preview-speed-{tag}"
@@ -69,9 +70,8 @@ def main() -> None:
         rows[precision] = {}
         for key, source, loras in (("base", "base", []), ("base + LoRA unfused", "base", [(lora, 1.0)]),
                                    ("fused (FluxStudio)", "output", [])):
-            model = preview._transformer(source, precision, "diffusers", root, out, args.device, None, None, None, str(root))
-            r = preview._render(key, key, model, loras, precision, shared, embeds, settings, args.device, total_vram,
-                                images, None, None)
+            model = preview._transformer(source, precision, "diffusers", root, out, None, None, None, str(root))
+            r = preview._render(key, key, model, loras, precision, shared, embeds, settings, total_vram, images, None, None)
             del model
             preview._free(args.device)
             rows[precision][key] = r

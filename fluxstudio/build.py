@@ -273,20 +273,20 @@ def build(
             )
             if fmt.extension:
                 for f in files:
-                    _move_into_place(f, out if f.name == out.name else out.parent / f.name)
+                    move_into_place(f, out if f.name == out.name else out.parent / f.name)
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 full = _manifest(inputs, result)
                 manifest.write_folder(tmp, full)
                 (tmp / "README.md").write_text(snippets.readme(out.name, req.precision, base.family, full), encoding="utf-8")
-                _move_into_place(tmp, out)
+                move_into_place(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return result
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished file or folder into place; an output it replaces is removed only afterwards."""
     if tmp.is_file():
         tmp.replace(out)

@@ -107,15 +107,10 @@ def vram_plan(total_vram: int, transformer_bytes: int) -> tuple[bool, bool]:
     return total_vram < T5_BYTES["bf16"] + HEADROOM, total_vram < transformer_bytes + HEADROOM
 
 
-def run(req: PreviewRequest, progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-        hub=None) -> PreviewResult:
+def _check(req: PreviewRequest, data: dict | None) -> tuple[str, str, str, str]:
+    """(format, precision, variant, device) of an output this machine can preview, else one sentence why not."""
     import torch
 
-    from fluxstudio.build import resolve_ref
-    from fluxstudio.formats.pipeline import pipeline_root
-    from fluxstudio.hub import Hub
-
-    data = manifest.read(req.output)
     if data is None:
         raise BadInputError(f"{req.output.name} is not a FluxStudio output.", "Pick an output from the library.", (req.output,))
     fmt, precision, variant = data.get("format", "diffusers"), data["precision"], data["base"].get("variant", "")
@@ -131,34 +126,54 @@ def run(req: PreviewRequest, progress: ProgressCallback | None = None, cancel: C
     if device == "cpu" and precision == "nf4":
         raise BadInputError("NF4 models run on a CUDA GPU only (diffusers' bitsandbytes layers need one).",
                             "Build the demo at bf16, fp8 or a GGUF type to preview it on the CPU.")
-    demo = req.build.base == "demo"
-    steps, size = defaults(variant, demo)
+    return fmt, precision, variant, device
+
+
+def _settings(req: PreviewRequest, fmt: str, precision: str, variant: str, device: str) -> dict:
+    steps, size = defaults(variant, req.build.base == "demo")
     steps, size = req.steps or steps, req.size or size
     if not 1 <= steps <= 100:
         raise BadInputError(f"{steps} steps is out of range.", "Use 1 to 100 steps (4 for schnell, 20-30 for dev).")
     if not 32 <= size <= 2048 or size % 16:
         raise BadInputError(f"An image size of {size} does not work.", "Use a multiple of 16 from 32 to 2048 (512 is quick).")
-    hub = hub or Hub()
-    report(progress, ProgressEvent(Stage.PREPARE, message="Getting the base's text encoders, VAE and scheduler"))
-    base_path, _ = resolve_ref(req.build.base, "base", hub, progress, cancel, PARTS)
-    root = pipeline_root(base_path)
+    return {"prompt": req.prompt, "seed": req.seed, "steps": steps, "width": size, "height": size,
+            "guidance": 0.0 if "schnell" in variant else 3.5, "device": device, "format": fmt, "precision": precision,
+            "output": req.output.name}
+
+
+def _check_width(root: Path, fmt: str) -> None:
     config = json.loads((root / "transformer" / "config.json").read_text(encoding="utf-8"))
     if fmt in ("single-file", "gguf") and config["num_attention_heads"] * config["attention_head_dim"] != 3072:
         raise BadInputError("diffusers reads single files and GGUF only at FLUX.1's real width (its converter assumes "
                             "3072), and this base is narrower.",
                             "Build the demo in the diffusers or pipeline format to preview it; real FLUX models "
                             "preview in every format diffusers loads.")
+
+
+def run(req: PreviewRequest, progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+        hub=None) -> PreviewResult:
+    import torch
+
+    from fluxstudio.build import move_into_place, resolve_ref
+    from fluxstudio.formats.pipeline import pipeline_root
+    from fluxstudio.hub import Hub
+
+    data = manifest.read(req.output)
+    fmt, precision, variant, device = _check(req, data)
+    settings = _settings(req, fmt, precision, variant, device)
+    hub = hub or Hub()
+    report(progress, ProgressEvent(Stage.PREPARE, message="Getting the base's text encoders, VAE and scheduler"))
+    root = pipeline_root(resolve_ref(req.build.base, "base", hub, progress, cancel, PARTS)[0])
+    _check_width(root, fmt)
     loras = [(resolve_ref(r.ref, "lora", hub, progress, cancel)[0], r.scale) for r in req.build.loras]
-    settings = {"prompt": req.prompt, "seed": req.seed, "steps": steps, "width": size, "height": size,
-                "guidance": 0.0 if "schnell" in variant else 3.5, "device": device, "format": fmt, "precision": precision,
-                "output": req.output.name}
-    notes = ["The LoRAs' text-encoder parts are not in the preview: every image uses the base's text encoders."] \
-        if any(c != "transformer" for lr in data.get("loras", []) for c in lr.get("components", [])) else []
+    notes = []
+    if any(c != "transformer" for lr in data.get("loras", []) for c in lr.get("components", [])):
+        notes.append("The LoRAs' text-encoder parts are not in the preview: every image uses the base's text encoders.")
     total_vram = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 0
-    t5_nf4, _ = vram_plan(total_vram, 0) if device == "cuda" else (False, False)
     check(cancel)
     report(progress, ProgressEvent(Stage.PREVIEW, message="Encoding the prompt"))
-    embeds = _encode(root, req.prompt, device, t5_nf4, 32 if demo else (256 if "schnell" in variant else 512))
+    max_len = 32 if req.build.base == "demo" else (256 if "schnell" in variant else 512)
+    embeds = _encode(root, req.prompt, device, device == "cuda" and vram_plan(total_vram, 0)[0], max_len)
     shared = _shared(root)
 
     variants = [("a", f"base {precision} + LoRA (unfused)", "base", precision, True),
@@ -176,20 +191,15 @@ def run(req: PreviewRequest, progress: ProgressCallback | None = None, cancel: C
         renders = []
         for key, label, source, prec, with_loras in variants:
             check(cancel)
-            report(progress, ProgressEvent(Stage.PREVIEW, 0, steps, item=label, message=f"Loading {label}"))
-            model = _transformer(source, prec, fmt, root, req.output, device, progress, cancel, hub, req.build.base)
+            report(progress, ProgressEvent(Stage.PREVIEW, 0, settings["steps"], item=label, message=f"Loading {label}"))
+            model = _transformer(source, prec, fmt, root, req.output, progress, cancel, hub, req.build.base)
             renders.append(_render(key, label, model, loras if with_loras else [], prec, shared, embeds, settings,
-                                   device, total_vram, tmp, progress, cancel))
+                                   total_vram, tmp, progress, cancel))
             del model
             _free(device)
         result = PreviewResult(str(folder), settings, renders, notes)
         (tmp / FILE).write_text(json.dumps(result.to_json() | {"created": _now()}, indent=2) + "\n", encoding="utf-8")
-        (tmp / partials.OWNER).unlink(missing_ok=True)
-        old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-        if folder.exists():
-            folder.replace(old)
-        tmp.replace(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        move_into_place(tmp, folder)
         return result
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -242,8 +252,7 @@ def _shared(root: Path) -> dict:
             "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")}
 
 
-def _transformer(source: str, precision: str, fmt: str, root: Path, output: Path, device: str, progress, cancel, hub,
-                 base_ref: str):
+def _transformer(source: str, precision: str, fmt: str, root: Path, output: Path, progress, cancel, hub, base_ref: str):
     """The FluxTransformer2DModel to render with: the output (b), or the base at a precision (a, c)."""
     import torch
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
@@ -278,10 +287,11 @@ def _base_gguf(base_ref: str, precision: str, progress, cancel, hub) -> Path:
 
 
 def _render(key: str, label: str, model, loras: list[tuple[Path, float]], precision: str, shared: dict, embeds: tuple,
-            settings: dict, device: str, total_vram: int, folder: Path, progress, cancel) -> Render:
+            settings: dict, total_vram: int, folder: Path, progress, cancel) -> Render:
     import torch
     from diffusers import FluxPipeline
 
+    device = settings["device"]
     pipe = FluxPipeline(transformer=model, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                         **shared)
     try:

@@ -120,14 +120,14 @@ def wire(ctx: Context, h: Handles, last: gr.State, on_done: tuple) -> None:
         job = ctx.studio.start_preview(last["request"], last["output"], prompt or "", seed or 0, steps or 0, size or 0)
         busy = gr.update(interactive=False), gr.update(interactive=True)
         while not job.finished:
-            yield (job.id, "", f"{progress_text(job)}  \n{memory_text(job)}", *[gr.update()] * 3, "", *busy)
+            yield (job.id, "", f"{progress_text(job)}  \n{memory_text(job)}", *[gr.update()] * 4, *busy)
             job.wait(0.5)
         if job.status == "done":
             yield (None, ok_html("Done."), "", *image_updates(job.result), figures_table(job.result), *idle)
         elif job.status == "failed":
             yield (None, error_html(user_message(job.error, shared)), "", *hidden, "", *idle)
         else:
-            yield (None, ok_html("Cancelled: no preview was saved."), "", *hidden, "", *idle)
+            yield (None, ok_html("Cancelled: nothing new was saved."), "", *hidden, "", *idle)
 
     outputs = [h.job_id, h.status, h.progress, *h.images, h.figures, h.go, h.cancel]
     h.go.click(run, [last, h.prompt, h.seed, h.steps, h.size], outputs, concurrency_limit=1,
