@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--double-quant", action="store_true", help="nf4: also quantize the scales (smaller, slightly slower)")
     f.add_argument("--report-json", type=Path, help="also write the final report as JSON to this file")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--preview", action="store_true",
+                   help="then render one seed with the LoRAs unfused on the base and with the fused output, with it/s "
+                   "and peak VRAM (needs a CUDA GPU; the demo runs on the CPU); saved in OUT.preview/")
+    f.add_argument("--prompt", default="", help="--preview: the prompt")
+    f.add_argument("--seed", type=int, default=0, help="--preview: the seed (default 0)")
+    f.add_argument("--preview-steps", type=int, default=0, help="--preview: steps (default 4 for schnell, 20 otherwise)")
+    f.add_argument("--preview-size", type=int, default=0, help="--preview: square image size (default 512; demo 64)")
     f.set_defaults(func=cmd_fuse)
 
     d = sub.add_parser("download", help="download a base model (or a LoRA) from the Hub into the HF cache")
@@ -143,15 +150,16 @@ class _Bar:
         self.quiet = quiet
         self.bar = None
         self.stage = None
+        self.message = ""
 
     def __call__(self, ev: ProgressEvent) -> None:
         if self.quiet:
             return
         if ev.stage not in (Stage.FUSE, Stage.DOWNLOAD):
-            if ev.stage != self.stage and ev.message:
+            if ev.message and ev.message != self.message:
                 self.close()
                 print(f"{ev.message}...", file=sys.stderr)
-            self.stage = ev.stage
+            self.stage, self.message = ev.stage, ev.message
             return
         if self.bar is None or ev.stage != self.stage or ev.bytes_total != self.bar.total:
             from tqdm import tqdm
@@ -215,6 +223,21 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     print("\nLoad it in diffusers with:\n" + snippet)
     if args.report_json:
         args.report_json.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+    if args.preview:
+        bar = _Bar(args.quiet)
+        try:
+            shown = front.preview(req, Path(result.output_dir), args.prompt, args.seed, args.preview_steps,
+                                  args.preview_size, progress=bar, cancel=CancelToken())
+        finally:
+            bar.close()
+        s = shown.settings
+        print(f"\nTry it: seed {s['seed']}, {s['steps']} steps, {s['width']}x{s['height']} on {s['device']}:")
+        for r in shown.renders:
+            vram = human_bytes(r.peak_vram_bytes) if r.peak_vram_bytes is not None else "-"
+            print(f"  ({r.key}) {r.label:<30} {r.it_per_s:7.2f} it/s {r.seconds:7.1f} s/image  peak VRAM {vram}")
+        for note in shown.notes:
+            print(f"  note {note}")
+        print(f"  images and preview.json in {shown.folder}")
     return 0
 
 

@@ -17,7 +17,7 @@ from fluxstudio.request import BuildRequest, BuildResult
 @dataclass
 class Job:
     id: str
-    request: BuildRequest
+    request: BuildRequest  # or what another kind of job takes (a preview)
     cancel: CancelToken = field(default_factory=CancelToken)
     sampler: MemorySampler = field(default_factory=lambda: MemorySampler(interval=0.2))
     status: str = "running"  # running | done | failed | cancelled

@@ -242,13 +242,25 @@ class Studio:
         variant = (manifest.read(output) or {}).get("base", {}).get("variant", "")
         return preview.defaults(variant, request.base == "demo")
 
+    @staticmethod
+    def _preview_request(request: BuildRequest, output: Path, prompt: str, seed: int, steps: int, size: int):
+        from fluxstudio import preview
+
+        return preview.PreviewRequest(request, output, prompt.strip() or preview.PreviewRequest.prompt, int(seed),
+                                      int(steps), int(size))
+
     def start_preview(self, request: BuildRequest, output: Path, prompt: str, seed: int, steps: int, size: int) -> Job:
         """Render the same seed unfused and fused, as a job (after any running build: one job at a time)."""
         from fluxstudio import preview
 
-        req = preview.PreviewRequest(request, output, prompt.strip() or preview.PreviewRequest.prompt, int(seed),
-                                     int(steps), int(size))
-        return self.runner.start(req, preview.run)
+        return self.runner.start(self._preview_request(request, output, prompt, seed, steps, size), preview.run)
+
+    def preview(self, request: BuildRequest, output: Path, prompt: str, seed: int, steps: int, size: int,
+                progress=None, cancel=None):
+        """The same, in this thread (the CLI): a PreviewResult."""
+        from fluxstudio import preview
+
+        return preview.run(self._preview_request(request, output, prompt, seed, steps, size), progress, cancel, self.hub)
 
     def saved_preview(self, name: str):
         """The preview saved beside an output of the library (PreviewResult), or None."""

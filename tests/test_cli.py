@@ -126,3 +126,25 @@ def test_a_pipeline_export_prints_its_one_line_load_with_t5_in_fp8(tmp_path, iso
     assert "pipe.transformer.enable_layerwise_casting" not in proc.stdout  # the transformer is bf16
     config = json.loads((out / "text_encoder_2" / "config.json").read_text())
     assert "quantization_config" not in config and (out / "vae").is_dir()
+
+
+def test_fuse_then_preview_prints_the_figures_of_each_image(tmp_path, isolated_home):
+    out = tmp_path / "demo-fp8"
+    proc = cli("fuse", "--base", "demo", "--lora", "demo", "--precision", "fp8", "--out", str(out), "--preview",
+               "--seed", "3", "--preview-steps", "2", "--prompt", "a lighthouse")
+    assert proc.returncode == 0, proc.stderr
+    assert "Try it: seed 3, 2 steps, 64x64 on cpu:" in proc.stdout
+    for line in ("(a) base fp8 + LoRA (unfused)", "(b) fused fp8 (FluxStudio)", "(c) base bf16 + LoRA (unfused)"):
+        assert line in proc.stdout and "it/s" in proc.stdout.split(line)[1].splitlines()[0]
+    assert "Rendering fused fp8 (FluxStudio)..." in proc.stderr  # one progress line per image
+    saved = json.loads((tmp_path / "demo-fp8.preview" / "preview.json").read_text())
+    assert saved["settings"]["prompt"] == "a lighthouse" and len(saved["renders"]) == 3
+
+
+def test_a_preview_that_cannot_run_fails_after_the_build_with_one_sentence(tmp_path, isolated_home):
+    out = tmp_path / "demo-nf4"
+    proc = cli("fuse", "--base", "demo", "--lora", "demo", "--precision", "nf4", "--out", str(out), "--preview", "--quiet")
+    if proc.returncode == 0:
+        pytest.skip("this machine has a CUDA GPU: NF4 previews run")
+    assert (out / "fluxstudio.json").is_file()  # the model is saved either way
+    assert "Error: NF4 models run on a CUDA GPU only" in proc.stderr and "Traceback" not in proc.stderr

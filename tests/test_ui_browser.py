@@ -67,11 +67,15 @@ def open_page(browser, app):
     return page
 
 
-def test_demo_flow_progress_memory_result_library(browser, app, tmp_path):
-    page = open_page(browser, app)
+def add_demo_lora(page) -> None:
     page.fill("#lora-ref textarea, #lora-ref input", "demo")
     page.click("#lora-add")
     page.wait_for_selector(".fs-lora-info:has-text('demo_lora.safetensors')", timeout=60_000)
+
+
+def test_demo_flow_progress_memory_result_library(browser, app, tmp_path):
+    page = open_page(browser, app)
+    add_demo_lora(page)
     assert "matched" in page.inner_text(".fs-lora-info")
     scale = page.locator(".fs-lora-scale input[type=number]")
     scale.fill("0.8")
@@ -191,9 +195,7 @@ def test_gguf_for_comfyui_with_placement_hint_and_library_file(browser, app, tmp
 
 def test_try_it_renders_both_demo_images_with_figures_and_the_library_shows_them(browser, app, tmp_path):
     page = open_page(browser, app)
-    page.fill("#lora-ref textarea, #lora-ref input", "demo")
-    page.click("#lora-add")
-    page.wait_for_selector(".fs-lora-info:has-text('demo_lora.safetensors')", timeout=60_000)
+    add_demo_lora(page)
     page.locator("#precision label:has-text('fp8 ·')").click()
     page.fill("#out-name textarea, #out-name input", "demo-try")
     page.click("#fuse")
