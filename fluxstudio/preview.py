@@ -4,7 +4,8 @@
     Forge run them), (b) the fused output FluxStudio built, and (c) the bf16 base with the LoRAs, when it fits the
     card. Each render reports it/s (the denoising steps after the first), seconds per image and peak VRAM.
 The prompt is encoded once with the base's text encoders (T5 in NF4 when VRAM is short), then freed, so the
-transformers have the card to themselves; a card too small for one offloads it layer group by group.
+transformers have the card to themselves; on a card with too little room beside one, it moves to the GPU only while
+it runs (diffusers' model CPU offload).
 Images and preview.json go into `NAME.preview/` beside the output.
 
 It runs on CUDA. Without a GPU only the demo base runs (on the CPU, in seconds): its images are noise, and what
@@ -16,9 +17,11 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,7 +71,7 @@ class PreviewResult:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return asdict(self) | {"renders": [asdict(r) for r in self.renders]}
+        return asdict(self)
 
 
 def folder_for(output: Path) -> Path:
@@ -286,6 +289,17 @@ def _base_gguf(base_ref: str, precision: str, progress, cancel, hub) -> Path:
     return path
 
 
+@contextmanager
+def _enough_vram(label: str, settings: dict):
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise FluxStudioError(f"The GPU ran out of memory rendering {label} at {settings['width']}x{settings['height']}.",
+                              "Try a smaller size, or a lower precision for this card.") from None
+
+
 def _render(key: str, label: str, model, loras: list[tuple[Path, float]], precision: str, shared: dict, embeds: tuple,
             settings: dict, total_vram: int, folder: Path, progress, cancel) -> Render:
     import torch
@@ -300,20 +314,19 @@ def _render(key: str, label: str, model, loras: list[tuple[Path, float]], precis
         if loras:
             pipe.set_adapters([f"lora{i}" for i in range(len(loras))], [s for _, s in loras])
     except (ValueError, KeyError, RuntimeError) as exc:
-        raise FluxStudioError(f"diffusers could not apply the LoRAs unfused to the base: {exc}",
+        logging.getLogger(__name__).exception("unfused LoRAs failed to load")
+        raise FluxStudioError(f"diffusers could not apply the LoRAs unfused to the base ({type(exc).__name__}; details in the log).",
                               "The fused output is unaffected; the preview needs the unfused LoRAs for its comparison.") from None
     if precision.startswith("fp8"):
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-    if device == "cuda":
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        if vram_plan(total_vram, weights)[1]:
+    with _enough_vram(label, settings):
+        if device == "cuda" and vram_plan(total_vram, sum(p.numel() * p.element_size() for p in model.parameters()))[1]:
             pipe.enable_model_cpu_offload()
         else:
             pipe.to(device)
+    if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    else:
-        pipe.to(device)
     steps = settings["steps"]
     marks: list[float] = []
 
@@ -327,7 +340,7 @@ def _render(key: str, label: str, model, loras: list[tuple[Path, float]], precis
 
     embeds_, pooled = (t.to(device) for t in embeds)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), _enough_vram(label, settings):
         image = pipe(prompt_embeds=embeds_, pooled_prompt_embeds=pooled, num_inference_steps=steps,
                      width=settings["width"], height=settings["height"], guidance_scale=settings["guidance"],
                      generator=torch.Generator("cpu").manual_seed(settings["seed"]), callback_on_step_end=on_step,
