@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +40,13 @@ class Quantizer:
             return {name: fused.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).cpu()}
         return nf4_encode(name, fused.to(torch.bfloat16), self.double_quant)
 
-    def decode(self, name: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """What `encode` stored for this tensor, back in fp32, in a new tensor (the LoRA-retention score compares
-        it, and may overwrite it)."""
+    def stored_rows(self, name: str, out: dict[str, torch.Tensor]) -> Callable[[int, int], torch.Tensor]:
+        """Rows [start, stop) of what `encode` stored for this tensor, back in fp32, each call a new tensor (the
+        LoRA-retention score compares them chunk by chunk, and overwrites them)."""
         if self.is_quantized(name) and self.precision == "nf4":
-            return nf4_decode(name, out)
-        return out[name].to(torch.float32, copy=True)
+            return nf4_rows(name, out)
+        t = out[name]
+        return lambda start, stop: t[start:stop].to(torch.float32, copy=True)
 
     def keys(self, name: str) -> list[str]:
         """The names `encode` will write for this tensor."""
@@ -144,12 +146,28 @@ def nf4_encode(name: str, weight: torch.Tensor, double_quant: bool = False) -> d
     return out
 
 
-def nf4_decode(name: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The fp32 values of an NF4 weight as `nf4_encode` serialized it (bitsandbytes' own dequantization)."""
+def nf4_rows(name: str, out: dict[str, torch.Tensor]) -> Callable[[int, int], torch.Tensor]:
+    """Rows [start, stop) of an NF4 weight as `nf4_encode` serialized it, in fp32: bitsandbytes' own kernel on just
+    the blocks those rows span (a chunk that stays in cache decodes about three times faster than a whole weight)."""
     F = _bnb()
     state = F.QuantState.from_dict({k[len(name) + 1:]: v for k, v in out.items() if k != name}, device=out[name].device)
-    state.dtype = torch.float32  # straight to fp32: no bf16 tensor to widen afterwards
-    return F.dequantize_4bit(out[name], state)
+    absmax = state.absmax
+    if state.nested:  # as bitsandbytes.functional.dequantize_4bit does
+        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    absmax, packed = absmax.float(), out[name].reshape(-1)
+    shape = tuple(state.shape)
+    cols, total = math.prod(shape[1:]), math.prod(shape)
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        first, last = start * cols, stop * cols
+        b0, b1 = first // NF4_BLOCK, -(-last // NF4_BLOCK)
+        n = min(b1 * NF4_BLOCK, total) - b0 * NF4_BLOCK
+        begin = b0 * NF4_BLOCK // 2
+        values = torch.ops.bitsandbytes.dequantize_4bit.default(
+            packed[begin : begin + (n + 1) // 2].reshape(-1, 1), absmax[b0:b1], NF4_BLOCK, "nf4", [n], torch.float32)
+        return values[first - b0 * NF4_BLOCK : last - b0 * NF4_BLOCK].view(stop - start, *shape[1:])
+
+    return rows
 
 
 def nf4_cpu(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

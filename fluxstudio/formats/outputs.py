@@ -22,7 +22,7 @@ from fluxstudio.formats import Format
 from fluxstudio.formats.bfl import Assembler, layout, swap_halves
 from fluxstudio.fuse import TensorJob
 from fluxstudio.quant import ggml
-from fluxstudio.quantize import FP8_MAX, encoded_bytes, make_quantizer, nf4_decode, nf4_encode
+from fluxstudio.quantize import FP8_MAX, encoded_bytes, make_quantizer, nf4_encode, nf4_rows
 from fluxstudio.retention import Retention
 from fluxstudio.writer import ShardedWriter, header_bound
 
@@ -73,7 +73,7 @@ class DiffusersOutput(_Safetensors):
         out = self.quantizer.encode(name, fused)
         if name in self.retention.jobs:
             with self.retention.timed():
-                self.retention.add(name, fused, self.quantizer.decode(name, out))
+                self.retention.add(name, fused, self.quantizer.stored_rows(name, out))
         return out
 
     def close(self, final: dict | None = None) -> list[Path]:
@@ -121,7 +121,7 @@ class _BflOutput:
             stored, t = swap_halves(stored), swap_halves(t)
         start = 0
         for part, rows in zip(group.parts, self.rows[group.parts[0]]):
-            self.retention.add(part, t[start : start + rows], stored[start : start + rows])
+            self.retention.add(part, t[start : start + rows], lambda a, b, s=stored[start : start + rows]: s[a:b])
             start += rows
 
     def quantized(self, name: str) -> bool:
@@ -172,7 +172,7 @@ class SingleFileOutput(_BflOutput, _Safetensors):
     def decode_bfl(self, name: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
         key = SINGLE_PREFIX + name
         if self.quantized(name) and self.precision == "nf4":
-            return nf4_decode(key, out)
+            return nf4_rows(key, out)(0, self.shapes[name][0])
         scale = out.get(key[: -len("weight")] + "scale_weight")
         return out[key].float() * (scale if scale is not None else 1.0)
 
