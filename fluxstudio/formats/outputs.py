@@ -116,12 +116,15 @@ class _BflOutput:
         return out
 
     def _score(self, group, t: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
-        stored = self.decode_bfl(group.name, out)
-        if group.swapped:
-            stored, t = swap_halves(stored), swap_halves(t)
+        rows_of = self.stored_rows(group.name, out)
+        if group.swapped:  # the final modulation (small): decoded whole and swapped back
+            stored, t = swap_halves(rows_of(0, t.shape[0])), swap_halves(t)
+
+            def rows_of(a: int, b: int) -> torch.Tensor:
+                return stored[a:b]
         start = 0
         for part, rows in zip(group.parts, self.rows[group.parts[0]]):
-            self.retention.add(part, t[start : start + rows], lambda a, b, s=stored[start : start + rows]: s[a:b])
+            self.retention.add(part, t[start : start + rows], lambda a, b, at=start: rows_of(at + a, at + b))
             start += rows
 
     def quantized(self, name: str) -> bool:
@@ -169,12 +172,13 @@ class SingleFileOutput(_BflOutput, _Safetensors):
             key[: -len("weight")] + "scale_weight": scale.reshape(()).cpu(),
         }
 
-    def decode_bfl(self, name: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    def stored_rows(self, name: str, out: dict[str, torch.Tensor]):
+        """Rows [start, stop) of what `encode_bfl` stored, in fp32, each call a new tensor (the retention score's)."""
         key = SINGLE_PREFIX + name
         if self.quantized(name) and self.precision == "nf4":
-            return nf4_rows(key, out)(0, self.shapes[name][0])
-        scale = out.get(key[: -len("weight")] + "scale_weight")
-        return out[key].float() * (scale if scale is not None else 1.0)
+            return nf4_rows(key, out)
+        t, scale = out[key], out.get(key[: -len("weight")] + "scale_weight")
+        return lambda start, stop: t[start:stop].float() * (scale if scale is not None else 1.0)
 
     def close(self, final: dict | None = None) -> list[Path]:
         if final and (entry := manifest.refit(self.writer.metadata, final, escaped=True)):
@@ -279,11 +283,13 @@ class GgufOutput(_BflOutput):
             return {name: x.cpu().view(torch.int16)}
         return {name: ggml.quantize(x, kind)}
 
-    def decode_bfl(self, name: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        kind, data = self.types[name], out[name]
-        if kind in ggml.TYPES:
-            return ggml.dequantize(data, kind, self.shapes[name])
-        return (data.view(torch.bfloat16) if kind == "BF16" else data).to(torch.float32, copy=True)
+    def stored_rows(self, name: str, out: dict[str, torch.Tensor]):
+        """Rows [start, stop) of what `encode_bfl` stored, in fp32, each call a new tensor (the retention score's)."""
+        kind, data, shape = self.types[name], out[name], self.shapes[name]
+        if kind in ggml.TYPES:  # 2-D: one row of blocks per weight row
+            return lambda start, stop: ggml.dequantize(data[start:stop], kind, (stop - start, *shape[1:]))
+        data = data.view(torch.bfloat16) if kind == "BF16" else data
+        return lambda start, stop: data[start:stop].to(torch.float32, copy=True)
 
     def write(self, key: str, value: torch.Tensor) -> None:
         expected = next(iter(self.w.tensors[0]), None)
