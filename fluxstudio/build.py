@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -222,9 +221,7 @@ def build(
         stage_done("inspect")
 
         partials.reclaim(out.parent)  # what killed builds left, whatever their name
-        tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        partials.mark(tmp)
+        tmp = partials.work_folder(out)
         inputs = _inputs(base_origin, [o for _, o in resolved], req, planned, [p.name for p in companions])
         try:
             files = []
@@ -273,32 +270,17 @@ def build(
             )
             if fmt.extension:
                 for f in files:
-                    move_into_place(f, out if f.name == out.name else out.parent / f.name)
+                    partials.move_into_place(f, out if f.name == out.name else out.parent / f.name)
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 full = _manifest(inputs, result)
                 manifest.write_folder(tmp, full)
                 (tmp / "README.md").write_text(snippets.readme(out.name, req.precision, base.family, full), encoding="utf-8")
-                move_into_place(tmp, out)
+                partials.move_into_place(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return result
-
-
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished file or folder into place; an output it replaces is removed only afterwards."""
-    if tmp.is_file():
-        tmp.replace(out)
-        return
-    (tmp / partials.OWNER).unlink(missing_ok=True)
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.replace(old)
-    tmp.replace(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fingerprint(base) -> str:

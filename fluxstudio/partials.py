@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import psutil
@@ -24,6 +25,29 @@ def _me() -> str:
 def mark(folder: Path) -> None:
     """Record this process as the owner of a work folder."""
     (folder / OWNER).write_text(_me(), encoding="utf-8")
+
+
+def work_folder(target: Path) -> Path:
+    """A new hidden `.NAME.partial-*` folder beside `target`, owned by this process."""
+    tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    mark(tmp)
+    return tmp
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished file or folder into place; an output it replaces is removed only afterwards."""
+    if tmp.is_file():
+        tmp.replace(out)
+        return
+    (tmp / OWNER).unlink(missing_ok=True)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.replace(old)
+    tmp.replace(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def owned(folder: Path) -> bool:

@@ -20,7 +20,6 @@ import json
 import logging
 import shutil
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -157,7 +156,7 @@ def run(req: PreviewRequest, progress: ProgressCallback | None = None, cancel: C
         hub=None) -> PreviewResult:
     import torch
 
-    from fluxstudio.build import move_into_place, resolve_ref
+    from fluxstudio.build import resolve_ref
     from fluxstudio.formats.pipeline import pipeline_root
     from fluxstudio.hub import Hub
 
@@ -187,9 +186,7 @@ def run(req: PreviewRequest, progress: ProgressCallback | None = None, cancel: C
     elif precision != "bf16":
         notes.append("The bf16 base + LoRA image is left out: the bf16 transformer does not fit this card.")
     folder = folder_for(req.output)
-    tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    partials.mark(tmp)
+    tmp = partials.work_folder(folder)
     try:
         renders = []
         for key, label, source, prec, with_loras in variants:
@@ -202,7 +199,7 @@ def run(req: PreviewRequest, progress: ProgressCallback | None = None, cancel: C
             _free(device)
         result = PreviewResult(str(folder), settings, renders, notes)
         (tmp / FILE).write_text(json.dumps(result.to_json() | {"created": _now()}, indent=2) + "\n", encoding="utf-8")
-        move_into_place(tmp, folder)
+        partials.move_into_place(tmp, folder)
         return result
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
