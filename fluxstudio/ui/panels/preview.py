@@ -59,16 +59,18 @@ def render() -> Handles:
     return Handles(box, why, prompt, seed, steps, size, go, cancel, gr.State(None), status, progress, images, figures)
 
 
+def vram_text(r) -> str:
+    return human_bytes(r.peak_vram_bytes) if r.peak_vram_bytes is not None else "— (CPU)"
+
+
 def caption(r) -> str:
-    vram = human_bytes(r.peak_vram_bytes) if r.peak_vram_bytes is not None else "— (CPU)"
-    return f"({r.key}) {r.label} · {r.it_per_s:.2f} it/s · {r.seconds:.1f} s · VRAM {vram}"
+    return f"({r.key}) {r.label} · {r.it_per_s:.2f} it/s · {r.seconds:.1f} s · VRAM {vram_text(r)}"
 
 
 def figures_table(result) -> str:
     rows = ["| | it/s | seconds per image | peak VRAM |", "| --- | --- | --- | --- |"]
     for r in result.renders:
-        vram = human_bytes(r.peak_vram_bytes) if r.peak_vram_bytes is not None else "— (CPU)"
-        rows.append(f"| ({r.key}) {r.label} | {r.it_per_s:.2f} | {r.seconds:.2f} | {vram} |")
+        rows.append(f"| ({r.key}) {r.label} | {r.it_per_s:.2f} | {r.seconds:.2f} | {vram_text(r)} |")
     s = result.settings
     rows.append(f"\nSeed {s['seed']} · {s['steps']} steps · {s['width']}×{s['height']} · guidance {s['guidance']:g} "
                 f"· {s['device']}. Saved beside the model (preview.json and the images); the library shows them.")
