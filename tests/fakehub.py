@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 LFS_THRESHOLD = 1000  # larger files are served like LFS files (X-Linked-Etag / X-Linked-Size)
@@ -29,6 +31,11 @@ class Repo:
     refs: dict[str, str] = field(default_factory=dict)
     gated: bool = False
     xet: bool = False
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    """A local folder as a repo's files: {path in the repo: bytes}."""
+    return {str(p.relative_to(folder)).replace(os.sep, "/"): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def git_blob_id(data: bytes) -> str:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fakehub import FakeHub
+from fakehub import FakeHub, folder_files
 from helpers import FLUX1_TINY, linear_shapes, peft_lora, write_model
 
 from fluxstudio.build import BuildRequest, LoraRef, build
@@ -22,10 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = "acme/flux-tiny"
 LORA = "acme/tiny-lora"
 CANARY = "hf_CANARY0123456789abcdefghijklmnopqrst"
-
-
-def folder_files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)).replace(os.sep, "/"): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -160,13 +160,13 @@ def test_preview_on_cuda_with_a_flux_width_model_within_a_vram_cap(wide_pipeline
 
 
 def test_a_hub_base_brings_its_encoders_vae_and_scheduler_with_progress_once(tmp_path):
-    from fakehub import FakeHub
+    from fakehub import FakeHub, folder_files
 
     from fluxstudio.hub import Hub
     from fluxstudio.progress import Stage
 
     pipe = demo.ensure_base()
-    files = {str(p.relative_to(pipe)): p.read_bytes() for p in pipe.rglob("*") if p.is_file()}
+    files = folder_files(pipe)
     files["flux1-dev.safetensors"] = b"BFL's own single file, which the preview does not need" * 1000
     fake = FakeHub().start()
     fake.add_repo("acme/flux-demo", files)

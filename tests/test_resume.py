@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fakehub import FakeHub
+from fakehub import FakeHub, folder_files
 from helpers import FLUX1_TINY, linear_shapes, peft_lora, write_model
 
 from fluxstudio import resume
@@ -109,7 +109,7 @@ def test_cli_download_killed_at_80_percent_resumes_with_only_the_missing_range(f
 def test_a_build_killed_mid_download_resumes(tmp_path):
     base = tmp_path / "repo"
     write_model(base / "transformer", FLUX1_TINY)
-    files = {str(p.relative_to(base)): p.read_bytes() for p in base.rglob("*") if p.is_file()}
+    files = folder_files(base)
     weights = "transformer/diffusion_pytorch_model.safetensors"
     lora = peft_lora(tmp_path / "lora.safetensors", linear_shapes(base / "transformer"))
     fake = FakeHub().start()

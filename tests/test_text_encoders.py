@@ -265,11 +265,11 @@ def test_a_pipeline_needs_the_whole_base_and_a_t5_precision_it_offers(pipe_dir, 
 
 
 def test_downloads_fetch_only_what_the_output_needs(pipe_dir, tmp_path):
-    from fakehub import FakeHub
+    from fakehub import FakeHub, folder_files
 
     from fluxstudio.hub import Hub
 
-    files = {str(p.relative_to(pipe_dir)): p.read_bytes() for p in pipe_dir.rglob("*") if p.is_file()}
+    files = folder_files(pipe_dir)
     files["flux1-dev.safetensors"] = b"BFL's own single file, which no output needs" * 1000
     fake = FakeHub().start()
     fake.add_repo("acme/flux-pipe", files)

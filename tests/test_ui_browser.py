@@ -8,7 +8,7 @@ import time
 
 import pytest
 from apprunner import App
-from fakehub import FakeHub
+from fakehub import FakeHub, folder_files
 from helpers import FLUX1_TINY, write_model
 
 pytestmark = pytest.mark.browser
@@ -45,7 +45,7 @@ def browser():
 def hub(tmp_path):
     base = tmp_path / "hubbase"
     write_model(base / "transformer", FLUX1_TINY)
-    files = {str(p.relative_to(base)): p.read_bytes() for p in base.rglob("*") if p.is_file()}
+    files = folder_files(base)
     fake = FakeHub().start()
     fake.add_repo("acme/flux-slow", files)
     fake.faults["transformer/diffusion_pytorch_model.safetensors"] = {"throttle": 200_000}  # ~10 s to download
