@@ -59,9 +59,14 @@ def quantize(x: torch.Tensor, qtype: str) -> torch.Tensor:
     if x.is_cuda or len(starts) == 1:
         for i in starts:
             one(i)
-    else:  # the many small row operations leave cores idle: run chunks side by side (torch frees the GIL)
-        with ThreadPoolExecutor(torch.get_num_threads()) as pool:
-            list(pool.map(one, starts))
+    else:  # the many small row operations leave cores idle: run chunks side by side (torch frees the GIL),
+        threads = torch.get_num_threads()  # each on one core (ops that split themselves too contend with the pool)
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(one, starts))
+        finally:
+            torch.set_num_threads(threads)
     return out.reshape(rows, -1)
 
 
@@ -93,9 +98,16 @@ def _f16_value(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).squeeze(-1).to(torch.float32)
 
 
-def _signed_max(x: torch.Tensor) -> torch.Tensor:
-    """Per row, the value with the largest magnitude (the first one on ties), as ggml's loops pick it."""
-    return x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+def _signed_max(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Along `dim` of a 2-D tensor, the value with the largest magnitude as ggml's loops pick it: the first one when
+    +a and -a tie, +0.0 when all are zero (argmax would say the same, but it is slow along dim 0)."""
+    hi, lo = x.amax(dim), x.amin(dim)
+    out = torch.where(hi >= -lo, hi, lo)
+    tie = ((hi == -lo) & (hi > 0)).nonzero().squeeze(1)
+    if tie.numel():
+        part = x.index_select(1 - dim, tie)
+        out[tie] = part.gather(dim, part.abs().argmax(dim, keepdim=True)).squeeze(dim)
+    return out.add_(0.0)  # -0.0 -> +0.0
 
 
 def _round_away(v: torch.Tensor) -> torch.Tensor:
@@ -124,7 +136,7 @@ def _q8_0(x: torch.Tensor) -> torch.Tensor:
 
 
 def _q_0(x: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
-    d = _signed_max(x) / -half
+    d = _signed_max(x, 1) / -half
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
     q = torch.trunc(x * inv[:, None] + (half + 0.5)).clamp(max=2 * half - 1).to(torch.uint8)  # C: MIN(max, (int8_t)v)
     return d, q
@@ -160,31 +172,39 @@ def _seq_sum(t: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.add.reduce(t.numpy(), axis=0))
 
 
-def _levels(x: torch.Tensor, shift: torch.Tensor | None, iscale: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """clamp(nearest_int(iscale * (x - shift)), lo, hi), in place on one new tensor. Adding and removing 1.5 * 2^23
-    rounds a float32 to the nearest integer, ties to even, exactly as ggml's nearest_int does."""
-    v = x * iscale if shift is None else (x - shift).mul_(iscale)
-    return v.add_(12582912.0).sub_(12582912.0).clamp_(lo, hi)
+def _levels(x: torch.Tensor, shift: torch.Tensor | None, iscale: torch.Tensor, lo: int, hi: int,
+            out: torch.Tensor) -> torch.Tensor:
+    """clamp(nearest_int(iscale * (x - shift)), lo, hi), written into `out` (round_ rounds halves to even, as
+    ggml's nearest_int does for these magnitudes)."""
+    if shift is None:
+        torch.mul(x, iscale, out=out)
+    else:
+        torch.sub(x, shift, out=out).mul_(iscale)
+    return out.round_().clamp_(lo, hi)
 
 
 def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
     """ggml's make_qkx2_quants over columns of 32 values ([32, M]): (scale, -min, levels) per column."""
-    mn = x.amin(0).clamp(max=0)
     mx = x.amax(0)
     sum_w = _seq_sum(w)
     sum_x = _seq_sum(w * x)
-    flat = mx == mn
-    one = torch.ones_like(mx)
-    iscale = _rdiv(nmax, torch.where(flat, one, mx - mn))
-    scale = 1 / iscale
-    best_iscale, best_shift = iscale, mn  # the levels are recomputed from these at the end
-    levels = _levels(x, mn, iscale, 0, nmax)
-    best = _seq_sum(levels.mul_(scale).add_(mn).sub_(x).square_().mul_(w))
+    shift = x.amin(0).clamp_(max=0)
+    flat = mx == shift
+    cand = torch.empty_like(x)
     terms = x.new_empty(x.shape[0], 3, x.shape[1])
+    # rows: the iscale and shift that give the best levels, their error, and their scale and min
+    state = x.new_empty(5, x.shape[1])
+    best_iscale, best_shift, best, scale, mn = state
+    mn.copy_(shift)
+    best_iscale.copy_(torch.tensor(float(nmax)) / (mx - mn).masked_fill_(flat, 1.0))
+    best_shift.copy_(mn)
+    scale.copy_(1 / best_iscale)
+    best.copy_(_seq_sum(_levels(x, mn, best_iscale, 0, nmax, cand).mul_(scale).add_(mn).sub_(x).square_().mul_(w)))
     for step in range(nstep + 1):
         # ggml keeps searching from the best min found so far: `min` is updated inside its loop
-        iscale = _rdiv(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax), torch.where(flat, one, mx - mn))
-        cand = _levels(x, mn, iscale, 0, nmax)
+        num = torch.tensor(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax))
+        iscale = num / (mx - mn).masked_fill_(flat, 1.0)
+        _levels(x, mn, iscale, 0, nmax, cand)
         torch.mul(w, cand, out=terms[:, 0])
         torch.mul(terms[:, 0], cand, out=terms[:, 1])
         torch.mul(terms[:, 0], x, out=terms[:, 2])
@@ -194,18 +214,13 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
         positive = this_min > 0
         this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
-        this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
+        this_min.masked_fill_(positive, 0.0)
         err = _seq_sum(cand.mul_(this_scale).add_(this_min).sub_(x).square_().mul_(w))
-        better = (det > 0) & (err < best) & ~flat
-        best_iscale = torch.where(better, iscale, best_iscale)
-        best_shift = torch.where(better, mn, best_shift)
-        best = torch.where(better, err, best)
-        scale = torch.where(better, this_scale, scale)
-        mn = torch.where(better, this_min, mn)
-    levels = _levels(x, best_shift, best_iscale, 0, nmax)
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
-    levels = torch.where(flat, torch.zeros_like(levels), levels)
-    return scale, -mn, levels
+        better = (det > 0).logical_and_(err < best).logical_and_(~flat)
+        state = torch.where(better, torch.stack([iscale, mn, err, this_scale, this_min]), state)
+        best_iscale, best_shift, best, scale, mn = state
+    levels = _levels(x, best_shift, best_iscale, 0, nmax, cand)
+    return scale.masked_fill(flat, 0.0), -mn, levels.masked_fill_(flat, 0.0)
 
 
 def _k_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
@@ -251,34 +266,34 @@ def _q5_k(x: torch.Tensor) -> torch.Tensor:
 
 def _make_qx(x: torch.Tensor, nmax: int):
     """ggml's make_qx_quants with rmse_type 1 over columns of 16 values ([16, M]): (scale, levels + nmax)."""
-    mx = x.gather(0, x.abs().argmax(0, keepdim=True)).squeeze(0)
+    mx = _signed_max(x, 0)
     zero = mx.abs() < 1e-15
-    mx = torch.where(zero, torch.ones_like(mx), mx)
+    mx.masked_fill_(zero, 1.0)
     w = x * x
     wx = w * x
+    q = torch.empty_like(x)
     terms = x.new_empty(x.shape[0], 2, x.shape[1])
 
     def attempt(num: float):
-        iscale = _rdiv(-num, mx)
-        q = _levels(x, None, iscale, -nmax, nmax - 1)
+        iscale = torch.tensor(-num) / mx
+        torch.mul(x, iscale, out=q).round_().clamp_(-nmax, nmax - 1)  # round_: ties to even, as nearest_int
         torch.mul(wx, q, out=terms[:, 0])
         torch.mul(w, q, out=terms[:, 1]).mul_(q)
         sumlx, suml2 = _seq_sum(terms)
         return iscale, sumlx, suml2
 
     best_iscale, sumlx, suml2 = attempt(float(nmax))
-    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
+    scale = torch.where(suml2 != 0, sumlx / suml2, 0.0)
     best = scale * sumlx
     for step in (*range(-9, 0), *range(1, 10)):
         iscale, sumlx, suml2 = attempt(_f32(nmax + _f32(_f32(0.1) * step)))
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        this_scale = sumlx / suml2
         best_iscale = torch.where(better, iscale, best_iscale)
-        scale = torch.where(better, sumlx / suml2, scale)
-        best = torch.where(better, scale * sumlx, best)
-    levels = _levels(x, None, best_iscale, -nmax, nmax - 1)
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    levels = torch.where(zero, torch.zeros_like(levels), levels + nmax)
-    return scale, levels
+        scale = torch.where(better, this_scale, scale)
+        best = torch.where(better, this_scale * sumlx, best)
+    levels = torch.mul(x, best_iscale, out=q).round_().clamp_(-nmax, nmax - 1).add_(nmax)
+    return scale.masked_fill_(zero, 0.0), levels.masked_fill_(zero, 0.0)
 
 
 def _q6_k(x: torch.Tensor) -> torch.Tensor:
@@ -286,7 +301,7 @@ def _q6_k(x: torch.Tensor) -> torch.Tensor:
     cols = x.reshape(nb * 16, 16).t().contiguous()
     scales, levels = _make_qx(cols, 32)
     scales, levels = scales.reshape(nb, 16), levels.t().reshape(nb, 16, 16)
-    max_scale = _signed_max(scales)
+    max_scale = _signed_max(scales, 1)
     empty = max_scale.abs() < 1e-15
     iscale = _rdiv(-128, torch.where(empty, torch.ones_like(max_scale), max_scale))
     d16 = (1 / iscale).to(torch.float16)
