@@ -158,18 +158,21 @@ def _q5_0(x: torch.Tensor) -> torch.Tensor:
 # -- K-quants -------------------------------------------------------------------------------------------------
 
 
-def _seq_sum(t: torch.Tensor) -> torch.Tensor:
+def _seq_sum(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over dim 0 left to right, as ggml's loops add: the same float result, so the same near-tie decisions.
 
     numpy reduces an outer axis row by row into one accumulator (its pairwise summation is for the contiguous
     axis only): one call instead of a torch op per row. The reference-vector tests pin this behaviour.
     """
     if t.is_cuda:
-        acc = t[0] + t[1]
+        acc = torch.add(t[0], t[1], out=out)
         for row in t[2:]:
             acc += row
         return acc
-    return torch.from_numpy(np.add.reduce(t.numpy(), axis=0))
+    if out is None:
+        return torch.from_numpy(np.add.reduce(t.numpy(), axis=0))
+    np.add.reduce(t.numpy(), axis=0, out=out.numpy())
+    return out
 
 
 def _levels(x: torch.Tensor, shift: torch.Tensor | None, iscale: torch.Tensor, lo: int, hi: int,
@@ -265,55 +268,70 @@ def _q5_k(x: torch.Tensor) -> torch.Tensor:
 
 
 def _make_qx(x: torch.Tensor, nmax: int):
-    """ggml's make_qx_quants with rmse_type 1 over columns of 16 values ([16, M]): (scale, levels + nmax)."""
+    """ggml's make_qx_quants with rmse_type 1 over columns of 16 values ([16, M]) -> (scale, iscale, zero) per column:
+    the levels are clamp(nearest_int(iscale * x), -nmax, nmax - 1) + nmax, or 0 where the column is all zero."""
     mx = _signed_max(x, 0)
     zero = mx.abs() < 1e-15
     mx.masked_fill_(zero, 1.0)
     w = x * x
     wx = w * x
+    nums = [float(nmax)] + [_f32(nmax + _f32(_f32(0.1) * step)) for step in (*range(-9, 0), *range(1, 10))]
+    iscales = torch.tensor(nums, device=x.device).neg_()[:, None] / mx  # every attempt's iscale: [19, M]
     q = torch.empty_like(x)
     terms = x.new_empty(x.shape[0], 2, x.shape[1])
-
-    def attempt(num: float):
-        iscale = torch.tensor(-num) / mx
+    sums = x.new_empty(2, len(nums), x.shape[1])
+    for attempt, iscale in enumerate(iscales):
         torch.mul(x, iscale, out=q).round_().clamp_(-nmax, nmax - 1)  # round_: ties to even, as nearest_int
         torch.mul(wx, q, out=terms[:, 0])
         torch.mul(w, q, out=terms[:, 1]).mul_(q)
-        sumlx, suml2 = _seq_sum(terms)
-        return iscale, sumlx, suml2
+        _seq_sum(terms, out=sums[:, attempt])
+    choice, scale = _qx_choice(sums.cpu().numpy())
+    choice = torch.from_numpy(choice).to(x.device)
+    best_iscale = iscales.gather(0, choice[None]).squeeze(0)
+    return torch.from_numpy(scale).to(x.device).masked_fill_(zero, 0.0), best_iscale, zero
 
-    best_iscale, sumlx, suml2 = attempt(float(nmax))
-    scale = torch.where(suml2 != 0, sumlx / suml2, 0.0)
-    best = scale * sumlx
-    for step in (*range(-9, 0), *range(1, 10)):
-        iscale, sumlx, suml2 = attempt(_f32(nmax + _f32(_f32(0.1) * step)))
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        this_scale = sumlx / suml2
-        best_iscale = torch.where(better, iscale, best_iscale)
-        scale = torch.where(better, this_scale, scale)
-        best = torch.where(better, this_scale * sumlx, best)
-    levels = torch.mul(x, best_iscale, out=q).round_().clamp_(-nmax, nmax - 1).add_(nmax)
-    return scale.masked_fill_(zero, 0.0), levels.masked_fill_(zero, 0.0)
+
+def _qx_choice(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants' choice among its attempts ([(sumlx, suml2), attempts, M] float32), one attempt after the other
+    with its float32 comparisons (numpy: these many small steps cost less than as torch ops) -> (attempt, scale)."""
+    sumlx, suml2 = sums
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scales = sumlx / suml2
+        bests = scales * sumlx
+        squares = sumlx * sumlx
+    scales[0][suml2[0] == 0] = 0
+    best = np.where(suml2[0] != 0, bests[0], np.float32(0))
+    choice = np.zeros(sums.shape[2], np.int64)
+    for attempt in range(1, sums.shape[1]):
+        better = (suml2[attempt] > 0) & (squares[attempt] > best * suml2[attempt])
+        np.maximum(choice, better * attempt, out=choice)  # attempts come in order: the last better one
+        best = np.where(better, bests[attempt], best)
+    return choice, np.take_along_axis(scales, choice[None], 0)[0]
 
 
 def _q6_k(x: torch.Tensor) -> torch.Tensor:
     nb = x.shape[0]
     cols = x.reshape(nb * 16, 16).t().contiguous()
-    scales, levels = _make_qx(cols, 32)
-    scales, levels = scales.reshape(nb, 16), levels.t().reshape(nb, 16, 16)
+    scales, iscales, zero = _make_qx(cols, 32)
+    scales = scales.reshape(nb, 16)
     max_scale = _signed_max(scales, 1)
     empty = max_scale.abs() < 1e-15
     iscale = _rdiv(-128, torch.where(empty, torch.ones_like(max_scale), max_scale))
     d16 = (1 / iscale).to(torch.float16)
     sc = torch.round(iscale[:, None] * scales).clamp(max=127)
-    d = d16.float()[:, None] * sc
-    safe = torch.where(d == 0, torch.ones_like(d), d)
-    q = torch.round(x.reshape(nb, 16, 16) / safe[..., None]).clamp_(-32, 31) + 32
-    lv = torch.where((d == 0)[..., None], levels, q).to(torch.uint8).reshape(nb, 2, 4, 32)
+    d = (d16.float()[:, None] * sc).reshape(-1)
+    sub = x.reshape(-1, 16)
+    lv = torch.round(sub / d.masked_fill(d == 0, 1.0)[:, None]).clamp_(-32, 31).add_(32)
+    kept = (d == 0).nonzero().squeeze(1)  # ggml leaves make_qx_quants' levels where the sub-block's scale is 0
+    if kept.numel():
+        search = sub[kept].mul_(iscales[kept, None]).round_().clamp_(-32, 31).add_(32)
+        lv[kept] = search.masked_fill_(zero[kept, None], 0.0)
+    lv = lv.to(torch.uint8).reshape(nb, 2, 4, 32)
     ql = _nibbles(lv[:, :, 0:2], lv[:, :, 2:4]).reshape(nb, 128)
-    qh = ((lv >> 4).to(torch.int64) << (torch.arange(4, device=x.device) * 2)[None, None, :, None]).sum(2)
-    out = torch.cat([ql, qh.to(torch.uint8).reshape(nb, 64), sc.to(torch.int8).view(torch.uint8), _f16_bytes(d16.float())], 1)
-    return torch.where(empty[:, None], torch.zeros_like(out), out)
+    high = lv >> 4
+    qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(nb, 64)
+    out = torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _f16_bytes(d16.float())], 1)
+    return out.masked_fill_(empty[:, None], 0)
 
 
 _QUANTIZERS = {"Q8_0": _q8_0, "Q5_0": _q5_0, "Q4_0": _q4_0, "Q6_K": _q6_k, "Q5_K": _q5_k, "Q4_K": _q4_k}
