@@ -87,7 +87,7 @@ def _f32(v: float) -> float:
 
 def _rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
     """num / t correctly rounded, as C divides (torch computes `number / tensor` as a reciprocal times the number)."""
-    return torch.full_like(t, num) / t
+    return torch.tensor(num, dtype=t.dtype, device=t.device) / t
 
 
 def _f16_bytes(v: torch.Tensor) -> torch.Tensor:
@@ -123,6 +123,14 @@ def _positive(v: torch.Tensor) -> torch.Tensor:
 
 def _nibbles(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return (lo & 15) | ((hi & 15) << 4)
+
+
+def _pack_fields(v: torch.Tensor, width: int) -> torch.Tensor:
+    """uint8 fields of `width` bits along dim -2 packed into one byte, the i-th shifted by i * width."""
+    out = v.select(-2, 0).clone()
+    for i in range(1, v.shape[-2]):
+        out |= v.select(-2, i) << (i * width)
+    return out
 
 
 # -- 32-value blocks ------------------------------------------------------------------------------------------
@@ -176,9 +184,10 @@ def _seq_sum(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def _levels(x: torch.Tensor, shift: torch.Tensor | None, iscale: torch.Tensor, lo: int, hi: int,
-            out: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """clamp(nearest_int(iscale * (x - shift)), lo, hi), written into `out` (round_ rounds halves to even, as
     ggml's nearest_int does for these magnitudes)."""
+    out = torch.empty_like(x) if out is None else out
     if shift is None:
         torch.mul(x, iscale, out=out)
     else:
@@ -187,26 +196,24 @@ def _levels(x: torch.Tensor, shift: torch.Tensor | None, iscale: torch.Tensor, l
 
 
 def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """ggml's make_qkx2_quants over columns of 32 values ([32, M]): (scale, -min, levels) per column."""
+    """ggml's make_qkx2_quants over columns of 32 values ([32, M]) -> (scale, -min, (iscale, shift, flat)) per
+    column: its levels are clamp(nearest_int(iscale * (x - shift)), 0, nmax), or 0 where the column is flat."""
     mx = x.amax(0)
+    mn = x.amin(0).clamp_(max=0)
+    flat = mx == mn
     sum_w = _seq_sum(w)
     sum_x = _seq_sum(w * x)
-    shift = x.amin(0).clamp_(max=0)
-    flat = mx == shift
     cand = torch.empty_like(x)
     terms = x.new_empty(x.shape[0], 3, x.shape[1])
+    iscale = _rdiv(nmax, (mx - mn).masked_fill_(flat, 1.0))
+    scale = 1 / iscale
+    best = _seq_sum(_levels(x, mn, iscale, 0, nmax, cand).mul_(scale).add_(mn).sub_(x).square_().mul_(w))
     # rows: the iscale and shift that give the best levels, their error, and their scale and min
-    state = x.new_empty(5, x.shape[1])
+    state = torch.stack([iscale, mn, best, scale, mn])
     best_iscale, best_shift, best, scale, mn = state
-    mn.copy_(shift)
-    best_iscale.copy_(torch.tensor(float(nmax)) / (mx - mn).masked_fill_(flat, 1.0))
-    best_shift.copy_(mn)
-    scale.copy_(1 / best_iscale)
-    best.copy_(_seq_sum(_levels(x, mn, best_iscale, 0, nmax, cand).mul_(scale).add_(mn).sub_(x).square_().mul_(w)))
     for step in range(nstep + 1):
         # ggml keeps searching from the best min found so far: `min` is updated inside its loop
-        num = torch.tensor(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax))
-        iscale = num / (mx - mn).masked_fill_(flat, 1.0)
+        iscale = _rdiv(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax), (mx - mn).masked_fill_(flat, 1.0))
         _levels(x, mn, iscale, 0, nmax, cand)
         torch.mul(w, cand, out=terms[:, 0])
         torch.mul(terms[:, 0], cand, out=terms[:, 1])
@@ -222,8 +229,7 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
         better = (det > 0).logical_and_(err < best).logical_and_(~flat)
         state = torch.where(better, torch.stack([iscale, mn, err, this_scale, this_min]), state)
         best_iscale, best_shift, best, scale, mn = state
-    levels = _levels(x, best_shift, best_iscale, 0, nmax, cand)
-    return scale.masked_fill(flat, 0.0), -mn, levels.masked_fill_(flat, 0.0)
+    return scale.masked_fill(flat, 0.0), -mn, (best_iscale, best_shift, flat)
 
 
 def _k_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
@@ -232,9 +238,8 @@ def _k_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     cols = x.reshape(nb * 8, 32).t().contiguous()  # [32, sub-blocks]: ggml's per-value loops become row operations
     av = (_seq_sum(cols * cols) / 32).double().sqrt_().float()  # torch's float32 sqrt is not always correctly rounded
     w = av + cols.abs()
-    scales, mins, levels = _make_qkx2(cols, w, nmax, rmin, 0.1, nstep)
+    scales, mins, search = _make_qkx2(cols, w, nmax, rmin, 0.1, nstep)
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
-    levels = levels.t().reshape(nb, 8, 32)
     max_scale, max_min = _positive(scales.amax(1)), _positive(mins.amax(1))
     inv_scale = torch.where(max_scale > 0, _rdiv(63, max_scale), torch.zeros_like(max_scale))
     inv_min = torch.where(max_min > 0, _rdiv(63, max_min), torch.zeros_like(max_min))
@@ -242,12 +247,15 @@ def _k_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     ls = (torch.round(inv_scale[:, None] * scales).to(torch.int64) & 255).clamp(max=63)
     lm = (torch.round(inv_min[:, None] * mins).to(torch.int64) & 255).clamp(max=63)
     d16, dmin16 = (max_scale / 63).to(torch.float16), (max_min / 63).to(torch.float16)
-    d = d16.float()[:, None] * ls.float()
-    dm = dmin16.float()[:, None] * lm.float()
-    sub = x.reshape(nb, 8, 32)
-    safe = torch.where(d == 0, torch.ones_like(d), d)
-    q = torch.round((sub + dm[..., None]) / safe[..., None]).clamp_(0, nmax)
-    levels = torch.where((d == 0)[..., None], levels, q).to(torch.uint8).reshape(nb, 4, 2, 32)
+    d = (d16.float()[:, None] * ls.float()).reshape(-1)
+    dm = (dmin16.float()[:, None] * lm.float()).reshape(-1)
+    sub = x.reshape(-1, 32)
+    levels = torch.round((sub + dm[:, None]) / d.masked_fill(d == 0, 1.0)[:, None]).clamp_(0, nmax)
+    kept = (d == 0).nonzero().squeeze(1)  # ggml leaves make_qkx2_quants' levels where the sub-block's scale is 0
+    if kept.numel():
+        iscale, shift, flat = (t[kept, None] for t in search)
+        levels[kept] = _levels(sub[kept], shift, iscale, 0, nmax).masked_fill_(flat, 0.0)
+    levels = levels.to(torch.uint8).reshape(nb, 4, 2, 32)
     packed = torch.cat([
         (ls[:, :4] | ((ls[:, 4:] >> 4) << 6)), (lm[:, :4] | ((lm[:, 4:] >> 4) << 6)), (ls[:, 4:] & 15) | ((lm[:, 4:] & 15) << 4),
     ], 1).to(torch.uint8)
@@ -262,8 +270,7 @@ def _q4_k(x: torch.Tensor) -> torch.Tensor:
 
 def _q5_k(x: torch.Tensor) -> torch.Tensor:
     head, lv = _k_scales(x, 31, -0.5, 15)
-    shifts = (torch.arange(4, device=x.device) * 2)[None, :, None, None] + torch.arange(2, device=x.device)[None, None, :, None]
-    qh = ((lv >> 4).to(torch.int64) << shifts).sum((1, 2)).to(torch.uint8)
+    qh = _pack_fields((lv >> 4).reshape(x.shape[0], 8, 32), 1)  # bit k of qh[j]: the high bit of sub-block k
     return torch.cat([head, qh, _nibbles(lv[:, :, 0], lv[:, :, 1]).reshape(x.shape[0], 128)], 1)
 
 
@@ -324,12 +331,10 @@ def _q6_k(x: torch.Tensor) -> torch.Tensor:
     lv = torch.round(sub / d.masked_fill(d == 0, 1.0)[:, None]).clamp_(-32, 31).add_(32)
     kept = (d == 0).nonzero().squeeze(1)  # ggml leaves make_qx_quants' levels where the sub-block's scale is 0
     if kept.numel():
-        search = sub[kept].mul_(iscales[kept, None]).round_().clamp_(-32, 31).add_(32)
-        lv[kept] = search.masked_fill_(zero[kept, None], 0.0)
+        lv[kept] = _levels(sub[kept], None, iscales[kept, None], -32, 31).add_(32).masked_fill_(zero[kept, None], 0.0)
     lv = lv.to(torch.uint8).reshape(nb, 2, 4, 32)
     ql = _nibbles(lv[:, :, 0:2], lv[:, :, 2:4]).reshape(nb, 128)
-    high = lv >> 4
-    qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(nb, 64)
+    qh = _pack_fields(lv >> 4, 2).reshape(nb, 64)
     out = torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _f16_bytes(d16.float())], 1)
     return out.masked_fill_(empty[:, None], 0)
 
