@@ -2,9 +2,10 @@
 
 Each function follows ggml's reference quantizer (`quantize_row_*_ref` in ggml-quants.c, no importance matrix)
 step by step, vectorized over every block at once, on the CPU or on CUDA. The float operations are the same and in
-the same order within each element; sums run in torch's order rather than ggml's left-to-right loop, so a block
-whose choice between two candidate scales is a near tie can come out differently (ggml's own builds differ there
-too, with and without FMA). `tests/test_ggml_quants.py` checks the bytes against vectors made by ggml itself.
+the same order within each element, and sums run left to right as ggml's loops add, so near ties between two
+candidate scales are decided as ggml decides them (ggml's own builds differ on a few, with and without FMA).
+`tests/test_ggml_quants.py` checks the bytes against vectors made by ggml itself. On the CPU, chunks of blocks run
+side by side, one core each.
 
 Rows are quantized independently; their length must be a multiple of the type's block size.
 """
