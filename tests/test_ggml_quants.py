@@ -48,8 +48,10 @@ def test_dequantize_equals_the_gguf_package(qtype):
 def test_bf16_float32_and_chunking_give_the_same_bytes(monkeypatch):
     x = REF["random.input"]
     whole = ggml.quantize(x, "Q4_K")
-    monkeypatch.setattr(ggml, "CHUNK", 2048)  # many chunks, run side by side
+    monkeypatch.setattr(ggml, "CHUNK", 2048)  # many chunks, run side by side, one core each
+    threads = torch.get_num_threads()
     assert torch.equal(ggml.quantize(x.float(), "Q4_K"), whole)
+    assert torch.get_num_threads() == threads  # and torch's own thread count is given back
 
 
 def test_rows_must_fit_the_blocks():

@@ -12,6 +12,7 @@ Rows are quantized independently; their length must be a multiple of the type's 
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import torch
 
 QK_K = 256
 CHUNK = 1 << 18  # values per step: bounds the temporaries (about 60 bytes a value); larger is slower here
+_ONE_AT_A_TIME = threading.Lock()  # torch's thread count is process-wide: one quantize() changes it at a time
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,14 @@ def quantize(x: torch.Tensor, qtype: str) -> torch.Tensor:
         for i in starts:
             one(i)
     else:  # the many small row operations leave cores idle: run chunks side by side (torch frees the GIL),
-        threads = torch.get_num_threads()  # each on one core (ops that split themselves too contend with the pool)
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(one, starts))
-        finally:
-            torch.set_num_threads(threads)
+        with _ONE_AT_A_TIME:  # each on one core (ops that split themselves too contend with the pool)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(one, starts))
+            finally:
+                torch.set_num_threads(threads)
     return out.reshape(rows, -1)
 
 
