@@ -37,7 +37,7 @@ class Quantizer:
         if not self.is_quantized(name) or self.precision == "bf16":
             return {name: fused.to(torch.bfloat16).cpu()}
         if self.precision == "fp8":
-            return {name: fused.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).cpu()}
+            return {name: fp8_encode(fused)}
         return nf4_encode(name, fused.to(torch.bfloat16), self.double_quant)
 
     def stored_rows(self, name: str, out: dict[str, torch.Tensor]) -> Callable[[int, int], torch.Tensor]:
@@ -85,6 +85,18 @@ def encoded_bytes(precision: str, numel: int) -> int:
     if precision == "nf4":
         return (numel + 1) // 2 + 4 * math.ceil(numel / NF4_BLOCK) + 64 + 256
     return math.ceil(numel * PRECISIONS[precision].bytes_per_param) + (4 if precision == "fp8-scaled" else 0)
+
+
+def fp8_encode(weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """weight (/ scale) clamped to ±448 as float8_e4m3fn, on the CPU; a chunk of rows at a time, so that no full-size
+    float32 temporary sits beside the fused weight (a single file's linear1 alone is a quarter GB in float32)."""
+    out = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+    rows, dst = weight.reshape(-1, weight.shape[-1]), out.view(-1, weight.shape[-1])
+    step = max(1, (1 << 20) // rows.shape[1])
+    for i in range(0, rows.shape[0], step):
+        chunk = rows[i : i + step].to(torch.float32, copy=True)  # never the caller's tensor: it is scored after
+        dst[i : i + step] = (chunk if scale is None else chunk.div_(scale)).clamp_(-FP8_MAX, FP8_MAX)
+    return out.cpu()
 
 
 def layerwise_skip_patterns(model_cls: type) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from fluxstudio.build import BuildRequest, LoraRef, build
-from fluxstudio.quantize import FP8_MAX, Quantizer, make_quantizer
+from fluxstudio.quantize import FP8_MAX, Quantizer, fp8_encode, make_quantizer
 from helpers import FLUX1_TINY, flux1_inputs, linear_shapes, load_dir, peft_lora, relative_error, write_model
 
 F = pytest.importorskip("bitsandbytes.functional")
@@ -156,3 +156,15 @@ def test_retention_through_a_whole_build(tmp_path):
         r = retention(dequant(precision, f"{key}.weight", with_lora), dequant(precision, f"{key}.weight", plain), delta)
         print(f"{precision}: LoRA effect retained {r:.4f}")
         assert r >= 0.98, (precision, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_encode_a_chunk_of_rows_at_a_time_equals_the_whole_tensor_cast(dtype):
+    w = (torch.randn(3000, 700, generator=torch.Generator().manual_seed(0)) * 300).to(dtype)  # > 1 M values: chunks
+    before = w.clone()
+    expect = w.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    assert torch.equal(fp8_encode(w).view(torch.uint8), expect.view(torch.uint8))
+    scale = torch.tensor(0.75)
+    expect = w.float().div(scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    assert torch.equal(fp8_encode(w, scale).view(torch.uint8), expect.view(torch.uint8))
+    assert torch.equal(w, before)  # the fused weight is scored after it is encoded: never changed in place

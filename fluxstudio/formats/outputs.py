@@ -22,7 +22,7 @@ from fluxstudio.formats import Format
 from fluxstudio.formats.bfl import Assembler, layout, swap_halves
 from fluxstudio.fuse import TensorJob
 from fluxstudio.quant import ggml
-from fluxstudio.quantize import FP8_MAX, encoded_bytes, make_quantizer, nf4_encode, nf4_rows
+from fluxstudio.quantize import FP8_MAX, encoded_bytes, fp8_encode, make_quantizer, nf4_encode, nf4_rows
 from fluxstudio.retention import Retention
 from fluxstudio.writer import ShardedWriter, header_bound
 
@@ -161,16 +161,12 @@ class SingleFileOutput(_BflOutput, _Safetensors):
             return {key: t.to(torch.bfloat16).cpu()}
         if self.precision == "nf4":
             return nf4_encode(key, t.to(torch.bfloat16))
-        t = t.to(torch.float32)  # kept as it is: the retention score compares it with what is stored
         if self.precision == "fp8":
-            return {key: t.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).cpu()}
-        lo, hi = torch.aminmax(t)  # no |t| temporary: linear1 alone is half a GB in fp32
+            return {key: fp8_encode(t)}
+        lo, hi = (v.float() for v in torch.aminmax(t))  # no |t| temporary: linear1 alone is a quarter GB in fp32
         amax = torch.maximum(-lo, hi)
         scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        return {
-            key: t.div(scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).cpu(),
-            key[: -len("weight")] + "scale_weight": scale.reshape(()).cpu(),
-        }
+        return {key: fp8_encode(t, scale), key[: -len("weight")] + "scale_weight": scale.reshape(()).cpu()}
 
     def stored_rows(self, name: str, out: dict[str, torch.Tensor]):
         """Rows [start, stop) of what `encode_bfl` stored, in fp32, each call a new tensor (the retention score's)."""
