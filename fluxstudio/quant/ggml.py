@@ -170,21 +170,18 @@ def _q5_0(x: torch.Tensor) -> torch.Tensor:
 # -- K-quants -------------------------------------------------------------------------------------------------
 
 
-def _seq_sum(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def _seq_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over dim 0 left to right, as ggml's loops add: the same float result, so the same near-tie decisions.
 
     numpy reduces an outer axis row by row into one accumulator (its pairwise summation is for the contiguous
     axis only): one call instead of a torch op per row. The reference-vector tests pin this behaviour.
     """
     if t.is_cuda:
-        acc = torch.add(t[0], t[1], out=out)
+        acc = t[0] + t[1]
         for row in t[2:]:
             acc += row
         return acc
-    if out is None:
-        return torch.from_numpy(np.add.reduce(t.numpy(), axis=0))
-    np.add.reduce(t.numpy(), axis=0, out=out.numpy())
-    return out
+    return torch.from_numpy(np.add.reduce(t.numpy(), axis=0))  # no out=: with it, numpy's threads add one at a time
 
 
 def _levels(x: torch.Tensor, shift: torch.Tensor | None, iscale: torch.Tensor, lo: int, hi: int,
@@ -290,13 +287,13 @@ def _make_qx(x: torch.Tensor, nmax: int):
     iscales = torch.tensor(nums, device=x.device).neg_()[:, None] / mx  # every attempt's iscale: [19, M]
     q = torch.empty_like(x)
     terms = x.new_empty(x.shape[0], 2, x.shape[1])
-    sums = x.new_empty(2, len(nums), x.shape[1])
-    for attempt, iscale in enumerate(iscales):
-        torch.mul(x, iscale, out=q).round_().clamp_(-nmax, nmax - 1)  # round_: ties to even, as nearest_int
+    sums = []
+    for iscale in iscales:
+        _levels(x, None, iscale, -nmax, nmax - 1, q)
         torch.mul(wx, q, out=terms[:, 0])
         torch.mul(w, q, out=terms[:, 1]).mul_(q)
-        _seq_sum(terms, out=sums[:, attempt])
-    choice, scale = _qx_choice(sums.cpu().numpy())
+        sums.append(_seq_sum(terms))
+    choice, scale = _qx_choice(torch.stack(sums, 1).cpu().numpy())
     choice = torch.from_numpy(choice).to(x.device)
     best_iscale = iscales.gather(0, choice[None]).squeeze(0)
     return torch.from_numpy(scale).to(x.device).masked_fill_(zero, 0.0), best_iscale, zero
