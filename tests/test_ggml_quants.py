@@ -54,6 +54,16 @@ def test_bf16_float32_and_chunking_give_the_same_bytes(monkeypatch):
     assert torch.get_num_threads() == threads  # and torch's own thread count is given back
 
 
+@pytest.mark.parametrize("part, args", [(ggml._k_scales, (15, -1.0, 20)), (ggml._k_scales, (31, -0.5, 15)),
+                                        (ggml._q6_k_parts, ())])
+def test_torchscript_runs_the_k_quants_and_gives_what_python_gives(part, args):
+    assert isinstance(part.compiled(), torch.jit.ScriptFunction)  # compiled on this torch, not silently left as Python
+    x = REF["edge.input"].float().reshape(-1, ggml.QK_K)
+    python = part.__wrapped__(x, *args)
+    for _ in range(3):  # TorchScript profiles the first run and optimizes the next ones
+        assert all(torch.equal(a, b) for a, b in zip(part(x, *args), python))
+
+
 def test_rows_must_fit_the_blocks():
     with pytest.raises(ValueError, match="do not fit Q4_K blocks of 256"):
         ggml.quantize(torch.zeros(2, 320), "Q4_K")

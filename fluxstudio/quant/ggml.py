@@ -4,19 +4,26 @@ Each function follows ggml's reference quantizer (`quantize_row_*_ref` in ggml-q
 step by step, vectorized over every block at once, on the CPU or on CUDA. The float operations are the same and in
 the same order within each element, and sums run left to right as ggml's loops add, so near ties between two
 candidate scales are decided as ggml decides them (ggml's own builds differ on a few, with and without FMA).
-`tests/test_ggml_quants.py` checks the bytes against vectors made by ggml itself. On the CPU, chunks of blocks run
-side by side, one core each.
+`tests/test_ggml_quants.py` checks the bytes against vectors made by ggml itself.
+
+On the CPU, chunks of blocks run side by side, one core each, and the K-quants' searches over candidate scales run
+as TorchScript (`torch.jit.script`, no compiler involved): the same functions, run by torch's graph interpreter
+without Python between their few thousand small operations and without holding the GIL, so that the chunks do not
+wait for each other. Where TorchScript is unavailable the same functions run as Python.
 
 Rows are quantized independently; their length must be a multiple of the type's block size.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
-import numpy as np
 import torch
 
 QK_K = 256
@@ -62,8 +69,8 @@ def quantize(x: torch.Tensor, qtype: str) -> torch.Tensor:
     if x.is_cuda or len(starts) == 1:
         for i in starts:
             one(i)
-    else:  # the many small row operations leave cores idle: run chunks side by side (torch frees the GIL),
-        with _ONE_AT_A_TIME:  # each on one core (ops that split themselves too contend with the pool)
+    else:  # the many small row operations leave cores idle: run chunks side by side, each on one core
+        with _ONE_AT_A_TIME:  # (ops that split themselves too contend with the pool)
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
@@ -81,12 +88,36 @@ def dequantize(data: torch.Tensor, qtype: str, shape: tuple[int, ...]) -> torch.
     return _DEQUANTIZERS[qtype](blocks).reshape(shape)
 
 
-# -- helpers --------------------------------------------------------------------------------------------------
+# -- helpers (those that TorchScript compiles: type hints from typing, no generators, no dtype views) -----------
 
 
-def _f32(v: float) -> float:
-    """A constant computed as C computes it in float32 (e.g. `rmin + rdelta*is + nmax`)."""
-    return float(np.float32(v))
+def _cpu_scripted(fn):
+    """`fn(x, ...)` compiled by TorchScript at its first use on the CPU. On CUDA (where TorchScript would fuse the
+    operations, and the fused kernels may round differently) and where TorchScript is unavailable (it is deprecated
+    in favour of torch.compile, which needs a C++ compiler), `fn` itself: the same bytes, more slowly."""
+
+    lock = threading.Lock()  # the pool's first chunks would otherwise all compile it
+
+    @functools.cache
+    def compile_once():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.jit.script(fn)
+        except Exception as e:  # noqa: BLE001 - any failure leaves the Python function
+            logging.getLogger(__name__).warning("TorchScript is unavailable (%s): GGUF K-quants run more slowly", e)
+            return fn
+
+    def compiled():
+        with lock:
+            return compile_once()
+
+    @functools.wraps(fn)
+    def call(x: torch.Tensor, *args):
+        return (compiled() if x.device.type == "cpu" else fn)(x, *args)
+
+    call.compiled = compiled
+    return call
 
 
 def _rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
@@ -95,7 +126,7 @@ def _rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
 
 
 def _f16_bytes(v: torch.Tensor) -> torch.Tensor:
-    return v.to(torch.float16).contiguous().view(torch.uint8).reshape(*v.shape, 2)
+    return v.to(torch.float16).contiguous().view(torch.uint8).reshape(list(v.shape) + [2])
 
 
 def _f16_value(b: torch.Tensor) -> torch.Tensor:
@@ -108,7 +139,7 @@ def _signed_max(x: torch.Tensor, dim: int) -> torch.Tensor:
     hi, lo = x.amax(dim), x.amin(dim)
     out = torch.where(hi >= -lo, hi, lo)
     tie = ((hi == -lo) & (hi > 0)).nonzero().squeeze(1)
-    if tie.numel():
+    if tie.numel() > 0:
         part = x.index_select(1 - dim, tie)
         out[tie] = part.gather(dim, part.abs().argmax(dim, keepdim=True)).squeeze(dim)
     return out.add_(0.0)  # -0.0 -> +0.0
@@ -171,24 +202,21 @@ def _q5_0(x: torch.Tensor) -> torch.Tensor:
 
 
 def _seq_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 0 left to right, as ggml's loops add: the same float result, so the same near-tie decisions.
-
-    numpy reduces an outer axis row by row into one accumulator (its pairwise summation is for the contiguous
-    axis only): one call instead of a torch op per row. The reference-vector tests pin this behaviour.
-    """
-    if t.is_cuda:
-        acc = t[0] + t[1]
-        for row in t[2:]:
-            acc += row
-        return acc
-    return torch.from_numpy(np.add.reduce(t.numpy(), axis=0))  # no out=: with it, numpy's threads add one at a time
+    """Sum over dim 0 left to right, as ggml's loops add: the same float result, so the same near-tie decisions
+    (torch's own sum adds in another order)."""
+    rows = t.unbind(0)
+    acc = rows[0] + rows[1]
+    for i in range(2, len(rows)):
+        acc += rows[i]
+    return acc
 
 
-def _levels(x: torch.Tensor, shift: torch.Tensor | None, iscale: torch.Tensor, lo: int, hi: int,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+def _levels(x: torch.Tensor, shift: Optional[torch.Tensor], iscale: torch.Tensor, lo: int, hi: int,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """clamp(nearest_int(iscale * (x - shift)), lo, hi), written into `out` (round_ rounds halves to even, as
     ggml's nearest_int does for these magnitudes)."""
-    out = torch.empty_like(x) if out is None else out
+    if out is None:
+        out = torch.empty_like(x)
     if shift is None:
         torch.mul(x, iscale, out=out)
     else:
@@ -196,8 +224,9 @@ def _levels(x: torch.Tensor, shift: torch.Tensor | None, iscale: torch.Tensor, l
     return out.round_().clamp_(lo, hi)
 
 
-def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """ggml's make_qkx2_quants over columns of 32 values ([32, M]) -> (scale, -min, (iscale, shift, flat)) per
+def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's make_qkx2_quants over columns of 32 values ([32, M]) -> (scale, -min, iscale, shift, flat) per
     column: its levels are clamp(nearest_int(iscale * (x - shift)), 0, nmax), or 0 where the column is flat."""
     mx = x.amax(0)
     mn = x.amin(0).clamp_(max=0)
@@ -205,21 +234,23 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     sum_w = _seq_sum(w)
     sum_x = _seq_sum(w * x)
     cand = torch.empty_like(x)
-    terms = x.new_empty(x.shape[0], 3, x.shape[1])
-    iscale = _rdiv(nmax, (mx - mn).masked_fill_(flat, 1.0))
+    terms = x.new_empty([x.shape[0], 3, x.shape[1]])
+    iscale = _rdiv(float(nmax), (mx - mn).masked_fill_(flat, 1.0))
     scale = 1 / iscale
     best = _seq_sum(_levels(x, mn, iscale, 0, nmax, cand).mul_(scale).add_(mn).sub_(x).square_().mul_(w))
     # rows: the iscale and shift that give the best levels, their error, and their scale and min
     state = torch.stack([iscale, mn, best, scale, mn])
-    best_iscale, best_shift, best, scale, mn = state
+    best_iscale, best_shift, best, scale, mn = state.unbind(0)
+    # C's float32 `rmin + rdelta*is + nmax` for each step
+    nums = torch.arange(nstep + 1, dtype=torch.float32, device=x.device).mul_(torch.tensor(rdelta, dtype=torch.float32)).add_(rmin).add_(nmax)
     for step in range(nstep + 1):
         # ggml keeps searching from the best min found so far: `min` is updated inside its loop
-        iscale = _rdiv(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax), (mx - mn).masked_fill_(flat, 1.0))
+        iscale = nums[step] / (mx - mn).masked_fill_(flat, 1.0)
         _levels(x, mn, iscale, 0, nmax, cand)
         torch.mul(w, cand, out=terms[:, 0])
         torch.mul(terms[:, 0], cand, out=terms[:, 1])
         torch.mul(terms[:, 0], x, out=terms[:, 2])
-        sum_l, sum_l2, sum_xl = _seq_sum(terms)  # three sums in one pass over the rows
+        sum_l, sum_l2, sum_xl = _seq_sum(terms).unbind(0)  # three sums in one pass over the rows
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
@@ -229,21 +260,23 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
         err = _seq_sum(cand.mul_(this_scale).add_(this_min).sub_(x).square_().mul_(w))
         better = (det > 0).logical_and_(err < best).logical_and_(~flat)
         state = torch.where(better, torch.stack([iscale, mn, err, this_scale, this_min]), state)
-        best_iscale, best_shift, best, scale, mn = state
-    return scale.masked_fill(flat, 0.0), -mn, (best_iscale, best_shift, flat)
+        best_iscale, best_shift, best, scale, mn = state.unbind(0)
+    return scale.masked_fill(flat, 0.0), -mn, best_iscale, best_shift, flat
 
 
-def _k_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
-    """Shared steps of Q4_K and Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins -> (header bytes, levels)."""
+@_cpu_scripted
+def _k_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shared steps of Q4_K and Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins -> (d and dmin as float16
+    [blocks, 2], the 12 bytes of packed scales and mins, levels)."""
     nb = x.shape[0]
     cols = x.reshape(nb * 8, 32).t().contiguous()  # [32, sub-blocks]: ggml's per-value loops become row operations
     av = (_seq_sum(cols * cols) / 32).double().sqrt_().float()  # torch's float32 sqrt is not always correctly rounded
     w = av + cols.abs()
-    scales, mins, search = _make_qkx2(cols, w, nmax, rmin, 0.1, nstep)
+    scales, mins, iscale, shift, flat = _make_qkx2(cols, w, nmax, rmin, 0.1, nstep)
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
     max_scale, max_min = _positive(scales.amax(1)), _positive(mins.amax(1))
-    inv_scale = torch.where(max_scale > 0, _rdiv(63, max_scale), torch.zeros_like(max_scale))
-    inv_min = torch.where(max_min > 0, _rdiv(63, max_min), torch.zeros_like(max_min))
+    inv_scale = torch.where(max_scale > 0, _rdiv(63.0, max_scale), torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, _rdiv(63.0, max_min), torch.zeros_like(max_min))
     # C stores nearest_int() in a uint8 (negative values wrap) and then takes MIN(63, .)
     ls = (torch.round(inv_scale[:, None] * scales).to(torch.int64) & 255).clamp(max=63)
     lm = (torch.round(inv_min[:, None] * mins).to(torch.int64) & 255).clamp(max=63)
@@ -253,29 +286,27 @@ def _k_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     sub = x.reshape(-1, 32)
     levels = torch.round((sub + dm[:, None]) / d.masked_fill(d == 0, 1.0)[:, None]).clamp_(0, nmax)
     kept = (d == 0).nonzero().squeeze(1)  # ggml leaves make_qkx2_quants' levels where the sub-block's scale is 0
-    if kept.numel():
-        iscale, shift, flat = (t[kept, None] for t in search)
-        levels[kept] = _levels(sub[kept], shift, iscale, 0, nmax).masked_fill_(flat, 0.0)
+    if kept.numel() > 0:
+        levels[kept] = _levels(sub[kept], shift[kept, None], iscale[kept, None], 0, nmax).masked_fill_(flat[kept, None], 0.0)
     levels = levels.to(torch.uint8).reshape(nb, 4, 2, 32)
     packed = torch.cat([
         (ls[:, :4] | ((ls[:, 4:] >> 4) << 6)), (lm[:, :4] | ((lm[:, 4:] >> 4) << 6)), (ls[:, 4:] & 15) | ((lm[:, 4:] & 15) << 4),
     ], 1).to(torch.uint8)
-    head = torch.cat([_f16_bytes(d16.float()), _f16_bytes(dmin16.float()), packed], 1)
-    return head, levels
+    return torch.stack([d16, dmin16], 1), packed, levels
 
 
 def _q4_k(x: torch.Tensor) -> torch.Tensor:
-    head, lv = _k_scales(x, 15, -1.0, 20)
-    return torch.cat([head, _nibbles(lv[:, :, 0], lv[:, :, 1]).reshape(x.shape[0], 128)], 1)
+    dd, packed, lv = _k_scales(x, 15, -1.0, 20)
+    return torch.cat([dd.view(torch.uint8), packed, _nibbles(lv[:, :, 0], lv[:, :, 1]).reshape(x.shape[0], 128)], 1)
 
 
 def _q5_k(x: torch.Tensor) -> torch.Tensor:
-    head, lv = _k_scales(x, 31, -0.5, 15)
+    dd, packed, lv = _k_scales(x, 31, -0.5, 15)
     qh = _pack_fields((lv >> 4).reshape(x.shape[0], 8, 32), 1)  # bit k of qh[j]: the high bit of sub-block k
-    return torch.cat([head, qh, _nibbles(lv[:, :, 0], lv[:, :, 1]).reshape(x.shape[0], 128)], 1)
+    return torch.cat([dd.view(torch.uint8), packed, qh, _nibbles(lv[:, :, 0], lv[:, :, 1]).reshape(x.shape[0], 128)], 1)
 
 
-def _make_qx(x: torch.Tensor, nmax: int):
+def _make_qx(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's make_qx_quants with rmse_type 1 over columns of 16 values ([16, M]) -> (scale, iscale, zero) per column:
     the levels are clamp(nearest_int(iscale * x), -nmax, nmax - 1) + nmax, or 0 where the column is all zero."""
     mx = _signed_max(x, 0)
@@ -283,61 +314,62 @@ def _make_qx(x: torch.Tensor, nmax: int):
     mx.masked_fill_(zero, 1.0)
     w = x * x
     wx = w * x
-    nums = [float(nmax)] + [_f32(nmax + _f32(_f32(0.1) * step)) for step in (*range(-9, 0), *range(1, 10))]
-    iscales = torch.tensor(nums, device=x.device).neg_()[:, None] / mx  # every attempt's iscale: [19, M]
+    # every attempt's iscale, [19, M]: -(nmax + 0.1*is) / max for is = 0, -9..-1, 1..9, in float32 as C has it
+    steps = torch.cat([torch.zeros(1), torch.arange(-9, 0), torch.arange(1, 10)]).float().to(x.device)
+    iscales = steps.mul_(torch.tensor(0.1, dtype=torch.float32)).add_(nmax).neg_()[:, None] / mx
     q = torch.empty_like(x)
-    terms = x.new_empty(x.shape[0], 2, x.shape[1])
+    terms = x.new_empty([x.shape[0], 2, x.shape[1]])
     sums = []
-    for iscale in iscales:
-        _levels(x, None, iscale, -nmax, nmax - 1, q)
+    for i in range(iscales.shape[0]):
+        _levels(x, None, iscales[i], -nmax, nmax - 1, q)
         torch.mul(wx, q, out=terms[:, 0])
         torch.mul(w, q, out=terms[:, 1]).mul_(q)
         sums.append(_seq_sum(terms))
-    choice, scale = _qx_choice(torch.stack(sums, 1).cpu().numpy())
-    choice = torch.from_numpy(choice).to(x.device)
-    best_iscale = iscales.gather(0, choice[None]).squeeze(0)
-    return torch.from_numpy(scale).to(x.device).masked_fill_(zero, 0.0), best_iscale, zero
-
-
-def _qx_choice(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants' choice among its attempts ([(sumlx, suml2), attempts, M] float32), one attempt after the other
-    with its float32 comparisons (numpy: these many small steps cost less than as torch ops) -> (attempt, scale)."""
-    sumlx, suml2 = sums
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scales = sumlx / suml2
-        bests = scales * sumlx
-        squares = sumlx * sumlx
-    scales[0][suml2[0] == 0] = 0
-    best = np.where(suml2[0] != 0, bests[0], np.float32(0))
-    choice = np.zeros(sums.shape[2], np.int64)
-    for attempt in range(1, sums.shape[1]):
+    sumlx, suml2 = torch.stack(sums, 1).unbind(0)  # [attempts, M] each
+    # make_qx_quants' choice: one attempt after the other, with its float32 comparisons
+    scales = sumlx / suml2
+    bests = scales * sumlx
+    squares = sumlx * sumlx
+    scales[0].masked_fill_(suml2[0] == 0, 0.0)
+    best = torch.where(suml2[0] != 0, bests[0], torch.zeros_like(mx))
+    choice = torch.zeros(mx.shape, dtype=torch.int64, device=x.device)
+    for attempt in range(1, iscales.shape[0]):
         better = (suml2[attempt] > 0) & (squares[attempt] > best * suml2[attempt])
-        np.maximum(choice, better * attempt, out=choice)  # attempts come in order: the last better one
-        best = np.where(better, bests[attempt], best)
-    return choice, np.take_along_axis(scales, choice[None], 0)[0]
+        choice.masked_fill_(better, attempt)
+        best = torch.where(better, bests[attempt], best)
+    scale = scales.gather(0, choice[None]).squeeze(0)
+    return scale.masked_fill_(zero, 0.0), iscales.gather(0, choice[None]).squeeze(0), zero
 
 
 def _q6_k(x: torch.Tensor) -> torch.Tensor:
+    body, d16 = _q6_k_parts(x)
+    return torch.cat([body, d16[:, None].view(torch.uint8)], 1)
+
+
+@_cpu_scripted
+def _q6_k_parts(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A Q6_K block without its last field, and that field, d, as float16 (a block whose values are all zero is all
+    zero bytes)."""
     nb = x.shape[0]
     cols = x.reshape(nb * 16, 16).t().contiguous()
     scales, iscales, zero = _make_qx(cols, 32)
     scales = scales.reshape(nb, 16)
     max_scale = _signed_max(scales, 1)
     empty = max_scale.abs() < 1e-15
-    iscale = _rdiv(-128, torch.where(empty, torch.ones_like(max_scale), max_scale))
+    iscale = _rdiv(-128.0, torch.where(empty, torch.ones_like(max_scale), max_scale))
     d16 = (1 / iscale).to(torch.float16)
     sc = torch.round(iscale[:, None] * scales).clamp(max=127)
     d = (d16.float()[:, None] * sc).reshape(-1)
     sub = x.reshape(-1, 16)
     lv = torch.round(sub / d.masked_fill(d == 0, 1.0)[:, None]).clamp_(-32, 31).add_(32)
     kept = (d == 0).nonzero().squeeze(1)  # ggml leaves make_qx_quants' levels where the sub-block's scale is 0
-    if kept.numel():
+    if kept.numel() > 0:
         lv[kept] = _levels(sub[kept], None, iscales[kept, None], -32, 31).add_(32).masked_fill_(zero[kept, None], 0.0)
     lv = lv.to(torch.uint8).reshape(nb, 2, 4, 32)
     ql = _nibbles(lv[:, :, 0:2], lv[:, :, 2:4]).reshape(nb, 128)
     qh = _pack_fields(lv >> 4, 2).reshape(nb, 64)
-    out = torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _f16_bytes(d16.float())], 1)
-    return out.masked_fill_(empty[:, None], 0)
+    body = torch.cat([ql, qh, sc.to(torch.int8).to(torch.uint8)], 1)  # int8 -> uint8 wraps, as a byte view would
+    return body.masked_fill_(empty[:, None], 0), d16.masked_fill(empty, 0.0)
 
 
 _QUANTIZERS = {"Q8_0": _q8_0, "Q5_0": _q5_0, "Q4_0": _q4_0, "Q6_K": _q6_k, "Q5_K": _q5_k, "Q4_K": _q4_k}
