@@ -6,10 +6,11 @@ the same order within each element, and sums run left to right as ggml's loops a
 candidate scales are decided as ggml decides them (ggml's own builds differ on a few, with and without FMA).
 `tests/test_ggml_quants.py` checks the bytes against vectors made by ggml itself.
 
-On the CPU, chunks of blocks run side by side, one core each, and the K-quants' searches over candidate scales run
-as TorchScript (`torch.jit.script`, no compiler involved): the same functions, run by torch's graph interpreter
-without Python between their few thousand small operations and without holding the GIL, so that the chunks do not
-wait for each other. Where TorchScript is unavailable the same functions run as Python.
+On the CPU, chunks of blocks run side by side, one core each, and the K-quants (all but their float16 fields'
+bytes, a dtype view TorchScript lacks) run as TorchScript (`torch.jit.script`, no compiler involved): the same
+functions, run by torch's graph interpreter without Python between their few thousand small operations and without
+holding the GIL, so that the chunks do not wait for each other. Where TorchScript is unavailable the same functions
+run as Python.
 
 Rows are quantized independently; their length must be a multiple of the type's block size.
 """
@@ -126,7 +127,7 @@ def _rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
 
 
 def _f16_bytes(v: torch.Tensor) -> torch.Tensor:
-    return v.to(torch.float16).contiguous().view(torch.uint8).reshape(list(v.shape) + [2])
+    return v.to(torch.float16).contiguous().view(torch.uint8).reshape(*v.shape, 2)
 
 
 def _f16_value(b: torch.Tensor) -> torch.Tensor:
