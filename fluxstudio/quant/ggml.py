@@ -307,9 +307,10 @@ def _q5_k(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([dd.view(torch.uint8), packed, qh, _nibbles(lv[:, :, 0], lv[:, :, 1]).reshape(x.shape[0], 128)], 1)
 
 
-def _make_qx(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml's make_qx_quants with rmse_type 1 over columns of 16 values ([16, M]) -> (scale, iscale, zero) per column:
-    the levels are clamp(nearest_int(iscale * x), -nmax, nmax - 1) + nmax, or 0 where the column is all zero."""
+def _make_qx(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's make_qx_quants with rmse_type 1 over columns of 16 values ([16, M]) -> (scale, iscales, choice, zero):
+    a column's levels are clamp(nearest_int(iscale * x), -nmax, nmax - 1) + nmax with the iscale
+    `iscales.gather(0, choice)`, or 0 where the column is all zero."""
     mx = _signed_max(x, 0)
     zero = mx.abs() < 1e-15
     mx.masked_fill_(zero, 1.0)
@@ -318,28 +319,32 @@ def _make_qx(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor, to
     # every attempt's iscale, [19, M]: -(nmax + 0.1*is) / max for is = 0, -9..-1, 1..9, in float32 as C has it
     steps = torch.cat([torch.zeros(1), torch.arange(-9, 0), torch.arange(1, 10)]).float().to(x.device)
     iscales = steps.mul_(torch.tensor(0.1, dtype=torch.float32)).add_(nmax).neg_()[:, None] / mx
-    q = torch.empty_like(x)
-    terms = x.new_empty([x.shape[0], 2, x.shape[1]])
-    sums = []
-    for i in range(iscales.shape[0]):
-        _levels(x, None, iscales[i], -nmax, nmax - 1, q)
-        torch.mul(wx, q, out=terms[:, 0])
-        torch.mul(w, q, out=terms[:, 1]).mul_(q)
-        sums.append(_seq_sum(terms))
-    sumlx, suml2 = torch.stack(sums, 1).unbind(0)  # [attempts, M] each
-    # make_qx_quants' choice: one attempt after the other, with its float32 comparisons
-    scales = sumlx / suml2
-    bests = scales * sumlx
-    squares = sumlx * sumlx
-    scales[0].masked_fill_(suml2[0] == 0, 0.0)
-    best = torch.where(suml2[0] != 0, bests[0], torch.zeros_like(mx))
-    choice = torch.zeros(mx.shape, dtype=torch.int64, device=x.device)
+    # one value of every column at a time, for all attempts at once; the sums add left to right, as ggml's loop
+    q, term, sumlx, suml2 = torch.empty_like(iscales), torch.empty_like(iscales), torch.empty_like(iscales), torch.empty_like(iscales)
+    for i in range(x.shape[0]):
+        torch.mul(iscales, x[i], out=q).round_().clamp_(-nmax, nmax - 1)
+        if i == 0:
+            torch.mul(q, wx[i], out=sumlx)
+            torch.mul(q, w[i], out=suml2).mul_(q)
+        else:
+            sumlx.add_(torch.mul(q, wx[i], out=term))
+            suml2.add_(torch.mul(q, w[i], out=term).mul_(q))
+    # make_qx_quants' choice: one attempt after the other, with its float32 comparisons. Where suml2 is 0 so is sumlx
+    # (all its levels are 0, or their terms underflow), C's scale is 0, and that attempt never wins.
+    scales = torch.div(sumlx, suml2, out=q).nan_to_num_(0.0)  # (into the loop's buffers: fresh ones cost more)
+    bests = torch.mul(scales, sumlx, out=term)
+    squares = sumlx.square_()
+    best = bests[0]
+    choice = torch.zeros_like(mx)
     for attempt in range(1, iscales.shape[0]):
-        better = (suml2[attempt] > 0) & (squares[attempt] > best * suml2[attempt])
-        choice.masked_fill_(better, attempt)
-        best = torch.where(better, bests[attempt], best)
-    scale = scales.gather(0, choice[None]).squeeze(0)
-    return scale.masked_fill_(zero, 0.0), iscales.gather(0, choice[None]).squeeze(0), zero
+        # 1.0 where C's `sumlx*sumlx > best*suml2` holds (a float difference has the comparison's sign), else 0.0;
+        # multiplying by these selects exactly, and much faster than torch.where does on the CPU
+        won = (squares[attempt] - best * suml2[attempt]).sign_().clamp_(min=0.0)
+        kept = 1.0 - won
+        best = bests[attempt] * won + best * kept
+        choice = choice * kept + won * attempt
+    index = choice.long()[None]
+    return scales.gather(0, index).squeeze(0).masked_fill_(zero, 0.0), iscales, index, zero
 
 
 def _q6_k(x: torch.Tensor) -> torch.Tensor:
@@ -353,7 +358,7 @@ def _q6_k_parts(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     zero bytes)."""
     nb = x.shape[0]
     cols = x.reshape(nb * 16, 16).t().contiguous()
-    scales, iscales, zero = _make_qx(cols, 32)
+    scales, iscales, choice, zero = _make_qx(cols, 32)
     scales = scales.reshape(nb, 16)
     max_scale = _signed_max(scales, 1)
     empty = max_scale.abs() < 1e-15
@@ -362,15 +367,18 @@ def _q6_k_parts(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     sc = torch.round(iscale[:, None] * scales).clamp(max=127)
     d = (d16.float()[:, None] * sc).reshape(-1)
     sub = x.reshape(-1, 16)
-    lv = torch.round(sub / d.masked_fill(d == 0, 1.0)[:, None]).clamp_(-32, 31).add_(32)
+    lv = (sub / d.masked_fill(d == 0, 1.0)[:, None]).round_().clamp_(-32, 31).add_(32)
     kept = (d == 0).nonzero().squeeze(1)  # ggml leaves make_qx_quants' levels where the sub-block's scale is 0
     if kept.numel() > 0:
-        lv[kept] = _levels(sub[kept], None, iscales[kept, None], -32, 31).add_(32).masked_fill_(zero[kept, None], 0.0)
-    lv = lv.to(torch.uint8).reshape(nb, 2, 4, 32)
+        iscale = iscales[:, kept].gather(0, choice[:, kept]).t()
+        lv[kept] = _levels(sub[kept], None, iscale, -32, 31).add_(32).masked_fill_(zero[kept, None], 0.0)
+    lv = lv.to(torch.int8).to(torch.uint8).reshape(nb, 2, 4, 32)  # (torch converts float to uint8 slowly)
     ql = _nibbles(lv[:, :, 0:2], lv[:, :, 2:4]).reshape(nb, 128)
     qh = _pack_fields(lv >> 4, 2).reshape(nb, 64)
     body = torch.cat([ql, qh, sc.to(torch.int8).to(torch.uint8)], 1)  # int8 -> uint8 wraps, as a byte view would
-    return body.masked_fill_(empty[:, None], 0), d16.masked_fill(empty, 0.0)
+    if bool(empty.any()):
+        body.masked_fill_(empty[:, None], 0)
+    return body, d16.masked_fill(empty, 0.0)
 
 
 _QUANTIZERS = {"Q8_0": _q8_0, "Q5_0": _q5_0, "Q4_0": _q4_0, "Q6_K": _q6_k, "Q5_K": _q5_k, "Q4_K": _q4_k}
