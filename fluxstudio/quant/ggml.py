@@ -203,12 +203,15 @@ def _q5_0(x: torch.Tensor) -> torch.Tensor:
 
 
 def _seq_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 0 left to right, as ggml's loops add: the same float result, so the same near-tie decisions
-    (torch's own sum adds in another order)."""
-    rows = t.unbind(0)
-    acc = rows[0] + rows[1]
-    for i in range(2, len(rows)):
-        acc += rows[i]
+    """Sum over dim 0 from 0.0, left to right, as ggml's loops add: the same float result, so the same near-tie
+    decisions (torch's own sum adds in another order). On the CPU index_add_ adds the rows in their order, in one call;
+    on CUDA it adds them in any order, so there they are added one by one."""
+    if t.device.type == "cpu":
+        into = torch.zeros_like(t[:1])
+        return into.index_add_(0, torch.zeros(t.shape[0], dtype=torch.int64), t.contiguous()).squeeze(0)
+    acc = torch.zeros_like(t[0])
+    for row in t.unbind(0):
+        acc += row
     return acc
 
 
@@ -244,6 +247,7 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     best_iscale, best_shift, best, scale, mn = state.unbind(0)
     # C's float32 `rmin + rdelta*is + nmax` for each step
     nums = torch.arange(nstep + 1, dtype=torch.float32, device=x.device).mul_(torch.tensor(rdelta, dtype=torch.float32)).add_(rmin).add_(nmax)
+    live = (~flat).float()
     for step in range(nstep + 1):
         # ggml keeps searching from the best min found so far: `min` is updated inside its loop
         iscale = nums[step] / (mx - mn).masked_fill_(flat, 1.0)
@@ -259,8 +263,10 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
         this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
         this_min.masked_fill_(positive, 0.0)
         err = _seq_sum(cand.mul_(this_scale).add_(this_min).sub_(x).square_().mul_(w))
-        better = (det > 0).logical_and_(err < best).logical_and_(~flat)
-        state = torch.where(better, torch.stack([iscale, mn, err, this_scale, this_min]), state)
+        # 1.0 where C takes this step (D > 0 and mad < best_mad), else 0.0: lerp by these weights gives its ends
+        # exactly (the candidates made finite first: where D <= 0 they may be inf or nan, and are not taken)
+        won = (best - err).nan_to_num_(0.0).sign_().clamp_(min=0.0).mul_(det.sign().clamp_(min=0.0)).mul_(live)
+        state = torch.lerp(state, torch.stack([iscale, mn, err, this_scale, this_min]).nan_to_num_(0.0), won)
         best_iscale, best_shift, best, scale, mn = state.unbind(0)
     return scale.masked_fill(flat, 0.0), -mn, best_iscale, best_shift, flat
 
