@@ -64,6 +64,15 @@ def test_torchscript_runs_the_k_quants_and_gives_what_python_gives(part, args):
         assert all(torch.equal(a, b) for a, b in zip(part(x, *args), python))
 
 
+def test_the_cpu_ordered_sum_adds_as_the_row_loop_cuda_uses():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(32, 3, 4099, generator=g) * torch.rand(32, 3, 4099, generator=g).pow(8) * 1e3
+    t[5, :, :100] = 1e-40  # subnormals
+    t[:, 0, :7] = -0.0
+    assert torch.equal(ggml._seq_sum(t), ggml._row_by_row_sum(t))
+    assert not torch.equal(ggml._seq_sum(t), t.sum(0))  # torch's own sum adds in another order: this data tells them apart
+
+
 def test_rows_must_fit_the_blocks():
     with pytest.raises(ValueError, match="do not fit Q4_K blocks of 256"):
         ggml.quantize(torch.zeros(2, 320), "Q4_K")

@@ -205,10 +205,14 @@ def _q5_0(x: torch.Tensor) -> torch.Tensor:
 def _seq_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over dim 0 from 0.0, left to right, as ggml's loops add: the same float result, so the same near-tie
     decisions (torch's own sum adds in another order). On the CPU index_add_ adds the rows in their order, in one call;
-    on CUDA it adds them in any order, so there they are added one by one."""
+    on CUDA it adds them in any order."""
     if t.device.type == "cpu":
         into = torch.zeros_like(t[:1])
         return into.index_add_(0, torch.zeros(t.shape[0], dtype=torch.int64), t.contiguous()).squeeze(0)
+    return _row_by_row_sum(t)
+
+
+def _row_by_row_sum(t: torch.Tensor) -> torch.Tensor:
     acc = torch.zeros_like(t[0])
     for row in t.unbind(0):
         acc += row
