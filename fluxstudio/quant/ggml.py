@@ -330,7 +330,7 @@ def _make_qx(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor, to
     steps = torch.cat([torch.zeros(1), torch.arange(-9, 0), torch.arange(1, 10)]).float().to(x.device)
     iscales = steps.mul_(torch.tensor(0.1, dtype=torch.float32)).add_(nmax).neg_()[:, None] / mx
     # one value of every column at a time, for all attempts at once; the sums add left to right, as ggml's loop
-    q, term, sumlx, suml2 = torch.empty_like(iscales), torch.empty_like(iscales), torch.empty_like(iscales), torch.empty_like(iscales)
+    q, term, sumlx, suml2 = x.new_empty([4, iscales.shape[0], iscales.shape[1]]).unbind(0)
     for i in range(x.shape[0]):
         torch.mul(iscales, x[i], out=q).round_().clamp_(-nmax, nmax - 1)
         if i == 0:
