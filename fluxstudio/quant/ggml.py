@@ -404,15 +404,18 @@ def _low_high(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([qs & 15, qs >> 4], 1)
 
 
+def _shifts(n: int, width: int, device: torch.device) -> torch.Tensor:
+    """0, width, 2*width, ... as uint8: shift counts for unpacking bytes (in uint8: int64 would be slower)."""
+    return torch.arange(0, n * width, width, dtype=torch.uint8, device=device)
+
+
 def _dq4_0(b: torch.Tensor) -> torch.Tensor:
     return _f16_value(b[:, :2])[:, None] * (_low_high(b[:, 2:]).float() - 8)
 
 
 def _dq5_0(b: torch.Tensor) -> torch.Tensor:
-    qh = b[:, 2:6].to(torch.int64)
-    qh = qh[:, 0] | (qh[:, 1] << 8) | (qh[:, 2] << 16) | (qh[:, 3] << 24)
-    high = (qh[:, None] >> torch.arange(32)) & 1
-    q = _low_high(b[:, 6:]).to(torch.int64) | (high << 4)
+    high = ((b[:, 2:6, None] >> _shifts(8, 1, b.device)) & 1).reshape(-1, 32)  # bit j of the little-endian qh
+    q = _low_high(b[:, 6:]) | (high << 4)
     return _f16_value(b[:, :2])[:, None] * (q.float() - 16)
 
 
@@ -433,21 +436,19 @@ def _dq4_k(b: torch.Tensor) -> torch.Tensor:
 
 def _dq5_k(b: torch.Tensor) -> torch.Tensor:
     scale, mn = _k_unpack(b)
-    qh = b[:, 16:48].to(torch.int64)
-    qs = b[:, 48:176].reshape(-1, 4, 32).to(torch.int64)
-    high = (qh[:, None, :] >> torch.arange(8)[None, :, None]) & 1  # bit 2s+h of qh[j] -> sub-block 2s+h
+    qh, qs = b[:, 16:48], b[:, 48:176].reshape(-1, 4, 32)
+    high = (qh[:, None, :] >> _shifts(8, 1, b.device)[None, :, None]) & 1  # bit 2s+h of qh[j] -> sub-block 2s+h
     q = torch.stack([qs & 15, qs >> 4], 2).reshape(-1, 8, 32) | (high << 4)
     return (scale[..., None] * q.float() - mn[..., None]).reshape(-1, QK_K)
 
 
 def _dq6_k(b: torch.Tensor) -> torch.Tensor:
-    ql = b[:, :128].reshape(-1, 2, 2, 32).to(torch.int64)
-    qh = b[:, 128:192].reshape(-1, 2, 1, 32).to(torch.int64)
+    ql, qh = b[:, :128].reshape(-1, 2, 2, 32), b[:, 128:192].reshape(-1, 2, 1, 32)
     sc = b[:, 192:208].view(torch.int8).float()
     d = _f16_value(b[:, 208:210])
     low = torch.cat([ql & 15, ql >> 4], 2)  # [nb, 2, 4, 32]
-    high = (qh >> (torch.arange(4) * 2)[None, None, :, None]) & 3
-    q = ((low | (high << 4)) - 32).reshape(-1, 16, 16).float()
+    high = (qh >> _shifts(4, 2, b.device)[None, None, :, None]) & 3
+    q = (low | (high << 4)).reshape(-1, 16, 16).float() - 32
     return (d[:, None, None] * sc[..., None] * q).reshape(-1, QK_K)
 
 
