@@ -397,7 +397,7 @@ _QUANTIZERS = {"Q8_0": _q8_0, "Q5_0": _q5_0, "Q4_0": _q4_0, "Q6_K": _q6_k, "Q5_K
 
 
 def _dq8_0(b: torch.Tensor) -> torch.Tensor:
-    return _f16_value(b[:, :2])[:, None] * b[:, 2:].view(torch.int8).float()
+    return b[:, 2:].view(torch.int8).float().mul_(_f16_value(b[:, :2])[:, None])
 
 
 def _low_high(qs: torch.Tensor) -> torch.Tensor:
@@ -410,13 +410,13 @@ def _shifts(n: int, width: int, device: torch.device) -> torch.Tensor:
 
 
 def _dq4_0(b: torch.Tensor) -> torch.Tensor:
-    return _f16_value(b[:, :2])[:, None] * (_low_high(b[:, 2:]).float() - 8)
+    return _low_high(b[:, 2:]).float().sub_(8).mul_(_f16_value(b[:, :2])[:, None])
 
 
 def _dq5_0(b: torch.Tensor) -> torch.Tensor:
     high = ((b[:, 2:6, None] >> _shifts(8, 1, b.device)) & 1).reshape(-1, 32)  # bit j of the little-endian qh
     q = _low_high(b[:, 6:]) | (high << 4)
-    return _f16_value(b[:, :2])[:, None] * (q.float() - 16)
+    return q.float().sub_(16).mul_(_f16_value(b[:, :2])[:, None])
 
 
 def _k_unpack(b: torch.Tensor):
@@ -431,7 +431,7 @@ def _dq4_k(b: torch.Tensor) -> torch.Tensor:
     scale, mn = _k_unpack(b)
     qs = b[:, 16:144].reshape(-1, 4, 32)
     q = torch.stack([qs & 15, qs >> 4], 2).reshape(-1, 8, 32).float()
-    return (scale[..., None] * q - mn[..., None]).reshape(-1, QK_K)
+    return q.mul_(scale[..., None]).sub_(mn[..., None]).reshape(-1, QK_K)
 
 
 def _dq5_k(b: torch.Tensor) -> torch.Tensor:
@@ -439,7 +439,7 @@ def _dq5_k(b: torch.Tensor) -> torch.Tensor:
     qh, qs = b[:, 16:48], b[:, 48:176].reshape(-1, 4, 32)
     high = (qh[:, None, :] >> _shifts(8, 1, b.device)[None, :, None]) & 1  # bit 2s+h of qh[j] -> sub-block 2s+h
     q = torch.stack([qs & 15, qs >> 4], 2).reshape(-1, 8, 32) | (high << 4)
-    return (scale[..., None] * q.float() - mn[..., None]).reshape(-1, QK_K)
+    return q.float().mul_(scale[..., None]).sub_(mn[..., None]).reshape(-1, QK_K)
 
 
 def _dq6_k(b: torch.Tensor) -> torch.Tensor:
@@ -449,7 +449,7 @@ def _dq6_k(b: torch.Tensor) -> torch.Tensor:
     low = torch.cat([ql & 15, ql >> 4], 2)  # [nb, 2, 4, 32]
     high = (qh >> _shifts(4, 2, b.device)[None, None, :, None]) & 3
     q = (low | (high << 4)).reshape(-1, 16, 16).float() - 32
-    return (d[:, None, None] * sc[..., None] * q).reshape(-1, QK_K)
+    return q.mul_(d[:, None, None] * sc[..., None]).reshape(-1, QK_K)
 
 
 _DEQUANTIZERS = {"Q8_0": _dq8_0, "Q5_0": _dq5_0, "Q4_0": _dq4_0, "Q6_K": _dq6_k, "Q5_K": _dq5_k, "Q4_K": _dq4_k}
