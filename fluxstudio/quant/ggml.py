@@ -332,7 +332,7 @@ def _make_qx(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor, to
     # one value of every column at a time, for all attempts at once; the sums add left to right, as ggml's loop
     q, term, sumlx, suml2 = x.new_empty([4, iscales.shape[0], iscales.shape[1]]).unbind(0)
     for i in range(x.shape[0]):
-        torch.mul(iscales, x[i], out=q).round_().clamp_(-nmax, nmax - 1)
+        _levels(x[i], None, iscales, -nmax, nmax - 1, q)
         if i == 0:
             torch.mul(q, wx[i], out=sumlx)
             torch.mul(q, w[i], out=suml2).mul_(q)
