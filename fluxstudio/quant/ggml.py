@@ -334,25 +334,24 @@ def _make_qx(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor, to
     for i in range(x.shape[0]):
         _levels(x[i], None, iscales, -nmax, nmax - 1, q)
         if i == 0:
-            torch.mul(q, wx[i], out=sumlx)
             torch.mul(q, w[i], out=suml2).mul_(q)
-        else:
-            sumlx.add_(torch.mul(q, wx[i], out=term))
+            torch.mul(q, wx[i], out=sumlx)
+        else:  # (in place where it can: writing into another buffer costs more than the product)
             suml2.add_(torch.mul(q, w[i], out=term).mul_(q))
+            sumlx.add_(q.mul_(wx[i]))
     # make_qx_quants' choice: one attempt after the other, with its float32 comparisons. Where suml2 is 0 so is sumlx
     # (all its levels are 0, or their terms underflow), C's scale is 0, and that attempt never wins.
     scales = torch.div(sumlx, suml2, out=q).nan_to_num_(0.0)  # (into the loop's buffers: fresh ones cost more)
     bests = torch.mul(scales, sumlx, out=term)
     squares = sumlx.square_()
     best = bests[0]
-    choice = torch.zeros_like(mx)
     for attempt in range(1, iscales.shape[0]):
-        # 1.0 where C's `sumlx*sumlx > best*suml2` holds (a float difference has the comparison's sign), else 0.0;
-        # lerp by these weights gives its ends exactly, and much faster than torch.where selects on the CPU
-        won = (squares[attempt] - best * suml2[attempt]).sign_().clamp_(min=0.0)
-        best = torch.lerp(best, bests[attempt], won)
-        choice = torch.maximum(choice, won * attempt)  # the last attempt that won
-    index = choice.long()[None]
+        # won: 1.0 where C's `sumlx*sumlx > best*suml2` holds, else 0.0 (into rows that are not read again); lerp by
+        # these weights gives its ends exactly, and much faster than torch.where selects on the CPU
+        won = torch.gt(squares[attempt], suml2[attempt].mul_(best), out=squares[attempt])
+        best.lerp_(bests[attempt], won)
+    # the last attempt that won, or 0
+    index = squares[1:].mul_(torch.arange(1, iscales.shape[0], device=x.device)[:, None]).amax(0).long()[None]
     return scales.gather(0, index).squeeze(0).masked_fill_(zero, 0.0), iscales, index, zero
 
 
