@@ -252,6 +252,7 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     # C's float32 `rmin + rdelta*is + nmax` for each step
     nums = torch.arange(nstep + 1, dtype=torch.float32, device=x.device).mul_(torch.tensor(rdelta, dtype=torch.float32)).add_(rmin).add_(nmax)
     live = (~flat).float()
+    won = torch.empty_like(live)
     for step in range(nstep + 1):
         # ggml keeps searching from the best min found so far: `min` is updated inside its loop
         iscale = nums[step] / (mx - mn).masked_fill_(flat, 1.0)
@@ -263,13 +264,13 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-        positive = this_min > 0
-        this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
-        this_min.masked_fill_(positive, 0.0)
+        # C: if (this_min > 0) { this_min = 0; this_scale = sum_xl / sum_l2; }, with 0/1 weights (below)
+        this_scale = torch.lerp(this_scale, sum_xl / sum_l2, torch.gt(this_min, 0.0, out=won))
+        this_min.clamp_(max=0.0)
         err = _seq_sum(cand.mul_(this_scale).add_(this_min).sub_(x).square_().mul_(w))
         # 1.0 where C takes this step (D > 0 and mad < best_mad), else 0.0: lerp by these weights gives its ends
         # exactly (the candidates made finite first: where D <= 0 they may be inf or nan, and are not taken)
-        won = (best - err).nan_to_num_(0.0).sign_().clamp_(min=0.0).mul_(det.sign().clamp_(min=0.0)).mul_(live)
+        torch.gt(best, err, out=won).mul_(torch.gt(det, 0.0, out=det)).mul_(live)
         state = torch.lerp(state, torch.stack([iscale, mn, err, this_scale, this_min]).nan_to_num_(0.0), won)
         best_iscale, best_shift, best, scale, mn = state.unbind(0)
     return scale.masked_fill(flat, 0.0), -mn, best_iscale, best_shift, flat
