@@ -448,7 +448,7 @@ def _dq6_k(b: torch.Tensor) -> torch.Tensor:
     d = _f16_value(b[:, 208:210])
     low = torch.cat([ql & 15, ql >> 4], 2)  # [nb, 2, 4, 32]
     high = (qh >> _shifts(4, 2, b.device)[None, None, :, None]) & 3
-    q = (low | (high << 4)).reshape(-1, 16, 16).float() - 32
+    q = (low | (high << 4)).reshape(-1, 16, 16).float().sub_(32)
     return q.mul_(d[:, None, None] * sc[..., None]).reshape(-1, QK_K)
 
 
