@@ -32,10 +32,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from fuse_vs_diffusers import make_lora, make_model, measure  # noqa: E402
 
+SPEED_ROUNDS = 7  # runs of each side, taken in turns; the best of each counts
 GGML_IDS = {"Q8_0": 8, "Q5_0": 6, "Q4_0": 2, "Q6_K": 14, "Q5_K": 13, "Q4_K": 12}
 
 
-def quantizer_speed(ggml_lib: Path | None, threads: int = 2, rounds: int = 7) -> list[tuple[str, float, float | None]]:
+def quantizer_speed(ggml_lib: Path | None, threads: int = 2,
+                    rounds: int = SPEED_ROUNDS) -> list[tuple[str, float, float | None]]:
     """(type, FluxStudio Mparam/s, ggml Mparam/s or None) on a 2048 x 3072 fused-like tensor."""
     import torch
 
@@ -68,7 +70,7 @@ def quantizer_speed(ggml_lib: Path | None, threads: int = 2, rounds: int = 7) ->
 
             runs["ggml"] = run_ggml
         best = {key: float("inf") for key in runs}
-        for _ in range(rounds):  # taken in turns, so that a slow spell of this shared machine hits both; the best of each
+        for _ in range(rounds):  # taken in turns, so that a slow spell of this shared machine hits both
             for key, run in runs.items():
                 best[key] = min(best[key], _timed(run))
         theirs = x.numel() / best["ggml"] / 1e6 if "ggml" in best else None
@@ -115,7 +117,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, FLUXSTUDIO_HOME=str(work / "home"), PYTHONPATH=str(ROOT))
 
-    print("GGUF quantizers (2 threads, 6.3 M values, best of 7 runs each, taken in turns):", flush=True)
+    print(f"GGUF quantizers (2 threads, 6.3 M values, best of {SPEED_ROUNDS} runs each, taken in turns):", flush=True)
     speed = quantizer_speed(args.ggml)
     for name, ours, theirs in speed:
         ratio = f"  ggml {theirs:6.1f} Mparam/s  FluxStudio / ggml x{ours / theirs:.2f}" if theirs else ""
