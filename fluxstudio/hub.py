@@ -45,22 +45,38 @@ _URL = re.compile(rf"^https?://[^/]+/(?P<repo>{_NAME}/{_NAME})(?:/(?:blob|resolv
 _REPO = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?:@(?P<rev>[^/]+))?(?:/(?P<path>.+))?$")
 
 
-def parse_ref(text: str) -> Ref:
-    """Parse what a user typed: `demo`, a path, `owner/name[@rev][/path]`, or a Hub URL."""
+def parse_ref(text: str, local: bool = True) -> Ref:
+    """Parse what a user typed: `demo`, a path, `owner/name[@rev][/path]`, or a Hub URL.
+
+    With `local=False` (a shared session) nothing on this machine's disk is looked at: a path is refused with the
+    same sentence whether or not it exists, so that messages never tell a visitor what is there."""
     text = text.strip()
     if not text:
         raise BadInputError("No model or LoRA given.", "Enter a Hub repo id (owner/name), a Hub URL, a local path or 'demo'.")
     if text == "demo":
         return Ref("demo", text)
     if m := _URL.match(text):
-        return Ref("hub", text, repo_id=m["repo"], revision=m["rev"] or "main", subpath=(m["path"] or "").strip("/"))
-    path = Path(text).expanduser()
+        return _hub_ref(text, m)
     looks_local = text.startswith(("/", ".", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", text) or "\\" in text
-    if looks_local or path.exists():
-        return Ref("local", text, path=path.resolve())
+    if looks_local and not local:
+        raise BadInputError("Local paths are not available in a shared session.", "Use a Hub repo id or upload a file.")
+    if local:
+        path = Path(text).expanduser()
+        if looks_local or path.exists():
+            return Ref("local", text, path=path.resolve())
     if m := _REPO.match(text):
-        return Ref("hub", text, repo_id=m["repo"], revision=m["rev"] or "main", subpath=(m["path"] or "").strip("/"))
+        return _hub_ref(text, m)
+    if not local:
+        raise BadInputError(f"'{text}' is not a Hub repo id.", "Use owner/name or a Hub URL, or upload a file.")
     raise BadInputError(f"'{text}' is neither an existing path nor a Hub repo id.", "Use owner/name, a Hub URL or a local path.")
+
+
+def _hub_ref(text: str, m: re.Match) -> Ref:
+    repo, revision, subpath = m["repo"], m["rev"] or "main", (m["path"] or "").strip("/")
+    # the Hub's own rules for repo ids, and no step out of the repo in a file path
+    if ".." in repo or "--" in repo or ".." in revision or any(p in ("", ".", "..") for p in subpath.split("/") if subpath):
+        raise BadInputError(f"'{text}' is not a valid Hub reference.", "Use owner/name[@revision][/file.safetensors].")
+    return Ref("hub", text, repo_id=repo, revision=revision, subpath=subpath)
 
 
 # -- errors -------------------------------------------------------------------------------------------------
@@ -316,8 +332,8 @@ class Hub:
         except Exception:  # noqa: BLE001 - not cached: fall through to the original error
             pass
         cached = self.cached_repos()
-        hint = error.hint + (f" Already downloaded: {', '.join(cached[:5])}." if cached else "")
-        raise HubError(f"{error.message} {ref.display()} is not in the local cache.", hint)
+        raise HubError(f"{error.message} {ref.display()} is not in the local cache.", error.hint,
+                       detail=f"Already downloaded: {', '.join(cached[:5])}." if cached else "")
 
     def cached_repos(self) -> list[str]:
         from huggingface_hub import scan_cache_dir
