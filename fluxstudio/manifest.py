@@ -19,23 +19,28 @@ ONE_FILE = (".safetensors", ".gguf")
 SLACK = 1024  # room kept in a one-file output's manifest for what the build measures (it is written first)
 
 
+def dumps(manifest: dict, **kw) -> str:
+    """Strict JSON (no NaN or Infinity, which strict readers refuse): a value that is not a number is a bug upstream."""
+    return json.dumps(manifest, allow_nan=False, **kw)
+
+
 def embedded(manifest: dict, room: int = 0) -> dict[str, str]:
     """The metadata entry that one-file outputs carry, padded with `room` spaces (JSON ignores them) so that a
     longer manifest can replace it in place at the end of the build."""
-    return {KEY: json.dumps(manifest, separators=(",", ":")) + " " * room}
+    return {KEY: dumps(manifest, separators=(",", ":")) + " " * room}
 
 
 def refit(old: dict[str, str], manifest: dict, escaped: bool = False) -> dict[str, str] | None:
     """The final manifest in exactly the room the padded one took (as UTF-8 bytes, or as an escaped JSON string
     for a safetensors header), or None when it does not fit."""
-    text = json.dumps(manifest, separators=(",", ":"))
+    text = dumps(manifest, separators=(",", ":"))
     size = (lambda v: len(json.dumps(v))) if escaped else (lambda v: len(v.encode("utf-8")))
     extra = size(old[KEY]) - size(text)
     return {KEY: text + " " * extra} if extra >= 0 else None
 
 
 def write_folder(folder: Path, manifest: dict) -> None:
-    (folder / FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    (folder / FILE).write_text(dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def read(path: Path) -> dict | None:

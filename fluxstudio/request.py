@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fluxstudio.errors import BadInputError
+
 DEFAULT_SHARD_BYTES = 5 * 10**9
 DISK_MARGIN = 64 << 20  # headers, config and manifest: what the disk check adds to the writer's estimate
+MAX_SCALE = 10.0  # a LoRA's strength: 1 is as trained; beyond a few it is noise, beyond 10 a typo
 
 
 @dataclass(frozen=True)
 class LoraRef:
     ref: str
     scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or abs(self.scale) > MAX_SCALE:
+            raise BadInputError(f"The LoRA scale {self.scale!r} is not a usable number.",
+                                f"Use a scale from {-MAX_SCALE:g} to {MAX_SCALE:g} (1.0 is the LoRA as trained).")
 
 
 @dataclass(frozen=True)

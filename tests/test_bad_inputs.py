@@ -100,8 +100,12 @@ def test_nan_in_lora(tiny_base, work, tmp_path):
 
 
 def test_inf_in_fused_result(tiny_base, work, tmp_path):
-    huge = peft_lora(tmp_path / "huge.safetensors", linear_shapes(tiny_base), strength=1e4)
-    attempt(tiny_base, [(huge, 1e38)], work / "out", NumericError, "Fusing gave NaN or Inf")
+    shapes = linear_shapes(tiny_base)
+    name, (out_f, in_f) = next(iter(sorted(shapes.items())))
+    huge = tmp_path / "huge.safetensors"  # finite in bf16, but B·A overflows float32
+    save_file({f"transformer.{name}.lora_A.weight": torch.full((8, in_f), 1e20, dtype=torch.bfloat16),
+               f"transformer.{name}.lora_B.weight": torch.full((out_f, 8), 1e20, dtype=torch.bfloat16)}, str(huge))
+    attempt(tiny_base, [(huge, 1)], work / "out", NumericError, "Fusing gave NaN or Inf")
     assert leftovers(work) == []
 
 
