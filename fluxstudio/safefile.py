@@ -33,7 +33,10 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 * 1024 * 1024
+# Bounds on what a header may make this program do: FLUX.2-dev's largest shard lists about 700 tensors in about
+# 100 KB, a LoRA with text-encoder parts a few thousand. Past these a file is not a model but an attack or garbage.
+MAX_HEADER = 16 << 20
+MAX_TENSORS = 100_000
 PICKLE_HINT = (
     "FluxStudio reads only .safetensors, because pickle checkpoints (.ckpt/.bin/.pt) can run code when "
     "opened. Get the .safetensors version of this file."
@@ -80,6 +83,9 @@ def read_header(path: str | Path, what: str = "file") -> Header:
             raise BadInputError(f"The {what} {path.name} is a pickle checkpoint, not safetensors.", PICKLE_HINT)
         if len(head) < 9:
             raise BadInputError(f"The {what} {path.name} is empty or truncated.", "Download it again.")
+        if head[8:9] == b"{" and MAX_HEADER < n < size:
+            raise BadInputError(f"The {what} {path.name} has a header of {n / 2**20:.0f} MB, far more than any model's: "
+                                "it is not a file FluxStudio can read.", "Pick another file.")
         if not looks_safetensors or 8 + n > size:
             raise BadInputError(
                 f"The {what} {path.name} is not a valid safetensors file (or is truncated).",
@@ -91,7 +97,11 @@ def read_header(path: str | Path, what: str = "file") -> Header:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not an object")
+        if len(header) > MAX_TENSORS + 1:
+            raise ValueError(f"{len(header):,} entries, more than any model has")
         metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("metadata is not an object")
         tensors: dict[str, TensorInfo] = {}
         end_max = 0
         for name, entry in header.items():
@@ -103,6 +113,9 @@ def read_header(path: str | Path, what: str = "file") -> Header:
                 raise ValueError(f"bad offsets for {name}")
             end_max = max(end_max, end)
             tensors[name] = info
+    except RecursionError:
+        raise BadInputError(f"The {what} {path.name} is not a valid safetensors file (its header nests too deeply).",
+                            "Download it again or pick another file.") from None
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise BadInputError(
             f"The {what} {path.name} is not a valid safetensors file ({exc}).", "Download it again or pick another file."
