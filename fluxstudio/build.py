@@ -6,9 +6,11 @@ into place when complete; any failure or cancel removes it.
 
 from __future__ import annotations
 
+import errno
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,6 +57,20 @@ def pick_device(device: str) -> str:
     return device
 
 
+@contextmanager
+def writing(folder: Path):
+    """What the file system says while writing an output, as one sentence: a full disk, a folder it may not write."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskSpaceError("The disk ran full while writing the output.", "Free some space and try again.") from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise OutputError(f"FluxStudio may not write in {folder}.",
+                              "Choose another output folder, or allow writing there.", (folder,)) from None
+        raise
+
+
 def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
@@ -67,6 +83,9 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool, is_file: bool =
                 f"The output {what} {out.name} overlaps an input ({p.name}); FluxStudio never writes over its inputs.",
                 f"Choose another output {what}.",
             )
+    if out.is_symlink():
+        raise OutputError(f"The output name {out.name} is a symbolic link; FluxStudio does not write through links.",
+                          "Choose another name, or remove the link.", (out,))
     if out.exists() and out.is_dir() != (not is_file):
         raise OutputError(f"{out} exists and is a {'folder' if out.is_dir() else 'file'}.", "Choose another output name.", (out,))
     if out.exists() and not overwrite:
@@ -210,7 +229,8 @@ def build(
         companions = [out.parent / p.output.filename for p in planned.parts[1:] if fmt.extension]
         for extra in companions:
             check_output(extra, [base_path, *lora_paths], req.overwrite, is_file=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        with writing(out.parent):
+            out.parent.mkdir(parents=True, exist_ok=True)
         need = planned.need_bytes(out.parent) + DISK_MARGIN
         free = free_bytes(out.parent)
         if free < need:
@@ -221,65 +241,64 @@ def build(
         stage_done("inspect")
 
         partials.reclaim(out.parent)  # what killed builds left, whatever their name
-        tmp = partials.work_folder(out)
         inputs = _inputs(base_origin, [o for _, o in resolved], req, planned, [p.name for p in companions])
-        try:
-            files = []
+        with writing(out.parent), partials.claim(out) as held:
+            for target in (out, *companions):  # again, now that no other build can take the name
+                check_output(target, [base_path, *lora_paths], req.overwrite, is_file=bool(fmt.extension))
+            tmp = partials.work_folder(out)
             try:
-                for part in planned.parts:
-                    folder = tmp / part.where
-                    folder.mkdir(exist_ok=True)
-                    part.output.open(folder, manifest.embedded(inputs, manifest.SLACK) if part.output is output else {})
-                    label = "the transformer" if part.component == "transformer" else f"the {part.model.family.label} text encoder"
-                    execute(part.output.jobs, part.output.encode, part.output.write, device, progress, cancel,
-                            message=f"Fusing {label}")
-                stage_done("fuse")
-                kept = {"lora_retained": output.retention.score, "lora_retained_worst": output.retention.worst()}
-                report(progress, ProgressEvent(Stage.FINALIZE, message="Writing the output"))
-                if planned.linked:
-                    pipeline.link(planned.root, planned.linked, tmp)
-                for part in planned.parts:
-                    files += part.output.close(inputs | kept if part.output is output else None)
-            except OSError as exc:
-                if exc.errno == 28:
-                    raise DiskSpaceError("The disk ran full while writing the output.", "Free some space and try again.") from None
-                raise
-            finally:
-                for part in planned.parts:
-                    part.output.abort()
-            check(cancel)
-            stage_done("finalize")
-            result = BuildResult(
-                output_dir=str(out),
-                precision=req.precision,
-                format=fmt.key,
-                seconds=round(time.monotonic() - t0, 3),
-                stage_seconds=stages,
-                peak_ram_bytes=sampler.peak_rss_bytes,
-                peak_anon_bytes=sampler.peak_anon_bytes,
-                peak_vram_bytes=sampler.peak_vram_bytes,
-                output_bytes=sum(p.output.total_bytes for p in planned.parts),
-                files=sorted(str(p.relative_to(tmp)) for p in files if p.suffix in (".safetensors", ".gguf")),
-                tensors_fused=sum(planned.fused().values()),
-                fused_per_component=planned.fused(),
-                family=base.family.key,
-                **kept,
-                notes=download_notes + fplan.notes + planned.notes + output.notes
-                + [f"{lora.name}: {n}" for lora, _ in loras for n in lora.notes]
-                + retention.warnings(kept["lora_retained"], kept["lora_retained_worst"], req.precision),
-            )
-            if fmt.extension:
-                for f in files:
-                    partials.move_into_place(f, out if f.name == out.name else out.parent / f.name)
+                files = []
+                try:
+                    for part in planned.parts:
+                        folder = tmp / part.where
+                        folder.mkdir(exist_ok=True)
+                        part.output.open(folder, manifest.embedded(inputs, manifest.SLACK) if part.output is output else {})
+                        label = "the transformer" if part.component == "transformer" else f"the {part.model.family.label} text encoder"
+                        execute(part.output.jobs, part.output.encode, part.output.write, device, progress, cancel,
+                                message=f"Fusing {label}")
+                    stage_done("fuse")
+                    kept = {"lora_retained": output.retention.score, "lora_retained_worst": output.retention.worst()}
+                    report(progress, ProgressEvent(Stage.FINALIZE, message="Writing the output"))
+                    if planned.linked:
+                        pipeline.link(planned.root, planned.linked, tmp)
+                    for part in planned.parts:
+                        files += part.output.close(inputs | kept if part.output is output else None)
+                finally:
+                    for part in planned.parts:
+                        part.output.abort()
+                check(cancel)
+                stage_done("finalize")
+                result = BuildResult(
+                    output_dir=str(out),
+                    precision=req.precision,
+                    format=fmt.key,
+                    seconds=round(time.monotonic() - t0, 3),
+                    stage_seconds=stages,
+                    peak_ram_bytes=sampler.peak_rss_bytes,
+                    peak_anon_bytes=sampler.peak_anon_bytes,
+                    peak_vram_bytes=sampler.peak_vram_bytes,
+                    output_bytes=sum(p.output.total_bytes for p in planned.parts),
+                    files=sorted(str(p.relative_to(tmp)) for p in files if p.suffix in (".safetensors", ".gguf")),
+                    tensors_fused=sum(planned.fused().values()),
+                    fused_per_component=planned.fused(),
+                    family=base.family.key,
+                    **kept,
+                    notes=download_notes + fplan.notes + planned.notes + output.notes
+                    + [f"{lora.name}: {n}" for lora, _ in loras for n in lora.notes]
+                    + retention.warnings(kept["lora_retained"], kept["lora_retained_worst"], req.precision),
+                )
+                if fmt.extension:
+                    for f in files:
+                        partials.move_into_place(f, out if f.name == out.name else out.parent / f.name, held)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    full = _manifest(inputs, result)
+                    manifest.write_folder(tmp, full)
+                    (tmp / "README.md").write_text(snippets.readme(out.name, req.precision, base.family, full), encoding="utf-8")
+                    partials.move_into_place(tmp, out, held)
+            except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                full = _manifest(inputs, result)
-                manifest.write_folder(tmp, full)
-                (tmp / "README.md").write_text(snippets.readme(out.name, req.precision, base.family, full), encoding="utf-8")
-                partials.move_into_place(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                raise
     return result
 
 

@@ -105,9 +105,11 @@ def check(format_key: str, precision: str, family: str) -> Format:
 
 
 def output_path(format_key: str, out: Path) -> Path:
-    """The output's path: the folder for diffusers; for one-file formats the file, with its extension added."""
+    """The output's path: the folder for diffusers; for one-file formats the file, with its extension added. Only the
+    parent is resolved: a name that is a symbolic link stays one (and is refused), never followed elsewhere."""
     fmt = get_format(format_key)
-    out = Path(out).expanduser().resolve()
+    out = Path(out).expanduser()
+    out = out.resolve() if out.name in ("", ".", "..") else out.parent.resolve() / out.name
     if not fmt.extension:
         return out
     suffix = out.suffix.lower()
