@@ -18,6 +18,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from contextlib import contextmanager
@@ -42,14 +43,52 @@ NOT_IN_DIFFUSERS = {("single-file", "nf4"): "Forge", ("single-file", "fp8-scaled
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one preview may ask for: a shared session's are lower, so that one visitor cannot hold the only job slot."""
+
+    steps: int = 100
+    size: int = 2048
+    demo_size: int = 256  # the demo renders on the CPU: its images are noise, and 2048² would take hours there
+    seconds: float = math.inf  # the whole preview, after which it stops with a sentence
+
+
+LOCAL = Limits()
+SHARED = Limits(steps=50, size=1024, demo_size=128, seconds=600)
+MAX_SEED = 2**63 - 1
+DEFAULT_PROMPT = "a red fox in fresh snow, detailed fur, golden hour"
+
+
+@dataclass(frozen=True)
 class PreviewRequest:
     build: BuildRequest  # the build that made the output: its base and LoRAs
     output: Path  # the saved output (folder or file)
-    prompt: str = "a red fox in fresh snow, detailed fur, golden hour"
+    prompt: str = DEFAULT_PROMPT
     seed: int = 0
     steps: int = 0  # 0: the base's default (4 for schnell, 20 otherwise)
     size: int = 0  # 0: 512 (64 for the demo)
     device: str = "auto"  # auto: CUDA, or the CPU for the demo base; "cpu" renders any base there (slowly)
+    limits: Limits = LOCAL
+
+
+def whole(value: object, what: str, low: int, high: int) -> int:
+    """A whole number from `low` to `high` out of what a widget or a command line gave (NaN and 1e300 included),
+    or one sentence saying what would work."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number != int(number) or not low <= number <= high:
+        raise BadInputError(f"The {what} {value!r} does not work.", f"Use a whole number from {low} to {high}.")
+    return int(number)
+
+
+def make_request(build: BuildRequest, output: Path, prompt: str, seed: object, steps: object, size: object,
+                 shared: bool = False) -> PreviewRequest:
+    """A checked preview request; 0 steps or size take the base's defaults."""
+    limits = SHARED if shared else LOCAL
+    return PreviewRequest(build, output, prompt.strip() or DEFAULT_PROMPT, whole(seed, "seed", 0, MAX_SEED),
+                          whole(steps, "number of steps", 0, limits.steps), whole(size, "image size", 0, limits.size),
+                          limits=limits)
 
 
 @dataclass(frozen=True)
@@ -132,12 +171,16 @@ def _check(req: PreviewRequest, data: dict | None) -> tuple[str, str, str, str]:
 
 
 def _settings(req: PreviewRequest, fmt: str, precision: str, variant: str, device: str) -> dict:
-    steps, size = defaults(variant, req.build.base == "demo")
+    demo = req.build.base == "demo"
+    steps, size = defaults(variant, demo)
     steps, size = req.steps or steps, req.size or size
-    if not 1 <= steps <= 100:
-        raise BadInputError(f"{steps} steps is out of range.", "Use 1 to 100 steps (4 for schnell, 20-30 for dev).")
-    if not 32 <= size <= 2048 or size % 16:
-        raise BadInputError(f"An image size of {size} does not work.", "Use a multiple of 16 from 32 to 2048 (512 is quick).")
+    top = req.limits.demo_size if demo else req.limits.size
+    if not 1 <= steps <= req.limits.steps:
+        raise BadInputError(f"{steps} steps is out of range.",
+                            f"Use 1 to {req.limits.steps} steps (4 for schnell, 20-30 for dev).")
+    if not 32 <= size <= top or size % 16:
+        raise BadInputError(f"An image size of {size} does not work{' for the demo' if demo else ''}.",
+                            f"Use a multiple of 16 from 32 to {top} ({64 if demo else 512} is quick).")
     return {"prompt": req.prompt, "seed": req.seed, "steps": steps, "width": size, "height": size,
             "guidance": 0.0 if "schnell" in variant else 3.5, "device": device, "format": fmt, "precision": precision,
             "output": req.output.name}
@@ -163,6 +206,7 @@ def run(req: PreviewRequest, progress: ProgressCallback | None = None, cancel: C
     data = manifest.read(req.output)
     fmt, precision, variant, device = _check(req, data)
     settings = _settings(req, fmt, precision, variant, device)
+    stop = Stop(cancel, req.limits.seconds)
     hub = hub or Hub()
     report(progress, ProgressEvent(Stage.PREPARE, message="Getting the base's text encoders, VAE and scheduler"))
     root = pipeline_root(resolve_ref(req.build.base, "base", hub, progress, cancel, PARTS)[0])
@@ -172,7 +216,7 @@ def run(req: PreviewRequest, progress: ProgressCallback | None = None, cancel: C
     if any(c != "transformer" for lr in data.get("loras", []) for c in lr.get("components", [])):
         notes.append("The LoRAs' text-encoder parts are not in the preview: every image uses the base's text encoders.")
     total_vram = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 0
-    check(cancel)
+    stop()
     report(progress, ProgressEvent(Stage.PREVIEW, message="Encoding the prompt"))
     max_len = 32 if req.build.base == "demo" else (256 if "schnell" in variant else 512)
     embeds = _encode(root, req.prompt, device, device == "cuda" and vram_plan(total_vram, 0)[0], max_len)
@@ -186,26 +230,54 @@ def run(req: PreviewRequest, progress: ProgressCallback | None = None, cancel: C
     elif precision != "bf16":
         notes.append("The bf16 base + LoRA image is left out: the bf16 transformer does not fit this card.")
     folder = folder_for(req.output)
-    tmp = partials.work_folder(folder)
-    try:
-        renders = []
-        for key, label, source, prec, with_loras in variants:
-            check(cancel)
-            report(progress, ProgressEvent(Stage.PREVIEW, 0, settings["steps"], item=label, message=f"Loading {label}"))
-            model = _transformer(source, prec, fmt, root, req.output, progress, cancel, hub, req.build.base)
-            renders.append(_render(key, label, model, loras if with_loras else [], prec, shared, embeds, settings,
-                                   total_vram, tmp, progress, cancel))
-            del model
+    with partials.claim(folder, "preview") as held:
+        tmp = partials.work_folder(folder)
+        try:
+            renders = []
+            for key, label, source, prec, with_loras in variants:
+                stop()
+                report(progress, ProgressEvent(Stage.PREVIEW, 0, settings["steps"], item=label, message=f"Loading {label}"))
+                model = _transformer(source, prec, fmt, root, req.output, progress, cancel, hub, req.build.base)
+                renders.append(_render(key, label, model, loras if with_loras else [], prec, shared, embeds, settings,
+                                       total_vram, tmp, progress, stop))
+                del model
+                _free(device)
+            result = PreviewResult(str(folder), settings, renders, notes)
+            (tmp / FILE).write_text(manifest.dumps(result.to_json() | {"created": _now()}, indent=2) + "\n", encoding="utf-8")
+            partials.move_into_place(tmp, folder, held)
+            return result
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
             _free(device)
-        result = PreviewResult(str(folder), settings, renders, notes)
-        (tmp / FILE).write_text(json.dumps(result.to_json() | {"created": _now()}, indent=2) + "\n", encoding="utf-8")
-        partials.move_into_place(tmp, folder)
-        return result
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        _free(device)
+
+
+class Stop:
+    """Cancel and the time limit, checked between the steps and inside each one (before every Linear layer's forward,
+    so that a cancel takes effect within a second or so even when one step takes minutes)."""
+
+    def __init__(self, cancel: CancelToken | None, seconds: float) -> None:
+        self.cancel, self.seconds = cancel, seconds
+        self.deadline = time.monotonic() + seconds
+
+    def __call__(self, *_: object) -> None:
+        check(self.cancel)
+        if time.monotonic() > self.deadline:
+            raise BadInputError(f"The preview ran past the {self.seconds / 60:g} minutes a shared session allows.",
+                                "Try fewer steps or a smaller image.")
+
+    @contextmanager
+    def inside(self, model):
+        """Check before the forward of every Linear layer of `model` while the block runs."""
+        import torch
+
+        hooks = [m.register_forward_pre_hook(self) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
 
 
 def _now() -> str:
@@ -298,7 +370,7 @@ def _enough_vram(label: str, settings: dict):
 
 
 def _render(key: str, label: str, model, loras: list[tuple[Path, float]], precision: str, shared: dict, embeds: tuple,
-            settings: dict, total_vram: int, folder: Path, progress, cancel) -> Render:
+            settings: dict, total_vram: int, folder: Path, progress, stop: Stop) -> Render:
     import torch
     from diffusers import FluxPipeline
 
@@ -328,7 +400,7 @@ def _render(key: str, label: str, model, loras: list[tuple[Path, float]], precis
     marks: list[float] = []
 
     def on_step(_pipe, i, _t, kwargs):
-        check(cancel)
+        stop()
         if device == "cuda":
             torch.cuda.synchronize()
         marks.append(time.perf_counter())
@@ -336,8 +408,9 @@ def _render(key: str, label: str, model, loras: list[tuple[Path, float]], precis
         return kwargs
 
     embeds_, pooled = (t.to(device) for t in embeds)
+    report(progress, ProgressEvent(Stage.PREVIEW, 0, steps, item=label, message=f"Rendering {label}"))
     t0 = time.perf_counter()
-    with torch.no_grad(), _enough_vram(label, settings):
+    with torch.no_grad(), _enough_vram(label, settings), stop.inside(model):
         image = pipe(prompt_embeds=embeds_, pooled_prompt_embeds=pooled, num_inference_steps=steps,
                      width=settings["width"], height=settings["height"], guidance_scale=settings["guidance"],
                      generator=torch.Generator("cpu").manual_seed(settings["seed"]), callback_on_step_end=on_step,
