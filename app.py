@@ -1,6 +1,7 @@
 """FluxStudio: python app.py [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASS] [--inbrowser] [--output-dir DIR]"""
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -27,9 +28,9 @@ def main() -> int:
     _setup_logging()
     settings = Settings(args.host, args.port, args.share, auth, args.inbrowser,
                         (args.output_dir or paths.outputs_dir()).expanduser().resolve())
-    blocks = launch(settings)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop from the system ends cleanly, as Ctrl+C does
     try:
-        blocks.block_thread()
+        launch(settings).block_thread()
     except KeyboardInterrupt:
         pass
     return 0

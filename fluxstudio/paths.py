@@ -25,3 +25,8 @@ def demo_dir() -> Path:
 
 def logs_dir() -> Path:
     return home() / "logs"
+
+
+def sessions_dir() -> Path:
+    """One folder per running app process (its uploads, the web server's temporary files)."""
+    return home() / "sessions"

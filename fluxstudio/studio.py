@@ -7,6 +7,9 @@ event types; they render and wire, and hold no domain logic.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -14,7 +17,7 @@ from pathlib import Path
 
 from fluxstudio import __version__, advice, catalogue, formats, paths, snippets
 from fluxstudio.catalogue import PRESETS
-from fluxstudio.errors import BadInputError, FluxStudioError
+from fluxstudio.errors import BadInputError, DiskSpaceError, FluxStudioError
 from fluxstudio.formats import ENCODER_PRECISIONS, FORMATS, PRECISIONS
 from fluxstudio.hardware import HardwareInfo, library_versions, probe
 from fluxstudio.hub import Hub, Ref, has_token, parse_ref, save_token
@@ -25,11 +28,12 @@ from fluxstudio.units import free_bytes, human_bytes, parse_size
 
 __all__ = [
     "CUSTOM", "ENCODER_PRECISIONS", "FORMATS", "PRECISIONS", "PRESETS", "THIS_MACHINE", "BaseStatus", "BuildRequest", "BuildResult", "Entry",
-    "Estimate", "Job", "LoraRef", "Studio", "__version__", "advice", "human_bytes", "library_versions", "parse_size",
+    "Estimate", "Job", "LoraRef", "Studio", "__version__", "advice", "free_bytes", "human_bytes", "library_versions", "parse_size",
     "paths", "safe_name", "snippets",
 ]
 THIS_MACHINE = "This machine"
 CUSTOM = "custom"
+UPLOAD_QUOTA = 4 * 10**9  # what one shared session may upload: a handful of LoRAs
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class Studio:
     hardware: HardwareInfo | None = None  # probed on first use
     runner: JobRunner | None = None
     reclaimed_bytes: int = 0
+    _scratch: Path | None = None
 
     def __post_init__(self) -> None:
         if self.runner is None:
@@ -79,10 +84,7 @@ class Studio:
 
     # -- references ------------------------------------------------------------------------------------------
     def ref(self, text: str) -> Ref:
-        ref = parse_ref(text)
-        if ref.kind == "local" and not self.local:
-            raise BadInputError("Local paths are not available in a shared session.", "Use a Hub repo id or upload a file.")
-        return ref
+        return parse_ref(text, self.local)
 
     def base_ref(self, choice: str, custom: str = "") -> str:
         """What to build from: `demo`, a preset's repo id, or what the person typed."""
@@ -157,20 +159,56 @@ class Studio:
             return str(ref.path), ref.path
         return ref.text, self.hub.fetch_lora(ref).path
 
-    @staticmethod
-    def keep_upload(tmp: str) -> Path:
-        """Copy an upload (checked first) into the app's own folder: gradio's temp files do not last."""
-        from fluxstudio.safefile import read_header, sha256
+    def scratch(self) -> Path:
+        """This process's own folder (uploads, the web server's temporary files), removed once the process is gone."""
+        from fluxstudio import partials
 
+        if self._scratch is None:
+            self._scratch = partials.owned_folder(paths.sessions_dir())
+        return self._scratch
+
+    def add_upload(self, tmp: str | Path, choice: str, custom: str, model_key: str, kept_bytes: int = 0) -> tuple[Path, str]:
+        """Check an uploaded file as a LoRA for the chosen base, then keep it in this process's folder:
+        (the kept file, one line on it). The file at `tmp` (the web server's temporary copy) is consumed whatever
+        happens, so that nothing rejected stays on disk. `kept_bytes`: what this session has kept so far."""
         src = Path(tmp)
-        read_header(src, "uploaded file")
-        folder = paths.home() / "uploads"
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            size = src.stat().st_size
+            if not self.local and kept_bytes + size > UPLOAD_QUOTA:
+                raise BadInputError(f"This shared session has uploaded {human_bytes(kept_bytes)} already, and "
+                                    f"{human_bytes(UPLOAD_QUOTA)} is the limit.", "Use LoRAs from the Hub instead.")
+            info = self.describe_lora(src, choice, custom, model_key)
+            return self._keep(src, size), info
+        finally:
+            src.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                src.parent.rmdir()  # the upload's own folder, once empty
+
+    def _keep(self, src: Path, size: int) -> Path:
+        from fluxstudio.safefile import sha256
+
+        folder = self.scratch() / "uploads"
+        folder.mkdir(exist_ok=True)
         dest = folder / f"{sha256(src)[:12]}-{src.name}"
-        if not dest.exists():
-            part = folder / f".{uuid.uuid4().hex}.part"
-            shutil.copyfile(src, part)
+        if dest.exists():
+            return dest
+        part = folder / f".{uuid.uuid4().hex}.part"
+        try:
+            try:
+                os.replace(src, part)  # the server's copy itself when it is on the same disk: nothing written twice
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                if free_bytes(folder) < size + DISK_MARGIN:
+                    raise DiskSpaceError(f"Not enough free disk to keep this {human_bytes(size)} upload.",
+                                         "Free some space and upload it again.") from None
+                shutil.copyfile(src, part)
             part.replace(dest)
+        except OSError as exc:
+            part.unlink(missing_ok=True)
+            if exc.errno == errno.ENOSPC:
+                raise DiskSpaceError("The disk ran full while keeping the upload.", "Free some space and upload it again.") from None
+            raise
         return dest
 
     def describe_lora(self, path: Path, choice: str, custom: str, model_key: str) -> str:
@@ -242,12 +280,10 @@ class Studio:
         variant = (manifest.read(output) or {}).get("base", {}).get("variant", "")
         return preview.defaults(variant, request.base == "demo")
 
-    @staticmethod
-    def _preview_request(request: BuildRequest, output: Path, prompt: str, seed: int, steps: int, size: int):
+    def _preview_request(self, request: BuildRequest, output: Path, prompt: str, seed, steps, size):
         from fluxstudio import preview
 
-        return preview.PreviewRequest(request, output, prompt.strip() or preview.PreviewRequest.prompt, int(seed),
-                                      int(steps), int(size))
+        return preview.make_request(request, output, prompt, seed, steps, size, shared=not self.local)
 
     def start_preview(self, request: BuildRequest, output: Path, prompt: str, seed: int, steps: int, size: int) -> Job:
         """Render the same seed unfused and fused, as a job (after any running build: one job at a time)."""
@@ -283,7 +319,8 @@ class Studio:
         interrupted downloads in the HF cache that nobody will resume."""
         from fluxstudio import partials
 
-        self.reclaimed_bytes = partials.reclaim(self.output_dir) + self.hub.reclaim()
+        self.reclaimed_bytes = (partials.reclaim(self.output_dir) + self.hub.reclaim()
+                                + partials.reclaim(paths.sessions_dir(), ("*",)))
         return self.reclaimed_bytes
 
     def delete(self, name: str) -> None:

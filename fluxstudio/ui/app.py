@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import base64
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from fluxstudio.studio import __version__, human_bytes
 from fluxstudio.ui.context import Context
 from fluxstudio.ui.panels import base, library, loras, machine, output, preview, run
 from fluxstudio.ui.settings import MAX_UPLOAD, Settings, blocked_paths, generated_auth
+from fluxstudio.ui.server import LoginGuard, UploadGuard
 
 ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
 
@@ -75,13 +80,17 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
 
 def launch(settings: Settings) -> gr.Blocks:
     auth = settings.auth
-    if settings.share and auth is None:
+    if settings.exposed and auth is None:
         auth = generated_auth()
-        print(f"Sharing needs a login. User: {auth[0]}  Password: {auth[1]}", flush=True)
+        why = "Sharing" if settings.share else f"Serving on {settings.host} (reachable from other machines)"
+        print(f"{why} needs a login. User: {auth[0]}  Password: {auth[1]}", flush=True)
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     ctx = Context(settings)
     if freed := ctx.studio.reclaim():
-        print(f"Reclaimed {human_bytes(freed)} left by interrupted builds and downloads.", flush=True)
+        print(f"Reclaimed {human_bytes(freed)} left by interrupted builds, downloads and uploads.", flush=True)
+    atexit.register(shutil.rmtree, ctx.studio.scratch(), ignore_errors=True)
+    web_tmp = ctx.web_dir  # gradio's uploads and served images: this process's, reclaimed when it is gone
+    os.environ["GRADIO_TEMP_DIR"] = str(web_tmp)  # read when components and the server are made, below
     blocks = build_ui(settings, ctx)
     blocks.queue(default_concurrency_limit=4)
     blocks.launch(
@@ -90,6 +99,12 @@ def launch(settings: Settings) -> gr.Blocks:
         favicon_path=str(ASSETS / "favicon.png"), footer_links=[], show_error=False, quiet=False,
         css_paths=[str(ASSETS / "style.css")], theme=gr.themes.Soft(primary_hue="violet"), prevent_thread_lock=True,
         auth_message="FluxStudio is shared with a login: ask its owner for the user and password.",
+        # Gradio features FluxStudio does not use are off: run history (its routes skip the login and act with the
+        # owner's Hugging Face token), monitoring, the MCP server
+        run_history=False, enable_monitoring=False, mcp_server=False,
+        app_kwargs={"openapi_url": None, "docs_url": None, "redoc_url": None,
+                    "middleware": [Middleware(UploadGuard, folder=web_tmp, limit=MAX_UPLOAD)]
+                    + ([Middleware(LoginGuard)] if auth else [])},
     )
     if settings.share and not blocks.share_url:
         print("Could not create a public share link (no internet, or the tunnel is blocked). "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fluxstudio.studio import Studio
 from fluxstudio.ui.settings import Settings
@@ -16,3 +17,8 @@ class Context:
     def __post_init__(self) -> None:
         if self.studio is None:
             self.studio = Studio(self.settings.output_dir, local=self.settings.local)
+
+    @property
+    def web_dir(self) -> Path:
+        """Where the web server keeps what it receives and serves (this process's own folder)."""
+        return self.studio.scratch() / "web"

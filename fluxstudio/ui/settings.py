@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from fluxstudio.studio import paths
 
-MAX_UPLOAD = "2gb"  # LoRAs are megabytes; anything this big is not one
+MAX_UPLOAD = 2 * 10**9  # bytes: LoRAs are megabytes (a Control LoRA about 1.2 GB); anything bigger is not one
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,25 @@ class Settings:
     output_dir: Path = field(default_factory=paths.outputs_dir)
 
     @property
+    def exposed(self) -> bool:
+        """Whether other machines can reach the page: a public link, or a bind that is not loopback."""
+        return self.share or not is_loopback(self.host)
+
+    @property
     def local(self) -> bool:
-        """Local mode: the person at this machine. Shared mode hides paths, tokens and deletion."""
-        return not self.share
+        """Local mode: only the person at this machine can reach the page. Anything else is a shared session:
+        it needs a login and hides paths, tokens and deletion."""
+        return not self.exposed
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the page on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name or an interface address: reachable from elsewhere
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:

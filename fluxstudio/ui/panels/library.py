@@ -45,7 +45,7 @@ def render(ctx: Context) -> Handles:
         gallery = gr.Gallery(label="Saved preview", columns=3, height="auto", visible=False, elem_id="library-preview") \
             if ctx.settings.local else None
         freed = ctx.studio.reclaimed_bytes
-        message = gr.HTML(ok_html(f"Reclaimed {human_bytes(freed)} left by interrupted builds and downloads.") if freed else "",
+        message = gr.HTML(ok_html(f"Reclaimed {human_bytes(freed)} left by interrupted builds, downloads and uploads.") if freed else "",
                           elem_id="library-message")
         if ctx.settings.local:
             gr.Markdown(f"Outputs are saved in `{ctx.settings.output_dir}`.", elem_classes="fs-muted")

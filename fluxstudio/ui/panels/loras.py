@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
@@ -19,6 +20,7 @@ class Handles:
     add: gr.Button
     upload: gr.File
     message: gr.HTML
+    uploaded: gr.State  # bytes this session has kept from uploads (a shared session has a quota)
 
 
 def render(ctx: Context) -> Handles:
@@ -52,36 +54,40 @@ def render(ctx: Context) -> Handles:
                 scale.change(set_scale, [scale, items], None)  # in place: no re-render while dragging
                 remove.click(lambda state, item_id=item["id"]: [it for it in state if it["id"] != item_id], items, items)
 
-    return Handles(items, ref, add, upload, message)
+    return Handles(items, ref, add, upload, message, gr.State(0))
 
 
 def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key) -> None:
     shared = not ctx.settings.local
 
-    def add_item(state, ref_text, name, path, choice, custom, key):
+    def add_item(state, ref_text, name, path, info):
         if any(it["ref"] == ref_text for it in state):
             raise BadInputError(f"{name} is in the list already.", "Change its scale in the list instead.")
-        info = ctx.studio.describe_lora(path, choice, custom or "", key)
         return state + [{"id": uuid.uuid4().hex[:8], "ref": ref_text, "path": str(path), "name": name, "scale": 1.0, "info": info}]
 
     def add_typed(state, text, choice, custom, key):
         try:
             ref_text, path = ctx.studio.resolve_lora(text or "")
-            return add_item(state, ref_text, path.name, path, choice, custom, key), "", ""
+            info = ctx.studio.describe_lora(path, choice, custom or "", key)
+            return add_item(state, ref_text, path.name, path, info), "", ""
         except FluxStudioError as exc:
             return state, text, error_html(user_message(exc, shared))
 
-    def add_uploaded(state, file, choice, custom, key):
-        if not file:
-            return state, None, ""
+    def add_uploaded(state, file, choice, custom, key, kept_bytes):
+        # unpreprocessed: gradio's File preprocessing leaves an empty temporary file behind at every upload, so the
+        # path is checked here instead: only what the web server itself received is taken (and consumed)
+        path = Path(file.get("path") or "") if isinstance(file, dict) else None
+        if path is None or not path.resolve().is_relative_to(ctx.web_dir.resolve()):
+            return state, None, "", kept_bytes
         try:
-            kept = ctx.studio.keep_upload(file)
+            kept, info = ctx.studio.add_upload(path, choice, custom or "", key, kept_bytes)
             name = kept.name.split("-", 1)[1]
-            return add_item(state, str(kept), name, kept, choice, custom, key), None, ""
+            return add_item(state, str(kept), name, kept, info), None, "", kept_bytes + kept.stat().st_size
         except FluxStudioError as exc:
-            return state, None, error_html(user_message(exc, shared))
+            return state, None, error_html(user_message(exc, shared)), kept_bytes
 
     inputs = [h.items, h.ref, base_choice, base_custom, model_key]
     h.add.click(add_typed, inputs, [h.items, h.ref, h.message])
     h.ref.submit(add_typed, inputs, [h.items, h.ref, h.message])
-    h.upload.upload(add_uploaded, [h.items, h.upload, base_choice, base_custom, model_key], [h.items, h.upload, h.message])
+    h.upload.upload(add_uploaded, [h.items, h.upload, base_choice, base_custom, model_key, h.uploaded],
+                    [h.items, h.upload, h.message, h.uploaded], preprocess=False)
