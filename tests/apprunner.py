@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import http.cookiejar
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -25,11 +27,11 @@ class App:
     that fails for that reason is retried on another port."""
 
     def __init__(self, tmp: Path, *args: str, env: dict | None = None) -> None:
-        self.home = tmp / "fshome"
+        self.home = Path((env or {}).get("FLUXSTUDIO_HOME", tmp / "fshome"))
         self.outputs = tmp / "outputs"
         self.log = tmp / "app.log"
-        self.env = dict(os.environ, FLUXSTUDIO_HOME=str(self.home), PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
-                        GRADIO_ANALYTICS_ENABLED="False", **(env or {}))
+        self.env = {**os.environ, "FLUXSTUDIO_HOME": str(self.home), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
+                    "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
         for attempt in range(3):
             self.port = free_port()
             self.url = f"http://127.0.0.1:{self.port}"
@@ -74,3 +76,21 @@ class App:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def get(url: str, opener=None, data: bytes | None = None, method: str | None = None, headers: dict | None = None):
+    """(status, body) of one request; an HTTP error is a status like any other."""
+    opener = opener or urllib.request.build_opener()
+    try:
+        with opener.open(urllib.request.Request(url, data=data, method=method, headers=headers or {}), timeout=30) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def login(url: str, user: str, password: str):
+    """(status, an opener that carries the session cookie) after Gradio's login form."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    status, _ = get(f"{url}/login", opener, urllib.parse.urlencode({"username": user, "password": password}).encode())
+    return status, opener

@@ -207,3 +207,39 @@ def test_a_cancelled_preview_leaves_nothing_and_keeps_the_last_one(tmp_path):
         preview.run(preview.PreviewRequest(req, out, seed=2, steps=3), progress=cancel_midway, cancel=token)
     assert preview.read(out) == kept  # the preview saved before is still there, whole
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_a_cancel_takes_effect_inside_a_long_step(wide_pipeline, tmp_path):
+    """At 256² one denoising step of the FLUX-width model takes well over 5 s on two cores; a cancel 1 s into the
+    first step stops the preview within 5 s (it is checked before every Linear layer), with no step finished."""
+    import threading
+    import time
+
+    from fluxstudio.jobs import JobRunner
+    from fluxstudio.progress import Stage
+
+    root, _ = wide_pipeline
+    out = tmp_path / "wide-bf16"
+    req = BuildRequest(str(root), (), "bf16", out)
+    build(req)
+    rendering = threading.Event()
+    steps_done = []
+
+    def run(request, progress, cancel):
+        def watch(event):
+            progress(event)
+            if event.stage == Stage.PREVIEW and event.message.startswith("Rendering"):
+                steps_done.append(event.done)
+                rendering.set()
+        return preview.run(request, watch, cancel)
+
+    job = JobRunner(run=run).start(preview.PreviewRequest(req, out, steps=4, size=256, device="cpu"))
+    assert rendering.wait(300), job.error
+    time.sleep(1.0)
+    cancelled_at = time.monotonic()
+    job.cancel.cancel()
+    job.wait(60)
+    assert job.status == "cancelled" and time.monotonic() - cancelled_at < 5, (job.status, time.monotonic() - cancelled_at)
+    assert steps_done == [0]  # stopped inside the first step
+    assert not list(tmp_path.glob("*.preview")) and not list(tmp_path.glob(".*"))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 
 import pytest
+import torch
 from apprunner import App
 from fakehub import FakeHub, folder_files
 from helpers import FLUX1_TINY, write_model
@@ -164,7 +166,11 @@ def test_a_download_resumes_after_the_app_was_closed(browser, hub, tmp_path):
         again.stop()
 
 
-def test_bad_lora_upload_shows_one_sentence(browser, app, tmp_path):
+def kept_files(home, needle: str) -> list:
+    return [p for p in home.rglob("*") if p.is_file() and (needle in p.name or p.parent.name == "web")]
+
+
+def test_bad_lora_uploads_show_one_sentence_and_leave_nothing(browser, app, tmp_path):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"definitely not a safetensors file" * 10)
     page = open_page(browser, app)
@@ -173,6 +179,48 @@ def test_bad_lora_upload_shows_one_sentence(browser, app, tmp_path):
     text = page.inner_text("#lora-message")
     page.screenshot(path=str(tmp_path / "bad-upload.png"), full_page=True)
     assert "not a valid safetensors file" in text and "Traceback" not in text
+    assert kept_files(app.home, "broken") == []  # neither the web server's copy nor one of ours
+    from safetensors.torch import save_file
+
+    other = tmp_path / "not-a-lora.safetensors"  # valid safetensors, but no LoRA in it
+    save_file({"something.else": torch.zeros(256, 256)}, str(other))
+    page.set_input_files("#lora-upload input[type=file]", str(other))
+    page.wait_for_selector("#lora-message:has-text('not-a-lora')", timeout=60_000)
+    assert "no weights for the FLUX.1 transformer" in page.inner_text("#lora-message")
+    assert kept_files(app.home, "not-a-lora") == []
+    good = tmp_path / "my-lora.safetensors"  # the demo LoRA, as a person would upload one
+    from fluxstudio import demo
+
+    shutil.copyfile(demo.ensure_lora(), good)
+    page.set_input_files("#lora-upload input[type=file]", str(good))
+    page.wait_for_selector(".fs-lora-info:has-text('my-lora.safetensors')", timeout=60_000)
+    assert "matched" in page.inner_text(".fs-lora-info")
+    (kept,) = kept_files(app.home, "my-lora")  # moved once into the app's own uploads, nothing else
+    assert kept.parent.name == "uploads"
+
+
+def test_an_upload_the_disk_cannot_hold_is_refused_before_it_is_written(browser, tmp_path):
+    """The app's folder on a 120 MB tmpfs (the demo takes 85 MB of it): an 80 MB upload is refused with the
+    disk-full sentence before a byte of it is written there."""
+    home = tmp_path / "small"
+    home.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(home)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root); tests/test_security.py checks the guard itself")
+    try:
+        app = App(tmp_path, env={"FLUXSTUDIO_HOME": str(home)})
+        try:
+            big = tmp_path / "big.safetensors"
+            big.write_bytes(b"\0" * (80 << 20))
+            page = open_page(browser, app)
+            page.set_input_files("#lora-upload input[type=file]", str(big))
+            toast = page.wait_for_selector(".toast-body:has-text('free disk')", timeout=60_000)
+            page.screenshot(path=str(tmp_path / "disk-full-upload.png"))
+            assert "Not enough free disk for this 83.9 MB upload" in toast.inner_text()
+            assert [p for p in home.rglob("*") if p.is_file() and p.stat().st_size > 60 << 20 and "demo" not in p.parts] == []
+        finally:
+            app.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(home)], check=False)
 
 
 def test_gguf_for_comfyui_with_placement_hint_and_library_file(browser, app, tmp_path):

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import http.cookiejar
 import json
 import subprocess
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 
 import pytest
-from apprunner import ROOT, App
+from apprunner import ROOT, App, get
+from apprunner import login as login_at
 
 CANARY = "hf_CANARY0123456789abcdefghijklmnopqrst"
-
-
-def get(url, opener=None, data=None):
-    opener = opener or urllib.request.build_opener()
-    try:
-        with opener.open(urllib.request.Request(url, data=data), timeout=30) as r:
-            return r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +28,7 @@ def shared(tmp_path_factory):
 
 
 def login(app, user="alice", password="s3cret-pass"):
-    jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    status, _ = get(f"{app.url}/login", opener, urllib.parse.urlencode({"username": user, "password": password}).encode())
-    return status, opener
+    return login_at(app.url, user, password)
 
 
 def test_binds_localhost_only_by_default_and_reclaims_what_killed_builds_left(tmp_path):
@@ -56,7 +41,7 @@ def test_binds_localhost_only_by_default_and_reclaims_what_killed_builds_left(tm
     app = App(tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
     try:
         assert "Running on local URL:  http://127.0.0.1:" in app.wait_for_output("Running on local URL")
-        assert "Reclaimed 4.0 MB left by interrupted builds and downloads." in app.output()
+        assert "Reclaimed 4.0 MB left by interrupted builds, downloads and uploads." in app.output()
         assert not stale.exists() and not orphan.exists()
         import psutil
 
