@@ -41,7 +41,7 @@ def make_model(folder: Path, double: int, single: int) -> Path:
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
-    from fluxstudio.writer import ShardedWriter, header_bound
+    from fluxstudio.engine.shards import ShardedWriter, header_bound
 
     if (folder / "config.json").exists():
         return folder
@@ -65,7 +65,7 @@ def make_lora(path: Path, base: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import peft_lora
 
-    from fluxstudio.models import open_base
+    from fluxstudio.engine.models import open_base
 
     if path.exists():
         return path

@@ -37,7 +37,7 @@ def write_encoder(folder: Path, cls_name: str, config: dict) -> None:
     import transformers
     from accelerate import init_empty_weights
 
-    from fluxstudio.writer import ShardedWriter, header_bound
+    from fluxstudio.engine.shards import ShardedWriter, header_bound
 
     cls = getattr(transformers, cls_name)
     cfg = cls.config_class(**config)
@@ -58,7 +58,7 @@ def write_encoder(folder: Path, cls_name: str, config: dict) -> None:
 def make_pipeline(folder: Path, t5_layers: int) -> Path:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
-    from fluxstudio import demo
+    from fluxstudio.sources import demo
 
     if (folder / "model_index.json").exists():
         return folder

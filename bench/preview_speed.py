@@ -30,9 +30,10 @@ def main() -> None:
     import torch
     from fuse_vs_diffusers import WIDTH_CONFIG, make_lora, make_model
 
-    from fluxstudio import demo, preview
-    from fluxstudio.build import build
-    from fluxstudio.request import BuildRequest, LoraRef
+    from fluxstudio.sources import demo
+    from fluxstudio.flows import preview
+    from fluxstudio.flows.build import build
+    from fluxstudio.flows.request import BuildRequest, LoraRef
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fluxstudio-bench")

@@ -24,14 +24,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def one_build(base: Path, lora: Path, out: Path, fmt: str, precision: str, measure: bool) -> tuple[float, float | None, float]:
-    from fluxstudio.build import plan_output
-    from fluxstudio.fuse import execute
-    from fluxstudio.retention import Retention
+    from fluxstudio.flows.build import plan_build
+    from fluxstudio.engine.fuse import execute
+    from fluxstudio.engine.retention import Retention
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t0 = time.perf_counter()
-    output = plan_output(base, [(lora, 1.0)], fmt, precision, "bench.out", 5 * 10**9).output
+    output = plan_build(base, [(lora, 1.0)], fmt, precision, "bench.out", 5 * 10**9).output
     if not measure:
         output.retention = Retention({})  # a writer with nothing to measure
     output.open(out, {})

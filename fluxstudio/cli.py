@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    bar = _Bar(quiet=False)
+    bar = _ProgressBar(quiet=False)
     try:
         ref, got = studio.Studio(local=True).download(args.ref, args.lora, progress=bar, cancel=CancelToken())
     finally:
@@ -143,7 +143,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Bar:
+class _ProgressBar:
     """A tqdm bar over bytes for the fuse stage, and one line per other stage."""
 
     def __init__(self, quiet: bool) -> None:
@@ -198,7 +198,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         ignore_unmatched=args.ignore_unmatched,
         double_quant=args.double_quant,
     )
-    bar = _Bar(args.quiet)
+    bar = _ProgressBar(args.quiet)
     try:
         front = studio.Studio(local=True)
         result = front.build(req, progress=bar, cancel=CancelToken())
@@ -224,7 +224,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if args.report_json:
         args.report_json.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
     if args.preview:
-        bar = _Bar(args.quiet)
+        bar = _ProgressBar(args.quiet)
         try:
             shown = front.preview(req, Path(result.output_dir), args.prompt, args.seed, args.preview_steps,
                                   args.preview_size, progress=bar, cancel=CancelToken())

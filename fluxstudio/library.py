@@ -7,7 +7,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxstudio import manifest, preview
+from fluxstudio.engine import manifest
+from fluxstudio.flows import preview
 from fluxstudio.errors import BadInputError
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")

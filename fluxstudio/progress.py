@@ -1,7 +1,7 @@
-"""Typed progress events, a cancel token, and a safe way to report.
+"""Typed progress events, a cancel token, and the `Run` that carries both (and notes) through a job.
 
-Core functions take `progress: ProgressCallback | None` and `cancel: CancelToken | None`. A bug in a
-progress callback is logged and never kills the job.
+Core functions take `run: Run` (or None: nobody watching, nothing to cancel). A bug in a progress callback is logged
+and never kills the job.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from fluxstudio.errors import CancelledError
@@ -74,3 +74,27 @@ def report(progress: ProgressCallback | None, event: ProgressEvent) -> None:
 def check(cancel: CancelToken | None) -> None:
     if cancel is not None:
         cancel.check()
+
+
+@dataclass
+class Run:
+    """One job as its stages see it: where progress goes, whether it was cancelled, and what the person should know."""
+
+    progress: ProgressCallback | None = None
+    cancel: CancelToken | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def report(self, event: ProgressEvent) -> None:
+        report(self.progress, event)
+
+    def check(self) -> None:
+        check(self.cancel)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.cancelled
+
+
+def running(run: Run | None) -> Run:
+    """The run to report to: the given one, or a silent one."""
+    return run if run is not None else Run()

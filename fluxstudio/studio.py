@@ -15,15 +15,19 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fluxstudio import __version__, advice, catalogue, formats, paths, snippets
-from fluxstudio.catalogue import PRESETS
+from fluxstudio import __version__, formats, paths
+from fluxstudio.advice import recommend as advice, catalogue
+from fluxstudio.formats import snippets
+from fluxstudio.advice.catalogue import PRESETS
 from fluxstudio.errors import BadInputError, DiskSpaceError, FluxStudioError
 from fluxstudio.formats import ENCODER_PRECISIONS, FORMATS, PRECISIONS
-from fluxstudio.hardware import HardwareInfo, library_versions, probe
-from fluxstudio.hub import Hub, Ref, has_token, parse_ref, save_token
-from fluxstudio.jobs import Job, JobRunner
+from fluxstudio.advice.hardware import HardwareInfo, library_versions, probe
+from fluxstudio.sources.hub import Hub, has_token, save_token
+from fluxstudio.sources.refs import Ref, parse_ref
+from fluxstudio.flows.jobs import Job, JobRunner
+from fluxstudio.progress import Run
 from fluxstudio.library import Entry, delete_output, list_outputs, safe_name
-from fluxstudio.request import DISK_MARGIN, BuildRequest, BuildResult, LoraRef
+from fluxstudio.flows.request import DISK_MARGIN, BuildRequest, BuildResult, LoraRef
 from fluxstudio.units import free_bytes, human_bytes, parse_size
 
 __all__ = [
@@ -103,7 +107,7 @@ class Studio:
         """The base's folder when it is on this machine already (demo, a local folder, a cached Hub snapshot)."""
         text = self.base_ref(choice, custom)
         if text == "demo":
-            from fluxstudio import demo
+            from fluxstudio.sources import demo
 
             return demo.ensure_base()
         ref = self.ref(text)
@@ -125,7 +129,7 @@ class Studio:
     # -- describe --------------------------------------------------------------------------------------------
     def describe_base(self, choice: str, custom: str = "") -> BaseStatus:
         """What the chosen base is and what getting it costs. Raises FluxStudioError."""
-        from fluxstudio.models import open_base
+        from fluxstudio.engine.models import open_base
 
         text = self.base_ref(choice, custom)
         if text == "demo":
@@ -135,7 +139,7 @@ class Studio:
             base = open_base(ref.path)
             return BaseStatus(f"{base.variant} · {str(base.dtype).removeprefix('torch.')} · {human_bytes(base.total_bytes)} "
                               "· local folder", self.model_key(choice, base.family.key))
-        p = self.hub.plan(ref)
+        p = self.hub.download_plan(ref)
         need_token = p.gated and not has_token()
         where = f"to download: {human_bytes(p.todo_bytes)}" if p.todo_bytes else "already downloaded"
         if p.todo_bytes and (p.cached_bytes or p.partial_bytes):
@@ -152,7 +156,7 @@ class Studio:
         """(reference to build with, local file) for a typed LoRA reference; Hub LoRAs are downloaded here."""
         ref = self.ref(text)
         if ref.kind == "demo":
-            from fluxstudio import demo
+            from fluxstudio.sources import demo
 
             return "demo", demo.ensure_lora()
         if ref.kind == "local":
@@ -161,7 +165,7 @@ class Studio:
 
     def scratch(self) -> Path:
         """This process's own folder (uploads, the web server's temporary files), removed once the process is gone."""
-        from fluxstudio import partials
+        from fluxstudio.engine import partials
 
         if self._scratch is None:
             self._scratch = partials.owned_folder(paths.sessions_dir())
@@ -185,7 +189,7 @@ class Studio:
                 src.parent.rmdir()  # the upload's own folder, once empty
 
     def _keep(self, src: Path, size: int) -> Path:
-        from fluxstudio.safefile import sha256
+        from fluxstudio.engine.safefile import sha256
 
         folder = self.scratch() / "uploads"
         folder.mkdir(exist_ok=True)
@@ -213,13 +217,13 @@ class Studio:
 
     def describe_lora(self, path: Path, choice: str, custom: str, model_key: str) -> str:
         """One line on a LoRA, checked against the base when the base is here already."""
-        from fluxstudio.fuse import plan
-        from fluxstudio.lora import load_lora
-        from fluxstudio.models import FAMILIES, open_base
+        from fluxstudio.engine.fuse import plan_tensors
+        from fluxstudio.engine.lora import load_lora
+        from fluxstudio.engine.models import FAMILIES, open_base
 
         family = next(f for f in FAMILIES if f.key == ("flux2" if model_key.startswith("flux2") else "flux1"))
         lora = load_lora(path, family)
-        from fluxstudio.models import ENCODERS
+        from fluxstudio.engine.models import ENCODERS
 
         labels = {"transformer": "transformer", **{c: e.label for c, e in ENCODERS.items()}}
         parts = [lora.format, "rank " + "/".join(map(str, lora.ranks)) if lora.ranks else "no LoRA matrices",
@@ -227,7 +231,7 @@ class Studio:
                  "changes the " + " + ".join(labels[c] for c in lora.components)]
         base_dir = self.local_base(choice, custom)
         if base_dir is not None:
-            fplan = plan(open_base(base_dir), [(lora, 1.0)], ignore_unmatched=True)
+            fplan = plan_tensors(open_base(base_dir), [(lora, 1.0)], ignore_unmatched=True)
             parts.append(f"{fplan.matched.get(lora.name, 0)} matched")
             parts += [n.split(": ", 1)[-1] for n in fplan.notes]
         else:
@@ -239,13 +243,13 @@ class Studio:
                  model_key: str = "flux1", t5_precision: str = "") -> Estimate:
         """The output's size: exactly what the build checks the disk against when the base is here (the LoRAs
         count: a Control LoRA widens the model), else the model table's figure. Never raises."""
-        from fluxstudio.build import plan_output
+        from fluxstudio.flows.build import plan_build
 
         free = free_bytes(self.output_dir)
         try:
             base_dir = self.local_base(choice, custom)
             if base_dir is not None:
-                planned = plan_output(base_dir, [(Path(p), 1.0) for p in lora_paths], format, precision, t5_precision=t5_precision)
+                planned = plan_build(base_dir, [(Path(p), 1.0) for p in lora_paths], format, precision, t5_precision=t5_precision)
                 return Estimate(planned.need_bytes(self.output_dir), free, True)
         except FluxStudioError:
             pass  # not usable yet: the table's estimate stands
@@ -268,39 +272,40 @@ class Studio:
     @staticmethod
     def preview_unavailable(base: str) -> str | None:
         """Why this machine cannot preview a build from this base (None: it can)."""
-        from fluxstudio import preview
+        from fluxstudio.flows import preview
 
         return preview.unavailable(base)
 
     @staticmethod
     def preview_defaults(request: BuildRequest, output: Path) -> tuple[int, int]:
         """(steps, size) the preview starts from for a built output."""
-        from fluxstudio import manifest, preview
+        from fluxstudio.engine import manifest
+        from fluxstudio.flows import preview
 
         variant = (manifest.read(output) or {}).get("base", {}).get("variant", "")
         return preview.defaults(variant, request.base == "demo")
 
     def _preview_request(self, request: BuildRequest, output: Path, prompt: str, seed, steps, size):
-        from fluxstudio import preview
+        from fluxstudio.flows import preview
 
         return preview.make_request(request, output, prompt, seed, steps, size, shared=not self.local)
 
     def start_preview(self, request: BuildRequest, output: Path, prompt: str, seed: int, steps: int, size: int) -> Job:
         """Render the same seed unfused and fused, as a job (after any running build: one job at a time)."""
-        from fluxstudio import preview
+        from fluxstudio.flows import preview
 
         return self.runner.start(self._preview_request(request, output, prompt, seed, steps, size), preview.run)
 
     def preview(self, request: BuildRequest, output: Path, prompt: str, seed: int, steps: int, size: int,
                 progress=None, cancel=None):
         """The same, in this thread (the CLI): a PreviewResult."""
-        from fluxstudio import preview
+        from fluxstudio.flows import preview
 
         return preview.run(self._preview_request(request, output, prompt, seed, steps, size), progress, cancel, self.hub)
 
     def saved_preview(self, name: str):
         """The preview saved beside an output of the library (PreviewResult), or None."""
-        from fluxstudio import preview
+        from fluxstudio.flows import preview
 
         return preview.read(self.output_dir / name) if safe_name(name) == name else None
 
@@ -317,7 +322,7 @@ class Studio:
     def reclaim(self) -> int:
         """Remove what killed builds left in the outputs folder (work folders no running process owns) and
         interrupted downloads in the HF cache that nobody will resume."""
-        from fluxstudio import partials
+        from fluxstudio.engine import partials
 
         self.reclaimed_bytes = (partials.reclaim(self.output_dir) + self.hub.reclaim()
                                 + partials.reclaim(paths.sessions_dir(), ("*",)))
@@ -335,7 +340,7 @@ class Studio:
 
     @staticmethod
     def family(key: str):
-        from fluxstudio.models import FAMILIES
+        from fluxstudio.engine.models import FAMILIES
 
         return next(f for f in FAMILIES if f.key == key)
 
@@ -349,7 +354,7 @@ class Studio:
 
     def build(self, request: BuildRequest, progress=None, cancel=None) -> BuildResult:
         """A build in this thread (the CLI); the app starts jobs instead."""
-        from fluxstudio.build import build
+        from fluxstudio.flows.build import build
 
         return build(request, progress=progress, cancel=cancel, hub=self.hub)
 
@@ -358,4 +363,4 @@ class Studio:
         ref = parse_ref(text)
         if ref.kind != "hub":
             raise FluxStudioError(f"'{text}' is not a Hub reference.", "Use owner/name or a https://huggingface.co/... URL.")
-        return ref, (self.hub.fetch_lora if lora else self.hub.fetch_base)(ref, progress=progress, cancel=cancel)
+        return ref, (self.hub.fetch_lora if lora else self.hub.fetch_base)(ref, Run(progress, cancel))

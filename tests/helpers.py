@@ -62,7 +62,7 @@ def write_model(
 
 
 def linear_shapes(folder: Path, contains: tuple[str, ...] = ("attn.to_", "ff.net", "proj_mlp", "proj_out")) -> dict:
-    from fluxstudio.models import open_base
+    from fluxstudio.engine.models import open_base
 
     base = open_base(folder)
     return {

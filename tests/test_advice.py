@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from fluxstudio.advice import CARDS, MODELS, Card, recommend, recommend_here
-from fluxstudio.hardware import probe
+from fluxstudio.advice.recommend import CARDS, MODELS, Card, recommend, recommend_here
+from fluxstudio.advice.hardware import probe
 
 FLUX1, FLUX2 = MODELS["flux1"], MODELS["flux2-dev"]
 
@@ -102,7 +102,7 @@ def test_cpu_only_explains_and_asks_for_a_target():
 
 
 def test_an_apple_machine_is_asked_for_its_target_too():
-    from fluxstudio.hardware import Accelerator, HardwareInfo
+    from fluxstudio.advice.hardware import Accelerator, HardwareInfo
 
     mac = HardwareInfo("Darwin 24", "Apple M3 Max", 16, 64 * 10**9, 40 * 10**9, 500 * 10**9, "/Users/x",
                        [Accelerator(kind="Apple MPS", name="Apple arm64 GPU", vram_total_bytes=64 * 10**9, bf16=True)])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fluxstudio.build import BuildRequest, LoraRef, build
+from fluxstudio.flows.build import BuildRequest, LoraRef, build
 from fluxstudio.errors import (
     BadInputError, CancelledError, DiskSpaceError, LoraMismatchError, NumericError, OutputError,
 )
@@ -268,7 +268,7 @@ def test_a_killed_build_leaves_a_partial_that_the_next_build_reclaims(wide_base,
 
 
 def test_a_running_builds_partial_is_left_alone(tmp_path):
-    from fluxstudio import partials
+    from fluxstudio.engine import partials
 
     mine = tmp_path / ".x.partial-1234"
     mine.mkdir()

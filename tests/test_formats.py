@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fluxstudio import formats
-from fluxstudio.build import BuildRequest, LoraRef, build
+from fluxstudio.flows.build import BuildRequest, LoraRef, build
 from fluxstudio.errors import BadInputError, OutputError
 from fluxstudio.formats.bfl import SWAPPED
 from fluxstudio.quant import ggml

@@ -14,9 +14,11 @@ import pytest
 from fakehub import FakeHub, folder_files
 from helpers import FLUX1_TINY, linear_shapes, peft_lora, write_model
 
-from fluxstudio.build import BuildRequest, LoraRef, build
+from fluxstudio.flows.build import BuildRequest, LoraRef, build
 from fluxstudio.errors import BadInputError, CancelledError, DiskSpaceError, HubError
-from fluxstudio.hub import Hub, parse_ref
+from fluxstudio.progress import CancelToken, Run
+from fluxstudio.sources.hub import Hub
+from fluxstudio.sources.refs import DemoRef, HubRef, LocalRef, parse_ref
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "acme/flux-tiny"
@@ -64,20 +66,21 @@ def untrusted_partials(cache: Path) -> list[str]:
     return sorted(str(p) for p in cache.rglob("*") if p.name.endswith(".incomplete"))
 
 
-@pytest.mark.parametrize("text,kind,repo,rev,sub", [
-    ("demo", "demo", "", "main", ""),
-    ("black-forest-labs/FLUX.1-dev", "hub", "black-forest-labs/FLUX.1-dev", "main", ""),
-    ("acme/x@v1.0", "hub", "acme/x", "v1.0", ""),
-    ("acme/x@abc/sub/file.safetensors", "hub", "acme/x", "abc", "sub/file.safetensors"),
-    ("https://huggingface.co/acme/x/blob/main/lora.safetensors", "hub", "acme/x", "main", "lora.safetensors"),
-    ("https://huggingface.co/acme/x/resolve/dev/a/b.safetensors", "hub", "acme/x", "dev", "a/b.safetensors"),
-    ("https://huggingface.co/acme/x", "hub", "acme/x", "main", ""),
-    ("./local/folder", "local", "", "main", ""),
-    ("/abs/path.safetensors", "local", "", "main", ""),
+@pytest.mark.parametrize("text,expected", [
+    ("demo", DemoRef()),
+    ("black-forest-labs/FLUX.1-dev", HubRef("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-dev")),
+    ("acme/x@v1.0", HubRef("acme/x@v1.0", "acme/x", "v1.0")),
+    ("acme/x@abc/sub/file.safetensors", HubRef("acme/x@abc/sub/file.safetensors", "acme/x", "abc", "sub/file.safetensors")),
+    ("https://huggingface.co/acme/x/blob/main/lora.safetensors",
+     HubRef("https://huggingface.co/acme/x/blob/main/lora.safetensors", "acme/x", "main", "lora.safetensors")),
+    ("https://huggingface.co/acme/x/resolve/dev/a/b.safetensors",
+     HubRef("https://huggingface.co/acme/x/resolve/dev/a/b.safetensors", "acme/x", "dev", "a/b.safetensors")),
+    ("https://huggingface.co/acme/x", HubRef("https://huggingface.co/acme/x", "acme/x")),
+    ("./local/folder", LocalRef("./local/folder", Path("./local/folder").resolve())),
+    ("/abs/path.safetensors", LocalRef("/abs/path.safetensors", Path("/abs/path.safetensors"))),
 ])
-def test_parse_ref(text, kind, repo, rev, sub):
-    ref = parse_ref(text)
-    assert (ref.kind, ref.repo_id, ref.revision, ref.subpath) == (kind, repo, rev, sub)
+def test_parse_ref(text, expected):
+    assert parse_ref(text) == expected
 
 
 def test_parse_ref_rejects_nonsense():
@@ -194,7 +197,7 @@ def test_not_enough_disk_is_checked_before_downloading(fake, cache):
 def test_progress_is_monotonic_and_cancel_stops_within_a_second(fake, cache):
     hub = make_hub(fake, cache)
     events = []
-    hub.fetch_lora(parse_ref("acme/big"), progress=events.append)
+    hub.fetch_lora(parse_ref("acme/big"), Run(events.append))
     done = [e.bytes_done for e in events]
     assert done == sorted(done) and done[-1] == events[-1].bytes_total == 24 << 20
 
@@ -202,7 +205,7 @@ def test_progress_is_monotonic_and_cancel_stops_within_a_second(fake, cache):
     import shutil
 
     shutil.rmtree(cache)
-    token = __import__("fluxstudio.progress", fromlist=["CancelToken"]).CancelToken()
+    token = CancelToken()
     started = threading.Event()
     cancelled_at = []
 
@@ -218,7 +221,7 @@ def test_progress_is_monotonic_and_cancel_stops_within_a_second(fake, cache):
 
     threading.Thread(target=cancel_soon, daemon=True).start()
     with pytest.raises(CancelledError):
-        hub.fetch_lora(parse_ref("acme/big"), progress=progress, cancel=token)
+        hub.fetch_lora(parse_ref("acme/big"), Run(progress, token))
     assert time.monotonic() - cancelled_at[0] < 1.0
     assert not list(cache.rglob("snapshots/*/big.safetensors"))
 
@@ -258,7 +261,7 @@ def test_cli_download(fake, cache):
 
 def test_token_is_stored_by_huggingface_hub_login(fake, tmp_path):
     env = dict(os.environ, HF_HOME=str(tmp_path / "hfhome"), HF_ENDPOINT=fake.url, PYTHONPATH=str(ROOT))
-    code = "import sys; from fluxstudio.hub import save_token, has_token; print(save_token(sys.argv[1]), has_token())"
+    code = "import sys; from fluxstudio.sources.hub import save_token, has_token; print(save_token(sys.argv[1]), has_token())"
     ok = subprocess.run([sys.executable, "-c", code, CANARY], capture_output=True, text=True, env=env, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.split() == ["tester", "True"] and CANARY not in ok.stdout + ok.stderr

@@ -10,11 +10,12 @@ import torch
 from helpers import FLUX1_WIDE, linear_shapes, peft_lora
 from PIL import Image
 
-from fluxstudio import demo, preview
-from fluxstudio.build import build
+from fluxstudio.sources import demo
+from fluxstudio.flows import preview
+from fluxstudio.flows.build import build
 from fluxstudio.errors import BadInputError
 from fluxstudio.library import delete_output, list_outputs
-from fluxstudio.request import BuildRequest, LoraRef
+from fluxstudio.flows.request import BuildRequest, LoraRef
 
 # encoders as wide as FLUX1_WIDE's text inputs (joint attention and pooled projection: 64)
 SMALL_CLIP = dict(demo.DEMO_CLIP, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
@@ -162,7 +163,7 @@ def test_preview_on_cuda_with_a_flux_width_model_within_a_vram_cap(wide_pipeline
 def test_a_hub_base_brings_its_encoders_vae_and_scheduler_with_progress_once(tmp_path):
     from fakehub import FakeHub, folder_files
 
-    from fluxstudio.hub import Hub
+    from fluxstudio.sources.hub import Hub
     from fluxstudio.progress import Stage
 
     pipe = demo.ensure_base()
@@ -216,7 +217,7 @@ def test_a_cancel_takes_effect_inside_a_long_step(wide_pipeline, tmp_path):
     import threading
     import time
 
-    from fluxstudio.jobs import JobRunner
+    from fluxstudio.flows.jobs import JobRunner
     from fluxstudio.progress import Stage
 
     root, _ = wide_pipeline

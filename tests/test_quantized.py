@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fluxstudio.build import BuildRequest, LoraRef, build
-from fluxstudio.quantize import FP8_MAX, Quantizer, fp8_encode, make_quantizer
+from fluxstudio.flows.build import BuildRequest, LoraRef, build
+from fluxstudio.quant.legacy import FP8_MAX, Quantizer, fp8_encode, make_quantizer
 from helpers import FLUX1_TINY, flux1_inputs, linear_shapes, load_dir, peft_lora, relative_error, write_model
 
 F = pytest.importorskip("bitsandbytes.functional")

@@ -20,12 +20,13 @@ import pytest
 from fakehub import FakeHub, folder_files
 from helpers import FLUX1_TINY, linear_shapes, peft_lora, write_model
 
-from fluxstudio import resume
+from fluxstudio.sources import resume
 from fluxstudio.errors import CancelledError, DiskSpaceError
-from fluxstudio.hub import Hub, parse_ref
-from fluxstudio.jobs import Job
-from fluxstudio.progress import CancelToken, ProgressEvent, Stage
-from fluxstudio.request import BuildRequest
+from fluxstudio.sources.hub import Hub
+from fluxstudio.sources.refs import parse_ref
+from fluxstudio.flows.jobs import Job
+from fluxstudio.progress import CancelToken, ProgressEvent, Run, Stage
+from fluxstudio.flows.request import BuildRequest
 from fluxstudio.units import human_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +152,7 @@ def test_damaged_partial_is_caught_downloaded_again_and_the_user_told(fake, big_
     ref = parse_ref("acme/big-lora/big.safetensors")
     progress, token = cancel_at(0.5, BIG)
     with pytest.raises(CancelledError, match=r"Download cancelled: \d+(\.\d)? MB kept; starting again resumes") as info:
-        hub.fetch_lora(ref, progress=progress, cancel=token)
+        hub.fetch_lora(ref, Run(progress, token))
     assert "discard" in info.value.hint
     [partial] = cache.glob(f"models--*/blobs/*{resume.PARTIAL}")
     with partial.open("r+b") as f:  # a bit flipped on disk
@@ -172,10 +173,10 @@ def test_progress_after_a_resume_starts_at_what_is_there_and_the_eta_counts_only
     hub = Hub(endpoint=fake.url, cache_dir=str(cache))
     progress, token = cancel_at(0.6, BIG)
     with pytest.raises(CancelledError):
-        hub.fetch_lora(parse_ref("acme/big-lora"), progress=progress, cancel=token)
+        hub.fetch_lora(parse_ref("acme/big-lora"), Run(progress, token))
     here = next(cache.glob(f"models--*/blobs/*{resume.PARTIAL}")).stat().st_size
     events: list[ProgressEvent] = []
-    hub.fetch_lora(parse_ref("acme/big-lora"), progress=events.append)
+    hub.fetch_lora(parse_ref("acme/big-lora"), Run(events.append))
     first = events[0]
     assert first.bytes_done == first.bytes_start == here and first.bytes_total == BIG
     assert first.message == f"Resuming acme/big-lora at {human_bytes(here)} of {human_bytes(BIG)}"
@@ -192,7 +193,7 @@ def test_the_disk_check_counts_what_is_already_here(fake, tmp_path):
     cache = tmp_path / "hf" / "hub"
     progress, token = cancel_at(0.5, BIG)
     with pytest.raises(CancelledError):
-        Hub(endpoint=fake.url, cache_dir=str(cache)).fetch_lora(parse_ref("acme/big-lora"), progress=progress, cancel=token)
+        Hub(endpoint=fake.url, cache_dir=str(cache)).fetch_lora(parse_ref("acme/big-lora"), Run(progress, token))
     here = next(cache.glob(f"models--*/blobs/*{resume.PARTIAL}")).stat().st_size
     with pytest.raises(DiskSpaceError, match="needs .* more"):
         Hub(endpoint=fake.url, cache_dir=str(cache), free_bytes=lambda p: BIG - here - 1).fetch_lora(parse_ref("acme/big-lora"))
@@ -207,11 +208,11 @@ def test_plan_and_discard_see_the_partial_download(fake, tmp_path):
                                     "transformer/config.json": b"{}"})
     progress, token = cancel_at(0.3, BIG)
     with pytest.raises(CancelledError):
-        hub.fetch_base(parse_ref("acme/flux-big"), progress=progress, cancel=token)
-    plan = hub.plan(parse_ref("acme/flux-big"))
+        hub.fetch_base(parse_ref("acme/flux-big"), Run(progress, token))
+    plan = hub.download_plan(parse_ref("acme/flux-big"))
     assert plan.partial_bytes >= 0.3 * BIG and plan.todo_bytes == BIG - plan.partial_bytes and plan.cached_bytes == 2
     assert hub.discard(parse_ref("acme/flux-big")) == plan.partial_bytes
-    assert hub.plan(parse_ref("acme/flux-big")).partial_bytes == 0 and leftovers(tmp_path) == []
+    assert hub.download_plan(parse_ref("acme/flux-big")).partial_bytes == 0 and leftovers(tmp_path) == []
 
 
 def test_what_is_reclaimed_at_start_and_what_is_kept(tmp_path):

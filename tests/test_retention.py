@@ -14,8 +14,8 @@ import torch
 from helpers import FLUX1_TINY, linear_shapes, load_dir, peft_lora, write_model
 from safetensors.torch import load_file, save_file
 
-from fluxstudio import manifest
-from fluxstudio.build import BuildRequest, LoraRef, build
+from fluxstudio.engine import manifest
+from fluxstudio.flows.build import BuildRequest, LoraRef, build
 
 ROOT = Path(__file__).resolve().parent.parent
 

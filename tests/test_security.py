@@ -21,12 +21,12 @@ from fakehub import FakeHub
 from helpers import FLUX1_TINY, linear_shapes, peft_lora, write_model
 from safetensors.torch import save_file
 
-from fluxstudio import partials
-from fluxstudio.build import build
+from fluxstudio.engine import partials
+from fluxstudio.flows.build import build
 from fluxstudio.cli import main as cli
 from fluxstudio.errors import BadInputError, HubError, OutputError
-from fluxstudio.request import BuildRequest, LoraRef
-from fluxstudio.safefile import MAX_HEADER, read_header
+from fluxstudio.flows.request import BuildRequest, LoraRef
+from fluxstudio.engine.safefile import MAX_HEADER, read_header
 from fluxstudio.studio import CUSTOM, Studio
 from fluxstudio.ui.handlers import user_message
 
@@ -222,7 +222,7 @@ def test_the_cli_refuses_a_nan_scale_with_one_sentence(tmp_path, capsys):
 
 
 def test_manifests_are_strict_json(tmp_path):
-    from fluxstudio import manifest
+    from fluxstudio.engine import manifest
 
     def strict(text):
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
@@ -243,7 +243,7 @@ def test_manifests_are_strict_json(tmp_path):
     ("size", 4096, "from 0 to 2048"), ("seed", "abc", "The seed 'abc' does not work"),
 ])
 def test_preview_numbers_are_checked_in_the_core(tmp_path, field, value, match):
-    from fluxstudio import preview
+    from fluxstudio.flows import preview
 
     args = {"seed": 0, "steps": 0, "size": 0} | {field: value}
     with pytest.raises(BadInputError, match=match):
@@ -251,7 +251,7 @@ def test_preview_numbers_are_checked_in_the_core(tmp_path, field, value, match):
 
 
 def test_a_shared_session_has_lower_preview_limits(tmp_path):
-    from fluxstudio import preview
+    from fluxstudio.flows import preview
 
     req = BuildRequest("demo", (), "bf16", tmp_path / "x")
     assert preview.make_request(req, tmp_path / "x", "", 0, 100, 2048).steps == 100
@@ -429,7 +429,7 @@ def test_shared_messages_never_tell_which_paths_exist(tmp_path, monkeypatch):
 
 
 def test_a_hub_reference_that_steps_out_of_its_repo_is_one_sentence():
-    from fluxstudio.hub import parse_ref
+    from fluxstudio.sources.refs import parse_ref
 
     for text in ("acme/lora/../../etc/passwd", "acme/../x", "acme/lora@../main/a.safetensors", "acme/lora/./a",
                  "https://huggingface.co/acme/lora/resolve/main/../x.safetensors", "acme--x/lora"):

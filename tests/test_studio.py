@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from helpers import linear_shapes, peft_lora
 
-from fluxstudio.build import BuildRequest, DISK_MARGIN, build
+from fluxstudio.flows.build import BuildRequest, DISK_MARGIN, build
 from fluxstudio.errors import BadInputError, CancelledError, DiskSpaceError, FluxStudioError
-from fluxstudio.jobs import JobRunner
+from fluxstudio.flows.jobs import JobRunner
 from fluxstudio.library import delete_output, list_outputs
 from fluxstudio.progress import ProgressEvent, Stage
 from fluxstudio.studio import Studio

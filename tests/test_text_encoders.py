@@ -12,10 +12,10 @@ from helpers import assert_within_one_ulp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fluxstudio import demo
-from fluxstudio.build import BuildRequest, LoraRef, build
+from fluxstudio.sources import demo
+from fluxstudio.flows.build import BuildRequest, LoraRef, build
 from fluxstudio.errors import BadInputError, LoraMismatchError
-from fluxstudio.models import open_encoder
+from fluxstudio.engine.models import open_encoder
 
 CLIP_MODULES = ("self_attn.q_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1")
 T5_MODULES = ("layer.0.SelfAttention.q", "layer.0.SelfAttention.o", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wo")
@@ -211,7 +211,7 @@ def test_one_file_outputs_get_fused_text_encoders_in_comfyui_layout(pipe_dir, tm
         assert (t5[k].float() - want.float()).abs().max() <= want.float().abs().max() * 2**-3
 
     assert result.files == sorted([clip_file.name, t5_file.name, f"flux{'.gguf' if format == 'gguf' else '.safetensors'}"])
-    from fluxstudio import snippets
+    from fluxstudio.formats import snippets
 
     assert "models/text_encoders/" in snippets.placement(format, result.files)
     entry = library.list_outputs(tmp_path)[0]
@@ -267,7 +267,7 @@ def test_a_pipeline_needs_the_whole_base_and_a_t5_precision_it_offers(pipe_dir, 
 def test_downloads_fetch_only_what_the_output_needs(pipe_dir, tmp_path):
     from fakehub import FakeHub, folder_files
 
-    from fluxstudio.hub import Hub
+    from fluxstudio.sources.hub import Hub
 
     files = folder_files(pipe_dir)
     files["flux1-dev.safetensors"] = b"BFL's own single file, which no output needs" * 1000

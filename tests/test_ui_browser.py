@@ -189,7 +189,7 @@ def test_bad_lora_uploads_show_one_sentence_and_leave_nothing(browser, app, tmp_
     assert "no weights for the FLUX.1 transformer" in page.inner_text("#lora-message")
     assert kept_files(app.home, "not-a-lora") == []
     good = tmp_path / "my-lora.safetensors"  # the demo LoRA, as a person would upload one
-    from fluxstudio import demo
+    from fluxstudio.sources import demo
 
     shutil.copyfile(demo.ensure_lora(), good)
     page.set_input_files("#lora-upload input[type=file]", str(good))

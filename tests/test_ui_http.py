@@ -124,8 +124,8 @@ def test_core_never_imports_gradio():
 def test_shared_messages_drop_only_local_paths(tmp_path):
     """A shared session hides exactly the paths an error names: repo ids, URLs and numbers stay intact."""
     from fluxstudio.errors import FluxStudioError
-    from fluxstudio.hub import hub_error
-    from fluxstudio.models import open_base
+    from fluxstudio.sources.hub import hub_error
+    from fluxstudio.engine.models import open_base
     from fluxstudio.ui.handlers import user_message
 
     class NotFound(Exception):

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxstudio import manifest
+from fluxstudio.engine import manifest
 from fluxstudio.formats import Format
 from fluxstudio.formats.bfl import Assembler, layout, swap_halves
-from fluxstudio.fuse import TensorJob
+from fluxstudio.engine.fuse import TensorJob
 from fluxstudio.quant import ggml
-from fluxstudio.quantize import FP8_MAX, encoded_bytes, fp8_encode, make_quantizer, nf4_encode, nf4_rows
-from fluxstudio.retention import Retention
-from fluxstudio.writer import ShardedWriter, header_bound
+from fluxstudio.quant.legacy import FP8_MAX, encoded_bytes, fp8_encode, make_quantizer, nf4_encode, nf4_rows
+from fluxstudio.engine.retention import Retention
+from fluxstudio.engine.shards import ShardedWriter, header_bound
 
 # The small input/output layers keep a high precision in every one-file format (city96's rule for GGUF).
 KEEP_HIGH = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")

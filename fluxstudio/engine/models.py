@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from fluxstudio.errors import BadInputError
-from fluxstudio.safefile import Header, TensorInfo, read_header
+from fluxstudio.engine.safefile import Header, TensorInfo, read_header
 
 
 @dataclass(frozen=True)

@@ -10,73 +10,15 @@ stored login) and never appear in a message.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fluxstudio import resume, units
+from fluxstudio import units
 from fluxstudio.errors import BadInputError, DiskSpaceError, FluxStudioError, HubError
-from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Stage, report
-
-HUB_URL = "https://huggingface.co"
-
-
-@dataclass(frozen=True)
-class Ref:
-    """Where a base or LoRA comes from: `demo`, a local path, or a Hub repo (+ revision, + file or folder)."""
-
-    kind: str  # "demo" | "local" | "hub"
-    text: str
-    path: Path | None = None
-    repo_id: str = ""
-    revision: str = "main"
-    subpath: str = ""
-
-    def display(self) -> str:
-        if self.kind != "hub":
-            return self.text if self.kind == "demo" else self.path.name if self.path else self.text
-        rev = "" if self.revision == "main" else f"@{self.revision}"
-        return f"{self.repo_id}{rev}{'/' + self.subpath if self.subpath else ''}"
-
-
-_NAME = r"[A-Za-z0-9][\w.-]*"
-_URL = re.compile(rf"^https?://[^/]+/(?P<repo>{_NAME}/{_NAME})(?:/(?:blob|resolve|tree)/(?P<rev>[^/]+)(?:/(?P<path>.+))?)?/?$")
-_REPO = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?:@(?P<rev>[^/]+))?(?:/(?P<path>.+))?$")
-
-
-def parse_ref(text: str, local: bool = True) -> Ref:
-    """Parse what a user typed: `demo`, a path, `owner/name[@rev][/path]`, or a Hub URL.
-
-    With `local=False` (a shared session) nothing on this machine's disk is looked at: a path is refused with the
-    same sentence whether or not it exists, so that messages never tell a visitor what is there."""
-    text = text.strip()
-    if not text:
-        raise BadInputError("No model or LoRA given.", "Enter a Hub repo id (owner/name), a Hub URL, a local path or 'demo'.")
-    if text == "demo":
-        return Ref("demo", text)
-    if m := _URL.match(text):
-        return _hub_ref(text, m)
-    looks_local = text.startswith(("/", ".", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", text) or "\\" in text
-    if looks_local and not local:
-        raise BadInputError("Local paths are not available in a shared session.", "Use a Hub repo id or upload a file.")
-    if local:
-        path = Path(text).expanduser()
-        if looks_local or path.exists():
-            return Ref("local", text, path=path.resolve())
-    if m := _REPO.match(text):
-        return _hub_ref(text, m)
-    if not local:
-        raise BadInputError(f"'{text}' is not a Hub repo id.", "Use owner/name or a Hub URL, or upload a file.")
-    raise BadInputError(f"'{text}' is neither an existing path nor a Hub repo id.", "Use owner/name, a Hub URL or a local path.")
-
-
-def _hub_ref(text: str, m: re.Match) -> Ref:
-    repo, revision, subpath = m["repo"], m["rev"] or "main", (m["path"] or "").strip("/")
-    # the Hub's own rules for repo ids, and no step out of the repo in a file path
-    if ".." in repo or "--" in repo or ".." in revision or any(p in ("", ".", "..") for p in subpath.split("/") if subpath):
-        raise BadInputError(f"'{text}' is not a valid Hub reference.", "Use owner/name[@revision][/file.safetensors].")
-    return Ref("hub", text, repo_id=repo, revision=revision, subpath=subpath)
+from fluxstudio.progress import ProgressEvent, Run, Stage, running
+from fluxstudio.sources import resume
+from fluxstudio.sources.refs import HUB_URL, HubRef
 
 
 # -- errors -------------------------------------------------------------------------------------------------
@@ -160,7 +102,7 @@ def base_files(names: list[str], subpath: str = "", parts: list[str] | None = ("
 @dataclass(frozen=True)
 class Fetched:
     path: Path  # a model folder (bases) or a .safetensors file (LoRAs)
-    ref: Ref
+    ref: HubRef
     revision: str = ""  # the commit the files come from
     downloaded_bytes: int = 0
     notes: tuple[str, ...] = ()  # what the person should know (a damaged partial download started over)
@@ -185,15 +127,14 @@ class Hub:
 
         return Path(self.cache_dir or constants.HF_HUB_CACHE)
 
-    def info(self, ref: Ref):
+    def info(self, ref: HubRef):
         """Model info with file sizes; raises HubError (network errors included)."""
         try:
             return self._api().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
         except Exception as exc:  # noqa: BLE001 - mapped to one sentence
             raise hub_error(exc, ref.repo_id, ref.revision) from None
 
-    def fetch_base(self, ref: Ref, progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-                   parts: list[str] | None = ("transformer",)) -> Fetched:
+    def fetch_base(self, ref: HubRef, run: Run | None = None, parts: list[str] | None = ("transformer",)) -> Fetched:
         """A base's files: model_index.json and the components in `parts` (None: the whole pipeline)."""
         folders = ["*"] if parts is None else list(parts)
         patterns = [f"{ref.subpath}/*"] if ref.subpath else ["model_index.json", "config.json", "*.safetensors*",
@@ -207,10 +148,10 @@ class Hub:
                 raise BadInputError(f"{ref.display()} has no .safetensors transformer weights.",
                                     "Pick a diffusers-format FLUX repo (with a transformer/ folder).")
 
-        fetched = self._fetch(ref, choose, usable, patterns, progress, cancel)
+        fetched = self._fetch(ref, choose, usable, patterns, running(run))
         return replace(fetched, path=fetched.path / ref.subpath if ref.subpath else fetched.path)
 
-    def fetch_lora(self, ref: Ref, progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> Fetched:
+    def fetch_lora(self, ref: HubRef, run: Run | None = None) -> Fetched:
         chosen: list[str] = []
 
         def choose(names: list[str]) -> list[str]:
@@ -235,10 +176,10 @@ class Hub:
             return chosen
 
         patterns = [ref.subpath] if ref.subpath.endswith(".safetensors") else ["*.safetensors"]
-        fetched = self._fetch(ref, choose, lambda names: None, patterns, progress, cancel)
+        fetched = self._fetch(ref, choose, lambda names: None, patterns, running(run))
         return replace(fetched, path=fetched.path / chosen[0])
 
-    def _fetch(self, ref, choose, usable, patterns, progress, cancel) -> Fetched:
+    def _fetch(self, ref: HubRef, choose, usable, patterns: list[str], run: Run) -> Fetched:
         try:
             info = self._api().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
         except Exception as exc:  # noqa: BLE001
@@ -252,14 +193,14 @@ class Hub:
         missing = [f for f in files if f not in remotes]
         if missing:
             raise HubError(f"The file {missing[0]} is not in {ref.repo_id}.", f"Check the file name at {HUB_URL}/{ref.repo_id}.")
-        downloaded, notes = self._download(ref, [remotes[f] for f in files], progress, cancel)
+        downloaded, notes = self._download(ref, [remotes[f] for f in files], run)
         self._remember_revision(ref, info.sha)
         return Fetched(self._snapshot(ref.repo_id, info.sha), ref, info.sha, downloaded, tuple(notes))
 
     def _snapshot(self, repo_id: str, sha: str) -> Path:
         return resume.repo_dir(self._cache(), repo_id) / "snapshots" / sha
 
-    def _remember_revision(self, ref: Ref, sha: str) -> None:
+    def _remember_revision(self, ref: HubRef, sha: str) -> None:
         """Write refs/<revision> as snapshot_download does, so the same reference resolves offline later."""
         if ref.revision == sha:
             return
@@ -275,7 +216,7 @@ class Hub:
         found = try_to_load_from_cache(remote.repo_id, remote.filename, cache_dir=self.cache_dir, revision=remote.commit)
         return isinstance(found, str)
 
-    def _download(self, ref: Ref, remotes: list[resume.RemoteFile], progress, cancel) -> tuple[int, list[str]]:
+    def _download(self, ref: HubRef, remotes: list[resume.RemoteFile], run: Run) -> tuple[int, list[str]]:
         """Download what is not in the cache, resuming partial downloads; (bytes transferred, notes)."""
         cache = self._cache()
         resume.reclaim(cache, [ref.repo_id])
@@ -294,15 +235,15 @@ class Hub:
         notes: list[str] = []
 
         def check() -> None:
-            if cancel is not None and cancel.cancelled:
+            if run.cancelled:
                 raise resume.cancelled(sum(resume.present(cache, r) for r in todo))
 
         for i, remote in enumerate(todo):
             def tell(n: int = 0, i: int = i, remote: resume.RemoteFile = remote) -> None:
                 nonlocal done
                 done += n
-                report(progress, ProgressEvent(Stage.DOWNLOAD, i, len(todo), done, total, item=remote.filename,
-                                               message=message, bytes_start=start))
+                run.report(ProgressEvent(Stage.DOWNLOAD, i, len(todo), done, total, item=remote.filename,
+                                         message=message, bytes_start=start))
 
             tell()
             try:
@@ -312,11 +253,11 @@ class Hub:
                 raise
             except Exception as exc:  # noqa: BLE001
                 raise hub_error(exc, ref.repo_id, ref.revision, remote.filename) from None
-        report(progress, ProgressEvent(Stage.DOWNLOAD, len(todo), len(todo), total, total, message=f"Downloaded {ref.repo_id}",
-                                       bytes_start=start))
+        run.report(ProgressEvent(Stage.DOWNLOAD, len(todo), len(todo), total, total, message=f"Downloaded {ref.repo_id}",
+                                 bytes_start=start))
         return total - start, notes
 
-    def _from_cache(self, ref: Ref, patterns: list[str], choose, error: FluxStudioError) -> Fetched:
+    def _from_cache(self, ref: HubRef, patterns: list[str], choose, error: FluxStudioError) -> Fetched:
         """Offline or unreachable: use what the cache has for this revision, or say what it has instead."""
         from huggingface_hub import snapshot_download
 
@@ -343,18 +284,18 @@ class Hub:
         except Exception:  # noqa: BLE001 - no cache yet
             return []
 
-    def plan(self, ref: Ref, parts: list[str] | None = ("transformer",)) -> Plan:
+    def download_plan(self, ref: HubRef, parts: list[str] | None = ("transformer",)) -> DownloadPlan:
         """What getting a base (these components of it) costs, from the Hub's file metadata and what this machine has."""
         info = self.info(ref)
         remotes = _remotes(info, base_files(sorted(s.rfilename for s in info.siblings or []), ref.subpath, parts), ref.repo_id)
         cached = [r for r in remotes.values() if self._cached(r)]
         todo = [r for r in remotes.values() if r not in cached]
         partial = sum(resume.present(self._cache(), r) for r in todo)
-        return Plan(sum(r.size for r in todo) - partial, sum(r.size for r in cached), partial, bool(info.gated), todo)
+        return DownloadPlan(sum(r.size for r in todo) - partial, sum(r.size for r in cached), partial, bool(info.gated), todo)
 
-    def discard(self, ref: Ref) -> int:
+    def discard(self, ref: HubRef) -> int:
         """Delete the partial downloads of a base (a person chose to start over); the bytes freed."""
-        return resume.discard(self._cache(), self.plan(ref).todo)
+        return resume.discard(self._cache(), self.download_plan(ref).todo)
 
     def reclaim(self) -> int:
         """Remove interrupted downloads that no running process owns and nobody will resume (at the app's start)."""
@@ -362,7 +303,7 @@ class Hub:
 
 
 @dataclass(frozen=True)
-class Plan:
+class DownloadPlan:
     todo_bytes: int  # still to download
     cached_bytes: int  # complete in the cache
     partial_bytes: int  # downloaded already, of files not complete yet: a download resumes there

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fluxstudio.fuse import TensorJob
+from fluxstudio.engine.fuse import TensorJob
 
 WARN_BELOW = 0.9
 CHUNK = 1 << 20  # values compared at a time

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from fluxstudio.formats import FORMATS, PRECISIONS
 
 if TYPE_CHECKING:
-    from fluxstudio.models import Family
+    from fluxstudio.engine.models import Family
 
 PIPELINES = {"flux1": ("FluxPipeline", "black-forest-labs/FLUX.1-dev"), "flux2": ("Flux2Pipeline", "black-forest-labs/FLUX.2-dev")}
 

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fluxstudio.errors import CancelledError, FluxStudioError
-from fluxstudio.memory import MemorySampler, MemorySnapshot
+from fluxstudio.engine.memory import MemorySampler, MemorySnapshot
 from fluxstudio.progress import CancelToken, ProgressEvent
-from fluxstudio.request import BuildRequest, BuildResult
+from fluxstudio.flows.request import BuildRequest, BuildResult
 
 
 @dataclass
@@ -62,7 +62,7 @@ class JobRunner:
 
     def __init__(self, run: Callable[..., BuildResult] | None = None, **build_kwargs) -> None:
         if run is None:
-            from fluxstudio.build import build as run
+            from fluxstudio.flows.build import build as run
         self._run = run
         self._build_kwargs = build_kwargs
         self._jobs: dict[str, Job] = {}

@@ -140,7 +140,7 @@ def ensure_lora() -> Path:
     folder = paths.demo_dir() / "lora"
 
     def make(d: Path) -> None:
-        from fluxstudio.models import open_base
+        from fluxstudio.engine.models import open_base
 
         base = open_base(ensure_base())
         shapes = {

@@ -150,7 +150,7 @@ class _HashingFile:
         return self.f.truncate(size)
 
 
-class _Bar:
+class _ByteSink:
     """The tqdm stand-in http_get reports to: byte counts go to `sink` (which may raise CancelledError)."""
 
     def __init__(self, sink: Callable[[int], None], **kwargs) -> None:
@@ -161,7 +161,7 @@ class _Bar:
         self.n += int(n or 0)
         self._sink(int(n or 0))
 
-    def __enter__(self) -> _Bar:
+    def __enter__(self) -> _ByteSink:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -216,7 +216,7 @@ def fetch(remote: RemoteFile, cache: Path, *, endpoint: str | None, token: str |
                 _hash_present(partial, hasher, have, check)
             with partial.open("ab" if have else "wb") as f:
                 http_get(source, _HashingFile(f, hasher, check), resume_size=have, headers=headers, expected_size=remote.size,
-                         displayed_filename=remote.filename, tqdm_class=lambda *a, **k: _Bar(sink))
+                         displayed_filename=remote.filename, tqdm_class=lambda *a, **k: _ByteSink(sink))
             if hasher.matches():
                 os.replace(partial, blob)
                 break

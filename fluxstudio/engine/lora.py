@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from fluxstudio.errors import BadInputError, LoraMismatchError, NumericError
-from fluxstudio.models import ENCODERS, Family
-from fluxstudio.safefile import load_all, read_header, sha256
+from fluxstudio.engine.models import ENCODERS, Family
+from fluxstudio.engine.safefile import load_all, read_header, sha256
 
 PREFIX = "transformer."
 # Where a LoRA keeps its text-encoder parts: kohya (sd-scripts, fluxgym: te1 = CLIP-L, te3 = T5-XXL) and diffusers/peft

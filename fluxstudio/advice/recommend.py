@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fluxstudio import units
-from fluxstudio.catalogue import MODELS, ModelSpec  # noqa: F401 - the advice reads the catalogue
-from fluxstudio.hardware import BF16_CAPABILITY, FP8_CAPABILITY, GB, Accelerator, HardwareInfo
+from fluxstudio.advice.catalogue import MODELS, ModelSpec  # noqa: F401 - the advice reads the catalogue
+from fluxstudio.advice.hardware import BF16_CAPABILITY, FP8_CAPABILITY, GB, Accelerator, HardwareInfo
 
 ORDER = ("bf16", "fp8", "nf4")  # best quality first
 

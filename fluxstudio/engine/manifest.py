@@ -49,7 +49,7 @@ def read(path: Path) -> dict | None:
         if path.is_dir():
             return json.loads((path / FILE).read_text(encoding="utf-8")) if (path / FILE).is_file() else None
         if path.suffix == ".safetensors":
-            from fluxstudio.safefile import read_header
+            from fluxstudio.engine.safefile import read_header
 
             raw = read_header(path).metadata.get(KEY)
         elif path.suffix == ".gguf":

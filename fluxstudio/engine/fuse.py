@@ -19,10 +19,10 @@ from typing import BinaryIO
 import torch
 
 from fluxstudio.errors import LoraMismatchError, NumericError
-from fluxstudio.lora import LoadedLora
-from fluxstudio.models import BaseModel
+from fluxstudio.engine.lora import LoadedLora
+from fluxstudio.engine.models import BaseModel
 from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, report
-from fluxstudio.safefile import TensorInfo, read_tensor
+from fluxstudio.engine.safefile import TensorInfo, read_tensor
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def _list(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def plan(base: BaseModel, loras: list[tuple[LoadedLora, float]], ignore_unmatched: bool = False,
+def plan_tensors(base: BaseModel, loras: list[tuple[LoadedLora, float]], ignore_unmatched: bool = False,
          component: str = "transformer") -> FusePlan:
     """Decide what happens to every tensor of one component (the transformer, or a text encoder). Pure apart from
     reading shapes; raises on any misfit."""
@@ -195,7 +195,7 @@ def execute(
         return read_tensor(files[job.source], job.info)
 
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, _Writer(write) as writer:
+        with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, _WriteBehind(write) as writer:
             pending = reader.submit(read, jobs[0]) if jobs else None
             for i, job in enumerate(jobs, start=1):
                 check(cancel)
@@ -216,7 +216,7 @@ def execute(
             f.close()
 
 
-class _Writer:
+class _WriteBehind:
     """Runs `write` in a background thread behind a short queue; re-raises its error in the caller."""
 
     def __init__(self, write: Callable[[str, torch.Tensor], None], depth: int = 4) -> None:
@@ -238,7 +238,7 @@ class _Writer:
             raise self._error
         self._queue.put((key, value))
 
-    def __enter__(self) -> _Writer:
+    def __enter__(self) -> _WriteBehind:
         self._thread.start()
         return self
 

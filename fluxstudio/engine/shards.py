@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fluxstudio.safefile import DTYPE_NAMES
+from fluxstudio.engine.safefile import DTYPE_NAMES
 
 PREFIX = "diffusion_pytorch_model"
 ENTRY_BOUND = 192  # bytes of header per tensor, beside its name: dtype, a 4-d shape and two offsets fit easily

@@ -26,10 +26,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fluxstudio import manifest, partials, paths
+from fluxstudio.engine import manifest, partials
+from fluxstudio import paths
 from fluxstudio.errors import BadInputError, FluxStudioError
 from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, report
-from fluxstudio.request import BuildRequest
+from fluxstudio.flows.request import BuildRequest
 
 SUFFIX = ".preview"
 FILE = "preview.json"
@@ -143,7 +144,7 @@ def defaults(variant: str, demo: bool) -> tuple[int, int]:
 def vram_plan(total_vram: int, transformer_bytes: int) -> tuple[bool, bool]:
     """(T5 in NF4, offload the transformer) for a card: T5 is quantized when it would not fit beside headroom, and
     the transformer offloads when it and the headroom do not fit (8-12 GB cards)."""
-    from fluxstudio.advice import T5_BYTES
+    from fluxstudio.advice.recommend import T5_BYTES
 
     return total_vram < T5_BYTES["bf16"] + HEADROOM, total_vram < transformer_bytes + HEADROOM
 
@@ -199,9 +200,10 @@ def run(req: PreviewRequest, progress: ProgressCallback | None = None, cancel: C
         hub=None) -> PreviewResult:
     import torch
 
-    from fluxstudio.build import resolve_ref
+    from fluxstudio.progress import Run
+    from fluxstudio.sources.resolve import resolve
     from fluxstudio.formats.pipeline import pipeline_root
-    from fluxstudio.hub import Hub
+    from fluxstudio.sources.hub import Hub
 
     data = manifest.read(req.output)
     fmt, precision, variant, device = _check(req, data)
@@ -209,9 +211,10 @@ def run(req: PreviewRequest, progress: ProgressCallback | None = None, cancel: C
     stop = Stop(cancel, req.limits.seconds)
     hub = hub or Hub()
     report(progress, ProgressEvent(Stage.PREPARE, message="Getting the base's text encoders, VAE and scheduler"))
-    root = pipeline_root(resolve_ref(req.build.base, "base", hub, progress, cancel, PARTS)[0])
+    fetching = Run(progress, cancel)
+    root = pipeline_root(resolve(req.build.base, "base", hub, fetching, PARTS)[0])
     _check_width(root, fmt)
-    loras = [(resolve_ref(r.ref, "lora", hub, progress, cancel)[0], r.scale) for r in req.build.loras]
+    loras = [(resolve(r.ref, "lora", hub, fetching)[0], r.scale) for r in req.build.loras]
     notes = []
     if any(c != "transformer" for lr in data.get("loras", []) for c in lr.get("components", [])):
         notes.append("The LoRAs' text-encoder parts are not in the preview: every image uses the base's text encoders.")
@@ -349,7 +352,7 @@ def _transformer(source: str, precision: str, fmt: str, root: Path, output: Path
 
 def _base_gguf(base_ref: str, precision: str, progress, cancel, hub) -> Path:
     """The base alone at a GGUF type, built once by FluxStudio's own writer and kept for later previews."""
-    from fluxstudio.build import build
+    from fluxstudio.flows.build import build
 
     folder = paths.home() / "preview-bases"
     path = folder / f"{hashlib.sha256(base_ref.encode()).hexdigest()[:12]}-{precision}.gguf"

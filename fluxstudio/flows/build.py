@@ -15,34 +15,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fluxstudio import __version__, formats, manifest, partials, retention, snippets, units
+from fluxstudio import __version__, formats, units
+from fluxstudio.engine import manifest, partials, retention
+from fluxstudio.formats import snippets
 from fluxstudio.errors import BadInputError, DiskSpaceError, OutputError
 from fluxstudio.formats import pipeline
 from fluxstudio.formats.outputs import DiffusersOutput, EncoderFile, make_output
-from fluxstudio.fuse import FusePlan, execute, plan
-from fluxstudio.hub import Hub, parse_ref
-from fluxstudio.lora import LoadedLora, load_lora
-from fluxstudio.lora import components as lora_components
-from fluxstudio.memory import MemorySampler
-from fluxstudio.models import ENCODERS, BaseModel, open_base, open_encoder
-from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, report
-from fluxstudio.request import DEFAULT_SHARD_BYTES, DISK_MARGIN, BuildRequest, BuildResult, LoraRef  # noqa: F401 - re-exported
-
-
-def resolve_ref(text: str, kind: str, hub: Hub, progress=None, cancel=None, parts: list[str] | None = None) -> tuple[Path, dict]:
-    """`demo`, a local path, or a Hub reference -> a local path, and where it came from (for the manifest).
-
-    For a base from the Hub, `parts` are the components to download (None: the whole pipeline)."""
-    ref = parse_ref(text)
-    if ref.kind == "demo":
-        from fluxstudio import demo
-
-        return (demo.ensure_base() if kind == "base" else demo.ensure_lora()), {"ref": "demo"}
-    if ref.kind == "local":
-        return ref.path, {"ref": ref.path.name}
-    got = hub.fetch_base(ref, progress, cancel, parts) if kind == "base" else hub.fetch_lora(ref, progress, cancel)
-    origin = {"ref": ref.display(), "repo_id": ref.repo_id, "revision": got.revision}
-    return got.path, origin | ({"notes": list(got.notes)} if got.notes else {})
+from fluxstudio.engine.fuse import FusePlan, execute, plan_tensors
+from fluxstudio.sources.hub import Hub
+from fluxstudio.sources.resolve import resolve
+from fluxstudio.engine.lora import LoadedLora, load_lora
+from fluxstudio.engine.lora import components as lora_components
+from fluxstudio.engine.memory import MemorySampler
+from fluxstudio.engine.models import ENCODERS, BaseModel, open_base, open_encoder
+from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Run, Stage, check, report
+from fluxstudio.flows.request import DEFAULT_SHARD_BYTES, DISK_MARGIN, BuildRequest, BuildResult, LoraRef  # noqa: F401 - re-exported
 
 
 def pick_device(device: str) -> str:
@@ -104,7 +91,7 @@ class Part:
 
 
 @dataclass
-class Planned:
+class BuildPlan:
     base: BaseModel
     loras: list[tuple[LoadedLora, float]]
     parts: list[Part]  # the transformer first
@@ -141,11 +128,11 @@ def base_components(format: str, loras: list[tuple[Path, float]]) -> list[str] |
     return ["transformer"] + sorted({c for path, _ in loras for c in lora_components(path) if c != "transformer"})
 
 
-def plan_output(
+def plan_build(
     base_path: Path, loras: list[tuple[Path, float]], format: str, precision: str, filename: str = "output",
     shard_bytes: int = DEFAULT_SHARD_BYTES, double_quant: bool = False, ignore_unmatched: bool = False,
     progress: ProgressCallback | None = None, cancel: CancelToken | None = None, t5_precision: str = "",
-) -> Planned:
+) -> BuildPlan:
     """Open the base, read the LoRAs, plan every tensor of every component written, and choose the writers.
 
     The build and the app's estimate both come through here, so the size the app shows is the one the build
@@ -159,9 +146,9 @@ def plan_output(
         check(cancel)
         report(progress, ProgressEvent(Stage.INSPECT, i, len(loras), item=path.name, message="Reading LoRAs"))
         loaded.append((load_lora(path, base.family), scale))
-    fplan = plan(base, loaded, ignore_unmatched)
+    fplan = plan_tensors(base, loaded, ignore_unmatched)
     main = make_output(fmt, precision, base, fplan.jobs, fplan.config_updates, filename, shard_bytes, double_quant)
-    planned = Planned(base, loaded, [Part("transformer", base, fplan, main, "transformer" if fmt.key == "pipeline" else "")])
+    planned = BuildPlan(base, loaded, [Part("transformer", base, fplan, main, "transformer" if fmt.key == "pipeline" else "")])
     touched = sorted({c for lora, _ in loaded for c in lora.encoders})
     if fmt.key == "pipeline" or (touched and fmt.extension):
         planned.root = pipeline.pipeline_root(base_path)
@@ -175,7 +162,7 @@ def plan_output(
         if component not in touched and not quantized:
             continue
         encoder = open_encoder(planned.root, component)
-        eplan = plan(encoder, loaded, ignore_unmatched, component)
+        eplan = plan_tensors(encoder, loaded, ignore_unmatched, component)
         if fmt.key == "pipeline":
             out = DiffusersOutput(t5_precision if component == "text_encoder_2" else "bf16", encoder, eplan.jobs, {}, shard_bytes,
                                   double_quant, score=False)
@@ -212,16 +199,17 @@ def build(
         report(progress, ProgressEvent(Stage.PREPARE, message="Preparing inputs"))
         device = pick_device(req.device)
         hub = hub or Hub()
-        resolved = [resolve_ref(r.ref, "lora", hub, progress, cancel) for r in req.loras]
+        fetching = Run(progress, cancel)
+        resolved = [resolve(r.ref, "lora", hub, fetching) for r in req.loras]
         lora_paths = [p for p, _ in resolved]
         lora_scales = [(p, r.scale) for p, r in zip(lora_paths, req.loras)]
-        base_path, base_origin = resolve_ref(req.base, "base", hub, progress, cancel, base_components(fmt.key, lora_scales))
-        download_notes = [n for origin in (base_origin, *(o for _, o in resolved)) for n in origin.pop("notes", [])]
+        base_path, base_origin = resolve(req.base, "base", hub, fetching, base_components(fmt.key, lora_scales))
+        download_notes = fetching.notes
         check_output(out, [base_path, *lora_paths], req.overwrite, is_file=bool(fmt.extension))
         stage_done("prepare")
 
         report(progress, ProgressEvent(Stage.INSPECT, message="Reading the base model and LoRAs"))
-        planned = plan_output(
+        planned = plan_build(
             base_path, lora_scales, req.format, req.precision, out.name, req.shard_bytes, req.double_quant,
             req.ignore_unmatched, progress, cancel, req.t5_precision,
         )
@@ -315,9 +303,9 @@ def _fingerprint(base) -> str:
     return h.hexdigest()
 
 
-def _inputs(base_origin: dict, lora_origins: list[dict], req: BuildRequest, planned: Planned, companions: list[str]) -> dict:
+def _inputs(base_origin: dict, lora_origins: list[dict], req: BuildRequest, planned: BuildPlan, companions: list[str]) -> dict:
     """What went into the output: known before the first byte is written, so one-file formats embed it."""
-    from fluxstudio.hardware import library_versions
+    from fluxstudio.advice.hardware import library_versions
 
     base, loras, fplan = planned.base, planned.loras, planned.plan
 

@@ -1,0 +1,1 @@
+"""The streaming engine: safetensors reading and writing, models, LoRAs, the fuse, the retention score."""
