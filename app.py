@@ -17,7 +17,7 @@ def main() -> int:
     args = p.parse_args()
 
     from fluxstudio.studio import paths
-    from fluxstudio.cli import _setup_logging
+    from fluxstudio.cli import setup_logging
     from fluxstudio.ui.app import launch
     from fluxstudio.ui.settings import Settings, parse_auth
 
@@ -25,7 +25,7 @@ def main() -> int:
         auth = parse_auth(args.auth)
     except ValueError as exc:
         p.error(str(exc))
-    _setup_logging()
+    setup_logging()
     settings = Settings(args.host, args.port, args.share, auth, args.inbrowser,
                         (args.output_dir or paths.outputs_dir()).expanduser().resolve())
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop from the system ends cleanly, as Ctrl+C does

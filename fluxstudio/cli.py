@@ -18,7 +18,9 @@ from fluxstudio.errors import (
     OutputError,
 )
 from fluxstudio.progress import CancelToken, ProgressEvent, Stage
-from fluxstudio.studio import ENCODER_PRECISIONS, FORMATS, PRECISIONS, __version__, advice, human_bytes, paths
+from fluxstudio.studio import FORMATS, Run, __version__, advice, human_bytes, paths
+
+ENCODER_PRECISIONS = sorted({p for f in FORMATS.values() for p in f.encoder_options})
 
 log = logging.getLogger("fluxstudio")
 # Exit codes by error class, most specific first; 1 for anything else.
@@ -51,10 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers: a folder for Python; pipeline: the whole diffusers pipeline (text encoders, VAE, "
                    "tokenizers) that loads in one line; single-file: one BFL-keyed .safetensors for ComfyUI/Forge/SwarmUI; "
                    "gguf: one .gguf for ComfyUI-GGUF/Forge/stable-diffusion.cpp (default diffusers)")
-    f.add_argument("--precision", choices=list(PRECISIONS), metavar="PRECISION",
+    f.add_argument("--precision", metavar="PRECISION",
                    help="; ".join(f"{k}: {', '.join(v.precisions)}" for k, v in FORMATS.items())
-                   + " (default: " + ", ".join(f.default for f in FORMATS.values()) + " respectively)")
-    f.add_argument("--t5-precision", choices=ENCODER_PRECISIONS, default="",
+                   + " (default: " + ", ".join(f.default for f in FORMATS.values()) + " respectively; in any case)")
+    f.add_argument("--t5-precision", choices=ENCODER_PRECISIONS, default="", type=str.lower,
                    help="pipeline: T5-XXL's precision (default: the same as --precision)")
     f.add_argument("--out", required=True, type=Path,
                    help="output folder (diffusers) or file (the extension is added when missing); must not exist unless --overwrite")
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_download(args: argparse.Namespace) -> int:
     bar = _ProgressBar(quiet=False)
     try:
-        ref, got = studio.Studio(local=True).download(args.ref, args.lora, progress=bar, cancel=CancelToken())
+        ref, got = studio.Studio(local=True).download(args.ref, args.lora, Run(bar, CancelToken()))
     finally:
         bar.close()
     note = f"downloaded {human_bytes(got.downloaded_bytes)}" if got.downloaded_bytes else "already in the cache"
@@ -190,7 +192,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         loras=tuple(studio.LoraRef(r, s) for r, s in zip(args.lora, scales)),
         precision=args.precision or FORMATS[args.format].default,
         format=args.format,
-        encoder_precision=args.t5_precision,
+        t5_precision=args.t5_precision,
         out_dir=args.out,
         shard_bytes=args.shard_size if isinstance(args.shard_size, int) else parse_size(args.shard_size),
         device=args.device,
@@ -201,7 +203,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     bar = _ProgressBar(args.quiet)
     try:
         front = studio.Studio(local=True)
-        result = front.build(req, progress=bar, cancel=CancelToken())
+        result = front.build(req, Run(bar, CancelToken()))
     finally:
         bar.close()
     print(f"Saved {result.precision} {result.format} model to {result.output_dir}")
@@ -216,18 +218,16 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         print(f"  LoRA effect kept: {100 * result.lora_retained:.1f}%")
     for note in result.notes:
         print(f"  note       {note}")
-    if result.format not in ("diffusers", "pipeline"):
-        print(f"\n{studio.snippets.placement(result.format, result.files)}")
-    snippet = studio.snippets.load_snippet(result.output_dir, result.precision, front.family(result.family), result.format,
-                                           req.t5_precision)
-    print("\nLoad it in diffusers with:\n" + snippet)
+    if place := front.placement(result):
+        print(f"\n{place}")
+    print("\nLoad it in diffusers with:\n" + front.snippet(result, req))
     if args.report_json:
         args.report_json.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
     if args.preview:
         bar = _ProgressBar(args.quiet)
         try:
             shown = front.preview(req, Path(result.output_dir), args.prompt, args.seed, args.preview_steps,
-                                  args.preview_size, progress=bar, cancel=CancelToken())
+                                  args.preview_size, Run(bar, CancelToken()))
         finally:
             bar.close()
         s = shown.settings
@@ -241,7 +241,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     try:
         paths.logs_dir().mkdir(parents=True, exist_ok=True)
         handler: logging.Handler = logging.FileHandler(paths.logs_dir() / "fluxstudio.log", encoding="utf-8")
@@ -257,7 +257,7 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging()
+    setup_logging()
     try:
         return args.func(args)
     except FluxStudioError as exc:

@@ -1,42 +1,39 @@
-"""The front door: everything the app and the CLI ask of FluxStudio, in one place.
+"""The front door: everything the app and the CLI ask of FluxStudio, in one place, in domain terms.
 
-Describe a base, describe a LoRA against it, estimate an output, start / watch / cancel a build, list and delete
-outputs, advise a precision. The edges (ui/, cli.py) import the core only through this module, plus the error and
-event types; they render and wire, and hold no domain logic.
+Describe a base (a reference: `demo`, a Hub repo id or URL, a local folder), describe a LoRA against it, estimate an
+output, start / watch / cancel a build, list and delete outputs, advise a format and precision. The edges (ui/,
+cli.py) import the core only through this module, plus the error and event types; they render and wire, and hold
+no domain logic.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fluxstudio import __version__, formats, paths
-from fluxstudio.advice import recommend as advice, catalogue
-from fluxstudio.formats import snippets
+from fluxstudio import __version__, paths
+from fluxstudio.advice import catalogue
+from fluxstudio.advice import recommend as advice
 from fluxstudio.advice.catalogue import PRESETS
-from fluxstudio.errors import BadInputError, DiskSpaceError, FluxStudioError
-from fluxstudio.formats import ENCODER_PRECISIONS, FORMATS, PRECISIONS
 from fluxstudio.advice.hardware import HardwareInfo, library_versions, probe
+from fluxstudio.advice.recommend import Pick, Recommendation
+from fluxstudio.errors import BadInputError, FluxStudioError
+from fluxstudio.flows.jobs import Job, JobRunner, Status
+from fluxstudio.flows.request import DISK_MARGIN, BuildRequest, BuildResult, LoraRef
+from fluxstudio.formats import FORMATS, Format, get_format
+from fluxstudio.library import Entry, delete_output, list_outputs, safe_name
+from fluxstudio.progress import Run
+from fluxstudio.sources import uploads
 from fluxstudio.sources.hub import Hub, has_token, save_token
 from fluxstudio.sources.refs import Ref, parse_ref
-from fluxstudio.flows.jobs import Job, JobRunner
-from fluxstudio.progress import Run
-from fluxstudio.library import Entry, delete_output, list_outputs, safe_name
-from fluxstudio.flows.request import DISK_MARGIN, BuildRequest, BuildResult, LoraRef
 from fluxstudio.units import free_bytes, human_bytes, parse_size
 
 __all__ = [
-    "CUSTOM", "ENCODER_PRECISIONS", "FORMATS", "PRECISIONS", "PRESETS", "THIS_MACHINE", "BaseStatus", "BuildRequest", "BuildResult", "Entry",
-    "Estimate", "Job", "LoraRef", "Studio", "__version__", "advice", "free_bytes", "human_bytes", "library_versions", "parse_size",
-    "paths", "safe_name", "snippets",
+    "FORMATS", "PRESETS", "THIS_MACHINE", "BaseStatus", "BuildRequest", "BuildResult", "Entry", "Estimate", "Format",
+    "Job", "LoraRef", "Pick", "Recommendation", "Run", "Status", "Studio", "__version__", "advice", "free_bytes",
+    "get_format", "human_bytes", "library_versions", "parse_size", "paths", "safe_name",
 ]
 THIS_MACHINE = "This machine"
-CUSTOM = "custom"
 UPLOAD_QUOTA = 4 * 10**9  # what one shared session may upload: a handful of LoRAs
 
 
@@ -90,27 +87,18 @@ class Studio:
     def ref(self, text: str) -> Ref:
         return parse_ref(text, self.local)
 
-    def base_ref(self, choice: str, custom: str = "") -> str:
-        """What to build from: `demo`, a preset's repo id, or what the person typed."""
-        if choice == "demo":
-            return "demo"
-        if choice == CUSTOM:
-            return self.ref(custom).text
-        return next(p.repo_id for p in PRESETS if p.key == choice)
-
     @staticmethod
-    def model_key(choice: str, family: str = "flux1") -> str:
-        """Which catalogue entry advises for this base."""
-        return catalogue.model_key(choice, family)
+    def model_key(base: str, family: str = "flux1") -> str:
+        """Which catalogue entry advises for this base (a preset's own, else its family's flagship)."""
+        return catalogue.model_key(next((p.key for p in PRESETS if p.repo_id == base), None), family)
 
-    def local_base(self, choice: str, custom: str = "") -> Path | None:
+    def local_base(self, base: str) -> Path | None:
         """The base's folder when it is on this machine already (demo, a local folder, a cached Hub snapshot)."""
-        text = self.base_ref(choice, custom)
-        if text == "demo":
+        ref = self.ref(base)
+        if ref.kind == "demo":
             from fluxstudio.sources import demo
 
             return demo.ensure_base()
-        ref = self.ref(text)
         if ref.kind == "local":
             return ref.path
         from huggingface_hub import try_to_load_from_cache
@@ -127,18 +115,17 @@ class Studio:
         return next((p.key for p in PRESETS if p.repo_id in repos), None)
 
     # -- describe --------------------------------------------------------------------------------------------
-    def describe_base(self, choice: str, custom: str = "") -> BaseStatus:
-        """What the chosen base is and what getting it costs. Raises FluxStudioError."""
+    def describe_base(self, base: str) -> BaseStatus:
+        """What the base is and what getting it costs. Raises FluxStudioError."""
         from fluxstudio.engine.models import open_base
 
-        text = self.base_ref(choice, custom)
-        if text == "demo":
+        ref = self.ref(base)
+        if ref.kind == "demo":
             return BaseStatus("Built-in demo model (FLUX.1 architecture, tiny): nothing to download.", "flux1")
-        ref = self.ref(text)
         if ref.kind == "local":
-            base = open_base(ref.path)
-            return BaseStatus(f"{base.variant} · {str(base.dtype).removeprefix('torch.')} · {human_bytes(base.total_bytes)} "
-                              "· local folder", self.model_key(choice, base.family.key))
+            model = open_base(ref.path)
+            return BaseStatus(f"{model.variant} · {str(model.dtype).removeprefix('torch.')} · {human_bytes(model.total_bytes)} "
+                              "· local folder", self.model_key(base, model.family.key))
         p = self.hub.download_plan(ref)
         need_token = p.gated and not has_token()
         where = f"to download: {human_bytes(p.todo_bytes)}" if p.todo_bytes else "already downloaded"
@@ -146,11 +133,12 @@ class Studio:
             where += f" ({human_bytes(p.cached_bytes + p.partial_bytes)} already here"
             where += ", and the download resumes from there)" if p.partial_bytes else ")"
         note = " · gated: accept its licence on the Hub and add a token with access" if need_token else ""
-        return BaseStatus(f"{ref.display()} · {where}{note}", self.model_key(choice), need_token, p.partial_bytes)
+        return BaseStatus(f"{ref.display()} · {where}{note}", self.model_key(base), need_token, p.partial_bytes)
 
-    def discard_download(self, choice: str, custom: str = "") -> int:
+    def discard_download(self, base: str) -> int:
         """Delete what an interrupted download of this base kept; the bytes freed."""
-        return self.hub.discard(self.ref(self.base_ref(choice, custom)))
+        ref = self.ref(base)
+        return self.hub.discard(ref) if ref.kind == "hub" else 0
 
     def resolve_lora(self, text: str) -> tuple[str, Path]:
         """(reference to build with, local file) for a typed LoRA reference; Hub LoRAs are downloaded here."""
@@ -160,6 +148,8 @@ class Studio:
 
             return "demo", demo.ensure_lora()
         if ref.kind == "local":
+            if not ref.path.exists():
+                raise BadInputError(f"The LoRA file {ref.path} does not exist.", "Check the path.", (ref.path,))
             return str(ref.path), ref.path
         return ref.text, self.hub.fetch_lora(ref).path
 
@@ -171,65 +161,33 @@ class Studio:
             self._scratch = partials.owned_folder(paths.sessions_dir())
         return self._scratch
 
-    def add_upload(self, tmp: str | Path, choice: str, custom: str, model_key: str, kept_bytes: int = 0) -> tuple[Path, str]:
-        """Check an uploaded file as a LoRA for the chosen base, then keep it in this process's folder:
-        (the kept file, one line on it). The file at `tmp` (the web server's temporary copy) is consumed whatever
-        happens, so that nothing rejected stays on disk. `kept_bytes`: what this session has kept so far."""
+    def add_upload(self, tmp: str | Path, base: str, model_key: str, kept_bytes: int = 0) -> tuple[Path, str]:
+        """Check an uploaded file as a LoRA for the base, then keep it in this process's folder: (the kept file, one
+        line on it). The file at `tmp` (the web server's temporary copy) is consumed whatever happens, so that nothing
+        rejected stays on disk. `kept_bytes`: what this session has kept so far."""
         src = Path(tmp)
         try:
             size = src.stat().st_size
             if not self.local and kept_bytes + size > UPLOAD_QUOTA:
                 raise BadInputError(f"This shared session has uploaded {human_bytes(kept_bytes)} already, and "
                                     f"{human_bytes(UPLOAD_QUOTA)} is the limit.", "Use LoRAs from the Hub instead.")
-            info = self.describe_lora(src, choice, custom, model_key)
-            return self._keep(src, size), info
+            info = self.describe_lora(src, base, model_key)
+            return uploads.keep(src, self.scratch() / "uploads"), info
         finally:
-            src.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                src.parent.rmdir()  # the upload's own folder, once empty
+            uploads.discard(src)
 
-    def _keep(self, src: Path, size: int) -> Path:
-        from fluxstudio.engine.safefile import sha256
-
-        folder = self.scratch() / "uploads"
-        folder.mkdir(exist_ok=True)
-        dest = folder / f"{sha256(src)[:12]}-{src.name}"
-        if dest.exists():
-            return dest
-        part = folder / f".{uuid.uuid4().hex}.part"
-        try:
-            try:
-                os.replace(src, part)  # the server's copy itself when it is on the same disk: nothing written twice
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                if free_bytes(folder) < size + DISK_MARGIN:
-                    raise DiskSpaceError(f"Not enough free disk to keep this {human_bytes(size)} upload.",
-                                         "Free some space and upload it again.") from None
-                shutil.copyfile(src, part)
-            part.replace(dest)
-        except OSError as exc:
-            part.unlink(missing_ok=True)
-            if exc.errno == errno.ENOSPC:
-                raise DiskSpaceError("The disk ran full while keeping the upload.", "Free some space and upload it again.") from None
-            raise
-        return dest
-
-    def describe_lora(self, path: Path, choice: str, custom: str, model_key: str) -> str:
+    def describe_lora(self, path: Path, base: str, model_key: str) -> str:
         """One line on a LoRA, checked against the base when the base is here already."""
         from fluxstudio.engine.fuse import plan_tensors
         from fluxstudio.engine.lora import load_lora
-        from fluxstudio.engine.models import FAMILIES, open_base
+        from fluxstudio.engine.models import ENCODERS, open_base
 
-        family = next(f for f in FAMILIES if f.key == ("flux2" if model_key.startswith("flux2") else "flux1"))
-        lora = load_lora(path, family)
-        from fluxstudio.engine.models import ENCODERS
-
+        lora = load_lora(path, self.family(catalogue.MODELS[model_key].family))
         labels = {"transformer": "transformer", **{c: e.label for c, e in ENCODERS.items()}}
         parts = [lora.format, "rank " + "/".join(map(str, lora.ranks)) if lora.ranks else "no LoRA matrices",
                  f"{len(lora.modules) + len(lora.replacements)} modules",
                  "changes the " + " + ".join(labels[c] for c in lora.components)]
-        base_dir = self.local_base(choice, custom)
+        base_dir = self.local_base(base)
         if base_dir is not None:
             fplan = plan_tensors(open_base(base_dir), [(lora, 1.0)], ignore_unmatched=True)
             parts.append(f"{fplan.matched.get(lora.name, 0)} matched")
@@ -239,30 +197,33 @@ class Studio:
         return " · ".join(parts)
 
     # -- estimate --------------------------------------------------------------------------------------------
-    def estimate(self, choice: str, custom: str, lora_paths: list[Path], format: str, precision: str,
-                 model_key: str = "flux1", t5_precision: str = "") -> Estimate:
+    def estimate(self, base: str, lora_paths: list[Path], format: str, precision: str, model_key: str = "flux1",
+                 t5_precision: str = "") -> Estimate:
         """The output's size: exactly what the build checks the disk against when the base is here (the LoRAs
         count: a Control LoRA widens the model), else the model table's figure. Never raises."""
         from fluxstudio.flows.build import plan_build
+        from fluxstudio.formats import Settings
 
+        fmt = get_format(format)
         free = free_bytes(self.output_dir)
         try:
-            base_dir = self.local_base(choice, custom)
+            base_dir = self.local_base(base)
             if base_dir is not None:
-                planned = plan_build(base_dir, [(Path(p), 1.0) for p in lora_paths], format, precision, t5_precision=t5_precision)
+                settings = Settings(t5_precision=fmt.encoder_precision(t5_precision, precision))
+                planned = plan_build(base_dir, [(Path(p), 1.0) for p in lora_paths], fmt, precision, settings)
                 return Estimate(planned.need_bytes(self.output_dir), free, True)
         except FluxStudioError:
             pass  # not usable yet: the table's estimate stands
-        return Estimate(advice.MODELS[model_key].weight_bytes(precision), free, False)
+        return Estimate(catalogue.MODELS[model_key].weight_bytes(fmt.check(precision)), free, False)
 
     # -- jobs ------------------------------------------------------------------------------------------------
-    def request(self, choice: str, custom: str, loras: list[tuple[str, float]], format: str, precision: str,
-                name: str, shard: str = "5GB", t5_precision: str = "") -> BuildRequest:
-        fmt = formats.get_format(format)
+    def request(self, base: str, loras: list[tuple[str, float]], format: str, precision: str, name: str,
+                shard: str = "5GB", t5_precision: str = "") -> BuildRequest:
+        fmt = get_format(format)
         return BuildRequest(
-            base=self.base_ref(choice, custom), loras=tuple(LoraRef(r, s) for r, s in loras), precision=precision,
+            base=self.ref(base).text, loras=tuple(LoraRef(r, s) for r, s in loras), precision=fmt.check(precision),
             format=fmt.key, out_dir=self.output_dir / (safe_name(name) + fmt.extension), shard_bytes=parse_size(shard),
-            encoder_precision=t5_precision if fmt.key == "pipeline" else "",
+            t5_precision=fmt.encoder_precision(t5_precision, precision),
         )
 
     def start(self, request: BuildRequest) -> Job:
@@ -297,11 +258,11 @@ class Studio:
         return self.runner.start(self._preview_request(request, output, prompt, seed, steps, size), preview.run)
 
     def preview(self, request: BuildRequest, output: Path, prompt: str, seed: int, steps: int, size: int,
-                progress=None, cancel=None):
+                run: Run | None = None):
         """The same, in this thread (the CLI): a PreviewResult."""
         from fluxstudio.flows import preview
 
-        return preview.run(self._preview_request(request, output, prompt, seed, steps, size), progress, cancel, self.hub)
+        return preview.run(self._preview_request(request, output, prompt, seed, steps, size), run, self.hub)
 
     def saved_preview(self, name: str):
         """The preview saved beside an output of the library (PreviewResult), or None."""
@@ -334,15 +295,15 @@ class Studio:
         delete_output(self.output_dir, name)
 
     # -- machine and Hub -------------------------------------------------------------------------------------
-    def advise(self, target: str, model_key: str) -> advice.Recommendation:
+    def advise(self, target: str, model_key: str) -> Recommendation:
         model = advice.MODELS[model_key]
         return advice.recommend_here(self.hw, model) if target == THIS_MACHINE else advice.recommend(advice.CARDS[target], model)
 
     @staticmethod
     def family(key: str):
-        from fluxstudio.engine.models import FAMILIES
+        from fluxstudio.engine.models import family_named
 
-        return next(f for f in FAMILIES if f.key == key)
+        return family_named(key)
 
     @staticmethod
     def save_token(token: str) -> str:
@@ -352,15 +313,28 @@ class Studio:
     def has_token() -> bool:
         return has_token()
 
-    def build(self, request: BuildRequest, progress=None, cancel=None) -> BuildResult:
+    def build(self, request: BuildRequest, run: Run | None = None) -> BuildResult:
         """A build in this thread (the CLI); the app starts jobs instead."""
         from fluxstudio.flows.build import build
 
-        return build(request, progress=progress, cancel=cancel, hub=self.hub)
+        return build(request, run, hub=self.hub)
 
-    def download(self, text: str, lora: bool = False, progress=None, cancel=None):
+    @staticmethod
+    def snippet(result: BuildResult, request: BuildRequest, path: str | None = None) -> str:
+        """The code that loads a build's output (at `path`, default where it was saved)."""
+        fmt = get_format(result.format)
+        return fmt.snippet(path or result.output_dir, result.precision, Studio.family(result.family),
+                           fmt.encoder_precision(request.t5_precision, result.precision))
+
+    @staticmethod
+    def placement(result: BuildResult) -> str:
+        """Where a user puts a build's output ("" for a Python folder: the snippet says how to load it)."""
+        fmt = get_format(result.format)
+        return fmt.placement(result.files) if fmt.one_file else ""
+
+    def download(self, text: str, lora: bool = False, run: Run | None = None):
         """Fetch a base (its transformer) or a LoRA from the Hub into the HF cache."""
         ref = parse_ref(text)
         if ref.kind != "hub":
             raise FluxStudioError(f"'{text}' is not a Hub reference.", "Use owner/name or a https://huggingface.co/... URL.")
-        return ref, (self.hub.fetch_lora if lora else self.hub.fetch_base)(ref, Run(progress, cancel))
+        return ref, (self.hub.fetch_lora(ref, run) if lora else self.hub.fetch_base(ref, run))

@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fluxstudio.flows.build import BuildRequest, LoraRef, build
+from fluxstudio.flows.build import build
+from fluxstudio.flows.request import BuildRequest, LoraRef
 from fluxstudio.errors import (
     BadInputError, CancelledError, DiskSpaceError, LoraMismatchError, NumericError, OutputError,
 )
-from fluxstudio.progress import CancelToken
+from fluxstudio.progress import CancelToken, Run
 from helpers import FLUX1_TINY, FLUX2_TINY, linear_shapes, peft_lora, write_model
 
 
@@ -27,10 +28,11 @@ def leftovers(folder):
 
 
 def attempt(base, loras, out, error, match, **kw):
-    run_kw = {k: kw.pop(k) for k in ("cancel", "free_bytes", "progress") if k in kw}
+    run = Run(kw.pop("progress", None), kw.pop("cancel", None))
+    run_kw = {k: kw.pop(k) for k in ("free_bytes",) if k in kw}
     req = BuildRequest(str(base), tuple(LoraRef(str(p), s) for p, s in loras), kw.pop("precision", "nf4"), out, **kw)
     with pytest.raises(error, match=match) as info:
-        build(req, **run_kw)
+        build(req, run, **run_kw)
     assert "Traceback" not in str(info.value)
     return info.value
 

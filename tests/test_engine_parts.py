@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from fluxstudio.sources import demo
-from fluxstudio.quant import legacy as quantize
+from fluxstudio.quant import nf4 as quantize
 from fluxstudio.engine.memory import MemorySampler
 from fluxstudio.engine.shards import ShardedWriter, header_bound
 
@@ -95,7 +95,8 @@ def test_cuda_build_matches_the_cpu_build(tiny_base, tmp_path):
     """On a GPU machine: fusing on CUDA and quantizing with bitsandbytes' CUDA kernel gives the CPU result."""
     from helpers import load_dir
 
-    from fluxstudio.flows.build import BuildRequest, build
+    from fluxstudio.flows.build import build
+    from fluxstudio.flows.request import BuildRequest
 
     for device in ("cpu", "cuda"):
         build(BuildRequest(str(tiny_base), (), "nf4", tmp_path / device, device=device))

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fluxstudio import formats
-from fluxstudio.flows.build import BuildRequest, LoraRef, build
+from fluxstudio.flows.build import build
+from fluxstudio.flows.request import BuildRequest, LoraRef
 from fluxstudio.errors import BadInputError, OutputError
 from fluxstudio.formats.bfl import SWAPPED
 from fluxstudio.quant import ggml
@@ -197,9 +198,7 @@ def test_gguf_loads_in_diffusers_and_runs_close_to_bf16(wide_base, wide_lora, wi
 
 
 def ggml_name(precision):
-    from fluxstudio.formats.outputs import GGUF_TYPES
-
-    return GGUF_TYPES[precision]
+    return formats.FORMATS["gguf"].option(precision).weights
 
 
 def _gguf_overhead(path):
@@ -221,7 +220,7 @@ def test_gguf_package_reads_every_type(tiny_base, tmp_path):
             theirs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
             shape = tuple(reversed([int(d) for d in t.shape]))
             assert theirs.reshape(shape).shape == ref[t.name].shape, t.name
-            if t.tensor_type.name in ggml.TYPES:
+            if t.tensor_type.name in ggml.QUANTIZED:
                 ours = ggml.dequantize(torch.from_numpy(t.data.copy()), t.tensor_type.name, shape)
                 assert torch.equal(ours, theirs.reshape(shape)), (precision, t.name)
             err = relative_error(theirs.reshape(shape), ref[t.name])
@@ -241,7 +240,7 @@ def test_bad_format_inputs_get_one_sentence(tiny_base, tmp_path):
     with pytest.raises(BadInputError, match="gguf format has no precision 'nf4'.*offers Q8_0"):
         make(tiny_base, [], tmp_path / "x", "nf4", "gguf")
     with pytest.raises(BadInputError, match="cannot hold a flux3 model"):
-        formats.check("gguf", "Q8_0", "flux3")
+        formats.get_format("gguf").check("Q8_0", "flux3")
     with pytest.raises(OutputError, match="ends in .gguf, but a single-file output is a .safetensors file"):
         make(tiny_base, [], tmp_path / "x.gguf", "bf16", "single-file")
     with pytest.raises(BadInputError, match="Unknown output format"):
@@ -253,7 +252,7 @@ def test_bad_format_inputs_get_one_sentence(tiny_base, tmp_path):
 
 def test_cancel_leaves_no_partial_file(tiny_base, tmp_path):
     from fluxstudio.errors import CancelledError
-    from fluxstudio.progress import CancelToken
+    from fluxstudio.progress import CancelToken, Run
 
     token = CancelToken()
 
@@ -262,5 +261,5 @@ def test_cancel_leaves_no_partial_file(tiny_base, tmp_path):
             token.cancel()
 
     with pytest.raises(CancelledError):
-        build(BuildRequest(str(tiny_base), (), "Q8_0", tmp_path / "out", format="gguf"), progress=progress, cancel=token)
+        build(BuildRequest(str(tiny_base), (), "Q8_0", tmp_path / "out", format="gguf"), Run(progress, token))
     assert [p.name for p in tmp_path.iterdir()] == ["base"]

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fluxstudio.flows.build import BuildRequest, LoraRef, build
+from fluxstudio.flows.build import build
+from fluxstudio.flows.request import BuildRequest, LoraRef
 from helpers import (
     FLUX1_TINY, FLUX2_TINY, assert_within_one_ulp, bf16_ulp, linear_shapes, load_dir, peft_lora, reference_fuse, write_model,
 )

@@ -14,7 +14,8 @@ import pytest
 from fakehub import FakeHub, folder_files
 from helpers import FLUX1_TINY, linear_shapes, peft_lora, write_model
 
-from fluxstudio.flows.build import BuildRequest, LoraRef, build
+from fluxstudio.flows.build import build
+from fluxstudio.flows.request import BuildRequest, LoraRef
 from fluxstudio.errors import BadInputError, CancelledError, DiskSpaceError, HubError
 from fluxstudio.progress import CancelToken, Run
 from fluxstudio.sources.hub import Hub
@@ -91,7 +92,7 @@ def test_parse_ref_rejects_nonsense():
 def test_fuse_from_the_hub_then_from_the_cache_then_offline(fake, cache, tmp_path):
     hub = make_hub(fake, cache)
     events = []
-    result = build(BuildRequest(BASE, (LoraRef(LORA, 0.8),), "nf4", tmp_path / "out"), progress=events.append, hub=hub)
+    result = build(BuildRequest(BASE, (LoraRef(LORA, 0.8),), "nf4", tmp_path / "out"), Run(events.append), hub=hub)
     manifest = json.loads((Path(result.output_dir) / "fluxstudio.json").read_text())
     assert manifest["base"]["repo_id"] == BASE and len(manifest["base"]["revision"]) == 40
     assert manifest["loras"][0]["ref"] == LORA

@@ -164,7 +164,7 @@ def test_a_hub_base_brings_its_encoders_vae_and_scheduler_with_progress_once(tmp
     from fakehub import FakeHub, folder_files
 
     from fluxstudio.sources.hub import Hub
-    from fluxstudio.progress import Stage
+    from fluxstudio.progress import Run, Stage
 
     pipe = demo.ensure_base()
     files = folder_files(pipe)
@@ -179,7 +179,7 @@ def test_a_hub_base_brings_its_encoders_vae_and_scheduler_with_progress_once(tmp
         build(req, hub=hub)
         built = len(fake.file_gets())
         events = []
-        result = preview.run(preview.PreviewRequest(req, out, steps=2, size=64, device="cpu"), progress=events.append, hub=hub)
+        result = preview.run(preview.PreviewRequest(req, out, steps=2, size=64, device="cpu"), Run(events.append), hub=hub)
         assert [r.key for r in result.renders] == ["a", "b", "c"]
         fetched = {r["path"].split("/resolve/")[1].split("/", 1)[1].split("/")[0] for r in fake.file_gets()[built:]}
         assert fetched == {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"}
@@ -193,7 +193,7 @@ def test_a_hub_base_brings_its_encoders_vae_and_scheduler_with_progress_once(tmp
 
 def test_a_cancelled_preview_leaves_nothing_and_keeps_the_last_one(tmp_path):
     from fluxstudio.errors import CancelledError
-    from fluxstudio.progress import CancelToken, Stage
+    from fluxstudio.progress import CancelToken, Run, Stage
 
     out = tmp_path / "demo-bf16"
     req = demo_build(out, "bf16")
@@ -205,7 +205,7 @@ def test_a_cancelled_preview_leaves_nothing_and_keeps_the_last_one(tmp_path):
             token.cancel()
 
     with pytest.raises(CancelledError):
-        preview.run(preview.PreviewRequest(req, out, seed=2, steps=3), progress=cancel_midway, cancel=token)
+        preview.run(preview.PreviewRequest(req, out, seed=2, steps=3), Run(cancel_midway, token))
     assert preview.read(out) == kept  # the preview saved before is still there, whole
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -218,7 +218,7 @@ def test_a_cancel_takes_effect_inside_a_long_step(wide_pipeline, tmp_path):
     import time
 
     from fluxstudio.flows.jobs import JobRunner
-    from fluxstudio.progress import Stage
+    from fluxstudio.progress import Run, Stage
 
     root, _ = wide_pipeline
     out = tmp_path / "wide-bf16"
@@ -227,13 +227,13 @@ def test_a_cancel_takes_effect_inside_a_long_step(wide_pipeline, tmp_path):
     rendering = threading.Event()
     steps_done = []
 
-    def run(request, progress, cancel):
+    def run(request, job_run):
         def watch(event):
-            progress(event)
+            job_run.progress(event)
             if event.stage == Stage.PREVIEW and event.message.startswith("Rendering"):
                 steps_done.append(event.done)
                 rendering.set()
-        return preview.run(request, watch, cancel)
+        return preview.run(request, Run(watch, job_run.cancel))
 
     job = JobRunner(run=run).start(preview.PreviewRequest(req, out, steps=4, size=256, device="cpu"))
     assert rendering.wait(300), job.error

@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fluxstudio.flows.build import BuildRequest, LoraRef, build
-from fluxstudio.quant.legacy import FP8_MAX, Quantizer, fp8_encode, make_quantizer
+from fluxstudio.flows.build import build
+from fluxstudio.flows.request import BuildRequest, LoraRef
+from fluxstudio import quant
+from fluxstudio.quant.plain import FP8, FP8_MAX, fp8_encode
 from helpers import FLUX1_TINY, flux1_inputs, linear_shapes, load_dir, peft_lora, relative_error, write_model
 
 F = pytest.importorskip("bitsandbytes.functional")
@@ -103,8 +105,7 @@ def test_fp8_loads_with_layerwise_casting_and_runs(fused, tmp_path):
 
 
 def test_fp8_clamps_instead_of_nan():
-    q = Quantizer("fp8", frozenset({"lin"}))
-    out = q.encode("lin.weight", torch.tensor([[1000.0, -1e6, 1.0, 0.0]]))["lin.weight"]
+    out = FP8.encode("lin.weight", torch.tensor([[1000.0, -1e6, 1.0, 0.0]]))["lin.weight"]
     assert out.dtype == torch.float8_e4m3fn
     assert out.float().tolist() == [[FP8_MAX, -FP8_MAX, 1.0, 0.0]]
 
@@ -129,7 +130,7 @@ def test_lora_effect_retained(tmp_path, precision):
     a, b = torch.randn(16, 1024) / 32, torch.randn(1024, 16) * 0.0035
     delta = b @ a
     assert 0.01 < float(delta.norm() / w.norm()) < 0.05
-    q = make_quantizer(precision, frozenset({"lin"}), torch.nn.Module)
+    q = quant.get(precision)
     q_base = dequant(precision, "lin.weight", q.encode("lin.weight", w))
     q_fused = dequant(precision, "lin.weight", q.encode("lin.weight", w + delta))
     kept = retention(q_fused, q_base, delta)

@@ -244,20 +244,20 @@ def test_what_is_reclaimed_at_start_and_what_is_kept(tmp_path):
 
 
 def test_an_app_cancel_keeps_the_partial_download_and_says_so(fake, tmp_path):
-    from fluxstudio.studio import CUSTOM, Studio
+    from fluxstudio.studio import Studio
 
     cache = tmp_path / "hf" / "hub"
     fake.add_repo("acme/flux-big", {"transformer/diffusion_pytorch_model.safetensors": fake.repos["acme/big-lora"].files["big.safetensors"],
                                     "transformer/config.json": b"{}"})
     fake.faults["transformer/diffusion_pytorch_model.safetensors"] = {"throttle": 80 * MB}
     studio = Studio(output_dir=tmp_path / "out", hub=Hub(endpoint=fake.url, cache_dir=str(cache)))
-    job = studio.start(studio.request(CUSTOM, "acme/flux-big", [], "diffusers", "bf16", "x", "5GB"))
+    job = studio.start(studio.request("acme/flux-big", [], "diffusers", "bf16", "x", "5GB"))
     while not (job.event and job.event.bytes_done > 20 * MB):
         time.sleep(0.05)
     studio.cancel(job.id)
     job.wait(30)
     assert job.status == "cancelled" and "MB kept; starting again resumes from there" in str(job.error)
-    status = studio.describe_base(CUSTOM, "acme/flux-big")
+    status = studio.describe_base("acme/flux-big")
     assert status.partial_bytes > 20 * MB and "already here, and the download resumes from there" in status.text
-    assert studio.discard_download(CUSTOM, "acme/flux-big") == status.partial_bytes
+    assert studio.discard_download("acme/flux-big") == status.partial_bytes
     assert leftovers(tmp_path) == []

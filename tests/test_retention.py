@@ -15,7 +15,8 @@ from helpers import FLUX1_TINY, linear_shapes, load_dir, peft_lora, write_model
 from safetensors.torch import load_file, save_file
 
 from fluxstudio.engine import manifest
-from fluxstudio.flows.build import BuildRequest, LoraRef, build
+from fluxstudio.flows.build import build
+from fluxstudio.flows.request import BuildRequest, LoraRef
 
 ROOT = Path(__file__).resolve().parent.parent
 

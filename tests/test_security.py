@@ -27,7 +27,7 @@ from fluxstudio.cli import main as cli
 from fluxstudio.errors import BadInputError, HubError, OutputError
 from fluxstudio.flows.request import BuildRequest, LoraRef
 from fluxstudio.engine.safefile import MAX_HEADER, read_header
-from fluxstudio.studio import CUSTOM, Studio
+from fluxstudio.studio import Studio
 from fluxstudio.ui.handlers import user_message
 
 CANARY = "hf_CANARY0123456789abcdefghijklmnopqrst"
@@ -148,12 +148,12 @@ def test_a_rejected_upload_leaves_nothing_behind(tmp_path, isolated_home):
         else:
             upload.write_bytes(bad)
         with pytest.raises(BadInputError):
-            studio.add_upload(str(upload), "demo", "", "flux1")
+            studio.add_upload(str(upload), "demo", "flux1")
         assert [p for p in isolated_home.rglob("*") if p.is_file() and p.name != partials.OWNER] == []
     lora = web / "good.safetensors"
     web.mkdir()
     peft_lora(lora, linear_shapes(write_model(tmp_path / "tiny", FLUX1_TINY)))
-    kept, info = Studio(tmp_path / "outputs").add_upload(str(lora), CUSTOM, str(tmp_path / "tiny"), "flux1")
+    kept, info = Studio(tmp_path / "outputs").add_upload(str(lora), str(tmp_path / "tiny"), "flux1")
     assert kept.parent.name == "uploads" and kept.name.endswith("-good.safetensors") and "matched" in info
     assert not lora.exists() and not web.exists()  # moved, not copied: one copy on disk
 
@@ -162,7 +162,7 @@ def test_a_shared_session_has_an_upload_quota(tmp_path, isolated_home):
     studio = Studio(tmp_path / "outputs", local=False)
     upload = _not_a_lora(tmp_path / "x.safetensors")
     with pytest.raises(BadInputError, match="uploaded 4.0 GB already"):
-        studio.add_upload(str(upload), "demo", "", "flux1", kept_bytes=4 * 10**9)
+        studio.add_upload(str(upload), "demo", "flux1", kept_bytes=4 * 10**9)
     assert not upload.exists()
 
 
@@ -211,7 +211,7 @@ def test_a_lora_scale_that_is_not_a_usable_number_is_refused(scale):
     with pytest.raises(BadInputError, match="The LoRA scale .* is not a usable number"):
         LoraRef("demo", scale)
     with pytest.raises(BadInputError, match="is not a usable number"):
-        Studio().request("demo", "", [("demo", scale)], "diffusers", "bf16", "x")
+        Studio().request("demo", [("demo", scale)], "diffusers", "bf16", "x")
 
 
 def test_the_cli_refuses_a_nan_scale_with_one_sentence(tmp_path, capsys):
@@ -317,7 +317,7 @@ def test_a_dangling_symlink_as_output_name_writes_nothing_outside(tmp_path):
         if fmt == "gguf":
             (outputs / name).symlink_to(target)
         with pytest.raises(OutputError, match="is a symbolic link"):
-            build(Studio(outputs).request("demo", "", [], fmt, precision, "dangling"))
+            build(Studio(outputs).request("demo", [], fmt, precision, "dangling"))
     assert not target.parent.exists()
 
 
@@ -417,7 +417,7 @@ def test_shared_messages_never_tell_which_paths_exist(tmp_path, monkeypatch):
 
     def said(text):
         try:
-            return shared.describe_base(CUSTOM, text).text
+            return shared.describe_base(text).text
         except (BadInputError, HubError) as exc:
             return user_message(exc, shared=True)
 
@@ -449,4 +449,4 @@ def test_local_mode_still_reads_local_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_model(tmp_path / "models" / "tiny", FLUX1_TINY)
     assert Studio(tmp_path / "outputs").ref("models/tiny").kind == "local"
-    assert "local folder" in Studio(tmp_path / "outputs").describe_base(CUSTOM, "models/tiny").text
+    assert "local folder" in Studio(tmp_path / "outputs").describe_base("models/tiny").text

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import linear_shapes, peft_lora
 
-from fluxstudio.flows.build import BuildRequest, DISK_MARGIN, build
+from fluxstudio.flows.build import build
+from fluxstudio.flows.request import DISK_MARGIN, BuildRequest
 from fluxstudio.errors import BadInputError, CancelledError, DiskSpaceError, FluxStudioError
 from fluxstudio.flows.jobs import JobRunner
 from fluxstudio.library import delete_output, list_outputs
@@ -48,8 +49,8 @@ def test_estimate_equals_what_the_build_checks_on_a_widened_control_base(wide_ba
     lora = peft_lora(tmp_path / "control.safetensors", shapes)
     studio = studio_for(tmp_path)
     for fmt, precision in (("diffusers", "nf4"), ("gguf", "Q4_K_S"), ("single-file", "fp8-scaled")):
-        est = studio.estimate("custom", str(wide_base), [lora], fmt, precision)
-        plain = studio.estimate("custom", str(wide_base), [], fmt, precision)
+        est = studio.estimate(str(wide_base), [lora], fmt, precision)
+        plain = studio.estimate(str(wide_base), [], fmt, precision)
         assert est.exact and est.bytes > plain.bytes  # the widening counts
         seen = {}
 
@@ -57,7 +58,7 @@ def test_estimate_equals_what_the_build_checks_on_a_widened_control_base(wide_ba
             seen["free_called"] = True
             return est.need - 1  # one byte short of what the app said it needs: the build must refuse
 
-        req = studio.request("custom", str(wide_base), [(str(lora), 1.0)], fmt, precision, f"c-{precision}")
+        req = studio.request(str(wide_base), [(str(lora), 1.0)], fmt, precision, f"c-{precision}")
         with pytest.raises(DiskSpaceError) as err:
             build(req, free_bytes=free_bytes)
         assert seen and f"{est.need / 1e9:.2f} GB" in err.value.message
@@ -65,15 +66,15 @@ def test_estimate_equals_what_the_build_checks_on_a_widened_control_base(wide_ba
 
 
 def test_estimate_without_the_base_uses_the_model_table(tmp_path):
-    est = studio_for(tmp_path).estimate("flux1-dev", "", [], "gguf", "Q4_K_S", "flux1")
+    est = studio_for(tmp_path).estimate("black-forest-labs/FLUX.1-dev", [], "gguf", "Q4_K_S", "flux1")
     assert not est.exact and 6.5e9 < est.bytes < 7e9
 
 
 def fake_build(events, gate, fail=None):
-    def run(request, progress=None, cancel=None):
+    def run(request, job_run):
         for i in range(1000):
-            progress(ProgressEvent(Stage.FUSE, i, 1000, i, 1000))
-            if cancel.cancelled:
+            job_run.report(ProgressEvent(Stage.FUSE, i, 1000, i, 1000))
+            if job_run.cancelled:
                 raise CancelledError("Cancelled.", "Nothing was saved.")
             if i == 3:
                 events.append("working")

@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fluxstudio.sources import demo
-from fluxstudio.flows.build import BuildRequest, LoraRef, build
+from fluxstudio.flows.build import build
+from fluxstudio.flows.request import BuildRequest, LoraRef
 from fluxstudio.errors import BadInputError, LoraMismatchError
 from fluxstudio.engine.models import open_encoder
 
@@ -140,7 +141,7 @@ def test_exported_pipeline_loads_in_one_line_and_generates(pipe_dir, tmp_path, m
     from diffusers import FluxPipeline
 
     lora = peft_file(tmp_path / "te.safetensors", encoder_lora_parts(pipe_dir))
-    result = export(pipe_dir, lora, tmp_path / "nf4-t5", "fp8", encoder_precision="nf4")
+    result = export(pipe_dir, lora, tmp_path / "nf4-t5", "fp8", t5_precision="nf4")
     out = tmp_path / "nf4-t5"
     # unchanged components are hard links to the base's files, not copies
     for rel in ("vae/diffusion_pytorch_model.safetensors", "tokenizer_2/tokenizer.json", "scheduler/scheduler_config.json"):
@@ -211,9 +212,9 @@ def test_one_file_outputs_get_fused_text_encoders_in_comfyui_layout(pipe_dir, tm
         assert (t5[k].float() - want.float()).abs().max() <= want.float().abs().max() * 2**-3
 
     assert result.files == sorted([clip_file.name, t5_file.name, f"flux{'.gguf' if format == 'gguf' else '.safetensors'}"])
-    from fluxstudio.formats import snippets
+    from fluxstudio.formats import FORMATS
 
-    assert "models/text_encoders/" in snippets.placement(format, result.files)
+    assert "models/text_encoders/" in FORMATS[format].placement(result.files)
     entry = library.list_outputs(tmp_path)[0]
     assert entry.size_bytes == sum(f.stat().st_size for f in tmp_path.glob("flux*"))
     library.delete_output(tmp_path, entry.name)
@@ -260,7 +261,7 @@ def test_a_pipeline_needs_the_whole_base_and_a_t5_precision_it_offers(pipe_dir, 
     with pytest.raises(BadInputError, match="a transformer alone, without the pipeline"):
         export(tmp_path / "alone", lora, tmp_path / "p")
     with pytest.raises(BadInputError, match="The T5 text encoder has no precision 'Q8_0'"):
-        export(pipe_dir, lora, tmp_path / "p", encoder_precision="Q8_0")
+        export(pipe_dir, lora, tmp_path / "p", t5_precision="Q8_0")
     assert not (tmp_path / "p").exists()
 
 
@@ -304,7 +305,7 @@ def test_the_loras_panel_says_which_components_a_lora_changes(pipe_dir, tmp_path
 
     parts = encoder_lora_parts(pipe_dir)
     studio = Studio(output_dir=tmp_path / "outputs", local=True)
-    line = studio.describe_lora(peft_file(tmp_path / "all.safetensors", parts), "custom", str(pipe_dir), "flux1")
+    line = studio.describe_lora(peft_file(tmp_path / "all.safetensors", parts), str(pipe_dir), "flux1")
     assert "changes the transformer + CLIP-L + T5-XXL" in line
-    line = studio.describe_lora(peft_file(tmp_path / "tr.safetensors", parts, ("transformer",)), "custom", str(pipe_dir), "flux1")
+    line = studio.describe_lora(peft_file(tmp_path / "tr.safetensors", parts, ("transformer",)), str(pipe_dir), "flux1")
     assert "changes the transformer ·" in line and "1 matched" in line

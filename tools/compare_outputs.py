@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 BUILDS = [("diffusers", p) for p in ("bf16", "fp8", "nf4")] + [("pipeline", p) for p in ("bf16", "fp8", "nf4")] + [
     ("single-file", p) for p in ("bf16", "fp8", "fp8-scaled", "nf4")] + [

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fluxstudio.formats import PRECISIONS
+from fluxstudio import formats
 
 GB = 10**9
 
@@ -21,7 +21,7 @@ class ModelSpec:
 
     def weight_bytes(self, precision: str) -> int:
         """The transformer's weights at any precision of the format table (fp8 keeps some modules in bf16)."""
-        per_param = PRECISIONS[precision].bytes_per_param
+        per_param = formats.option(precision).bytes_per_param
         if precision.startswith("fp8"):
             per_param += self.fp8_bf16_share
         return int(self.params * per_param)

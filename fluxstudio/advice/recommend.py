@@ -74,12 +74,23 @@ class Alternative:
 
 
 @dataclass(frozen=True)
+class Pick:
+    """An output to build: a format and one of its precisions."""
+
+    format: str
+    precision: str
+
+    def __str__(self) -> str:
+        return f"{self.format} {self.precision}"
+
+
+@dataclass(frozen=True)
 class Recommendation:
     precision: str
     reason: str
     alternatives: tuple[Alternative, ...] = ()
     target: str = ""
-    one_file: str = ""  # the single-file / GGUF pick for ComfyUI and Forge users, e.g. "gguf Q4_K_S"
+    one_file: Pick | None = None  # the single-file or GGUF pick for ComfyUI and Forge users
     text_encoder: str = "bf16"  # T5-XXL's precision in a pipeline export
 
 
@@ -155,15 +166,15 @@ def recommend(card: Card | None, model: ModelSpec) -> Recommendation:
     return Recommendation(pick, reason, alternatives, card.name, _one_file(pick, card, model), _text_encoder(pick, card, model))
 
 
-def _one_file(pick: str, card: Card, model: ModelSpec) -> str:
+def _one_file(pick: str, card: Card, model: ModelSpec) -> Pick:
     """The single-file or GGUF output for ComfyUI / Forge users of this card: scaled fp8 where fp8 is native,
     bf16 where it fits, else the largest 5- or 4-bit GGUF that fits."""
     if pick == "fp8" and card.fp8:
-        return "single-file fp8-scaled"
+        return Pick("single-file", "fp8-scaled")
     if pick == "bf16":
-        return "single-file bf16"
+        return Pick("single-file", "bf16")
     fits = [p for p in ("Q8_0", "Q6_K", "Q5_K_S") if model.need_bytes(p) <= card.vram_gb * GB]
-    return f"gguf {fits[0] if fits and pick != 'nf4' else ('Q5_K_S' if 'Q5_K_S' in fits else 'Q4_K_S')}"
+    return Pick("gguf", fits[0] if fits and pick != "nf4" else ("Q5_K_S" if "Q5_K_S" in fits else "Q4_K_S"))
 
 
 def recommend_here(hw: HardwareInfo, model: ModelSpec) -> Recommendation:

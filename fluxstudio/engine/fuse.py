@@ -21,7 +21,7 @@ import torch
 from fluxstudio.errors import LoraMismatchError, NumericError
 from fluxstudio.engine.lora import LoadedLora
 from fluxstudio.engine.models import BaseModel
-from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, report
+from fluxstudio.progress import ProgressEvent, Run, Stage, running
 from fluxstudio.engine.safefile import TensorInfo, read_tensor
 
 
@@ -174,8 +174,7 @@ def execute(
     encode: Callable[[str, torch.Tensor], dict[str, torch.Tensor]],
     write: Callable[[str, torch.Tensor], None],
     device: str = "cpu",
-    progress: ProgressCallback | None = None,
-    cancel: CancelToken | None = None,
+    run: Run | None = None,
     message: str = "",
 ) -> None:
     """Stream every tensor, in the given order: read -> fuse -> encode (quantize) -> write. Memory stays at a few
@@ -183,6 +182,7 @@ def execute(
 
     The next tensor is read and the last one written in background threads while this one is computed.
     """
+    run = running(run)
     total = len(jobs)
     bytes_total = sum(j.info.nbytes for j in jobs)
     done_bytes = 0
@@ -198,7 +198,7 @@ def execute(
         with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, _WriteBehind(write) as writer:
             pending = reader.submit(read, jobs[0]) if jobs else None
             for i, job in enumerate(jobs, start=1):
-                check(cancel)
+                run.check()
                 tensor = pending.result().to(device)  # on a GPU, untouched tensors are quantized there too
                 pending = reader.submit(read, jobs[i]) if i < total else None
                 fused = fuse_tensor(job, tensor, device)
@@ -210,7 +210,7 @@ def execute(
                 now = time.monotonic()
                 if now - last > 0.1 or i == total:
                     last = now
-                    report(progress, ProgressEvent(Stage.FUSE, i, total, done_bytes, bytes_total, item=job.name, message=message))
+                    run.report(ProgressEvent(Stage.FUSE, i, total, done_bytes, bytes_total, item=job.name, message=message))
     finally:
         for f in files.values():
             f.close()

@@ -33,7 +33,7 @@ class Family:
 
         cls = self.model_class()
         with init_empty_weights():
-            if self.library == "diffusers":
+            if self.library != "transformers":
                 return cls.from_config(config)
             return cls(cls.config_class.from_dict(config))
 
@@ -53,6 +53,10 @@ ENCODERS: dict[str, Family] = {
     "text_encoder_2": Family("t5", "T5-XXL", "T5EncoderModel", "", library="transformers"),
 }
 FULL_PRECISION = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def family_named(key: str) -> Family:
+    return next(f for f in FAMILIES if f.key == key)
 
 
 def family_for(class_name: str) -> Family:

@@ -1,35 +1,34 @@
 """One build end to end: resolve -> inspect -> plan -> check disk -> stream -> finalize -> report.
 
-Orchestration only. Everything is written into a hidden `.NAME.partial-*` folder beside the target and renamed
-into place when complete; any failure or cancel removes it.
+Orchestration only: what is particular to a format, its format object decides (`fluxstudio.formats`). Everything is
+written into a hidden `.NAME.partial-*` folder beside the target, under a lock on the name, and renamed into place
+when complete; any failure or cancel removes it.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fluxstudio import __version__, formats, units
+from fluxstudio import __version__, units
 from fluxstudio.engine import manifest, partials, retention
-from fluxstudio.formats import snippets
+from fluxstudio.engine.fuse import execute
+from fluxstudio.engine.lora import components as lora_components
+from fluxstudio.engine.lora import load_lora
+from fluxstudio.engine.memory import MemorySampler
+from fluxstudio.engine.models import BaseModel, open_base
 from fluxstudio.errors import BadInputError, DiskSpaceError, OutputError
-from fluxstudio.formats import pipeline
-from fluxstudio.formats.outputs import DiffusersOutput, EncoderFile, make_output
-from fluxstudio.engine.fuse import FusePlan, execute, plan_tensors
+from fluxstudio.flows.request import DISK_MARGIN, BuildRequest, BuildResult
+from fluxstudio.formats import BuildPlan, Format, Settings, get_format, output_path
+from fluxstudio.progress import ProgressEvent, Run, Stage, running
 from fluxstudio.sources.hub import Hub
 from fluxstudio.sources.resolve import resolve
-from fluxstudio.engine.lora import LoadedLora, load_lora
-from fluxstudio.engine.lora import components as lora_components
-from fluxstudio.engine.memory import MemorySampler
-from fluxstudio.engine.models import ENCODERS, BaseModel, open_base, open_encoder
-from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Run, Stage, check, report
-from fluxstudio.flows.request import DEFAULT_SHARD_BYTES, DISK_MARGIN, BuildRequest, BuildResult, LoraRef  # noqa: F401 - re-exported
 
 
 def pick_device(device: str) -> str:
@@ -79,112 +78,31 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool, is_file: bool =
         raise OutputError(f"The output {what} {out.name} already exists.", "Choose another name, or allow overwriting.")
 
 
-@dataclass
-class Part:
-    """One component's stream: its model, plan and writer, and the subfolder it goes to ("" for the top)."""
-
-    component: str
-    model: BaseModel
-    plan: FusePlan
-    output: object
-    where: str = ""
-
-
-@dataclass
-class BuildPlan:
-    base: BaseModel
-    loras: list[tuple[LoadedLora, float]]
-    parts: list[Part]  # the transformer first
-    root: Path | None = None  # the base pipeline, for the pipeline format
-    linked: list[str] = field(default_factory=list)  # pipeline components linked from the base, not rewritten
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def plan(self) -> FusePlan:
-        return self.parts[0].plan
-
-    @property
-    def output(self):
-        return self.parts[0].output
-
-    def need_bytes(self, target: Path) -> int:
-        linked = pipeline.copy_bytes(self.root, self.linked, target) if self.linked else 0
-        return sum(p.output.need_bytes() for p in self.parts) + linked
-
-    def fused(self) -> dict[str, int]:
-        """Tensors fused per component (the manifest and the report list them)."""
-        return {p.component: p.plan.fused_count for p in self.parts if p.plan.fused_count}
-
-
-ENCODER_FILES = {"text_encoder": "clip_l", "text_encoder_2": "t5xxl_fp8_e4m3fn"}
-
-
-def base_components(format: str, loras: list[tuple[Path, float]]) -> list[str] | None:
-    """What of the base repo a build needs: None for everything (a pipeline), else the components to download."""
-    if format == "pipeline":
-        return None
-    if not formats.get_format(format).extension:
-        return ["transformer"]
-    return ["transformer"] + sorted({c for path, _ in loras for c in lora_components(path) if c != "transformer"})
-
-
-def plan_build(
-    base_path: Path, loras: list[tuple[Path, float]], format: str, precision: str, filename: str = "output",
-    shard_bytes: int = DEFAULT_SHARD_BYTES, double_quant: bool = False, ignore_unmatched: bool = False,
-    progress: ProgressCallback | None = None, cancel: CancelToken | None = None, t5_precision: str = "",
-) -> BuildPlan:
-    """Open the base, read the LoRAs, plan every tensor of every component written, and choose the writers.
+def plan_build(base_path: Path, loras: list[tuple[Path, float]], fmt: Format, precision: str, settings: Settings,
+               ignore_unmatched: bool = False, run: Run | None = None) -> BuildPlan:
+    """Open the base, read the LoRAs, and let the format plan every tensor of every component it writes.
 
     The build and the app's estimate both come through here, so the size the app shows is the one the build
     checks the disk against.
     """
+    run = running(run)
     base = open_base(base_path)
-    fmt = formats.check(format, precision, base.family.key)
-    t5_precision = formats.check_encoder_precision(fmt.key, t5_precision or precision)
+    precision = fmt.check(precision, base.family.key)
     loaded = []
     for i, (path, scale) in enumerate(loras, start=1):
-        check(cancel)
-        report(progress, ProgressEvent(Stage.INSPECT, i, len(loras), item=path.name, message="Reading LoRAs"))
+        run.check()
+        run.report(ProgressEvent(Stage.INSPECT, i, len(loras), item=path.name, message="Reading LoRAs"))
         loaded.append((load_lora(path, base.family), scale))
-    fplan = plan_tensors(base, loaded, ignore_unmatched)
-    main = make_output(fmt, precision, base, fplan.jobs, fplan.config_updates, filename, shard_bytes, double_quant)
-    planned = BuildPlan(base, loaded, [Part("transformer", base, fplan, main, "transformer" if fmt.key == "pipeline" else "")])
-    touched = sorted({c for lora, _ in loaded for c in lora.encoders})
-    if fmt.key == "pipeline" or (touched and fmt.extension):
-        planned.root = pipeline.pipeline_root(base_path)
-    if touched and fmt.key == "diffusers":
-        labels = " and ".join(ENCODERS[c].label for c in touched)
-        planned.notes.append(f"The LoRAs' {labels} parts were not fused: the diffusers format holds the transformer only "
-                             "(the pipeline format includes the text encoders)")
-        touched = []
-    for component in ENCODERS if base.family.key == "flux1" else ():
-        quantized = component == "text_encoder_2" and fmt.key == "pipeline" and t5_precision != "bf16"
-        if component not in touched and not quantized:
-            continue
-        encoder = open_encoder(planned.root, component)
-        eplan = plan_tensors(encoder, loaded, ignore_unmatched, component)
-        if fmt.key == "pipeline":
-            out = DiffusersOutput(t5_precision if component == "text_encoder_2" else "bf16", encoder, eplan.jobs, {}, shard_bytes,
-                                  double_quant, score=False)
-        else:
-            out = EncoderFile(encoder, eplan.jobs, f"{Path(filename).stem}.{ENCODER_FILES[component]}.safetensors")
-        planned.parts.append(Part(component, encoder, eplan, out, component if fmt.key == "pipeline" else ""))
-    if fmt.key == "pipeline":
-        written = {p.where for p in planned.parts}
-        planned.linked = [c for c in pipeline.components(planned.root) if c not in written]
-    return planned
+    return fmt.plan(base_path, base, loaded, precision, settings, ignore_unmatched)
 
 
-def build(
-    req: BuildRequest,
-    progress: ProgressCallback | None = None,
-    cancel: CancelToken | None = None,
-    free_bytes: Callable[[Path], int] = units.free_bytes,
-    hub: Hub | None = None,
-) -> BuildResult:
-    fmt = formats.check_precision(req.format, req.precision)  # before any download: the family is checked later
-    formats.check_encoder_precision(fmt.key, req.t5_precision)
-    out = formats.output_path(req.format, req.out_dir)
+def build(req: BuildRequest, run: Run | None = None, free_bytes: Callable[[Path], int] = units.free_bytes,
+          hub: Hub | None = None) -> BuildResult:
+    run = running(run)
+    fmt = get_format(req.format)
+    precision = fmt.check(req.precision)  # before any download: the family is checked once the base is here
+    out = output_path(fmt.key, req.out_dir)
+    settings = Settings(out.name, req.shard_bytes, req.double_quant, fmt.encoder_precision(req.t5_precision, precision))
     stages: dict[str, float] = {}
     t0 = time.monotonic()
     with MemorySampler() as sampler:
@@ -196,25 +114,21 @@ def build(
             stages[name] = round(stages.get(name, 0.0) + now - tick, 3)
             tick = now
 
-        report(progress, ProgressEvent(Stage.PREPARE, message="Preparing inputs"))
+        run.report(ProgressEvent(Stage.PREPARE, message="Preparing inputs"))
         device = pick_device(req.device)
         hub = hub or Hub()
-        fetching = Run(progress, cancel)
-        resolved = [resolve(r.ref, "lora", hub, fetching) for r in req.loras]
+        lora_run, base_run = Run(run.progress, run.cancel), Run(run.progress, run.cancel)
+        resolved = [resolve(r.ref, "lora", hub, lora_run) for r in req.loras]
         lora_paths = [p for p, _ in resolved]
         lora_scales = [(p, r.scale) for p, r in zip(lora_paths, req.loras)]
-        base_path, base_origin = resolve(req.base, "base", hub, fetching, base_components(fmt.key, lora_scales))
-        download_notes = fetching.notes
-        check_output(out, [base_path, *lora_paths], req.overwrite, is_file=bool(fmt.extension))
+        touched = {c for path in lora_paths for c in lora_components(path)}
+        base_path, base_origin = resolve(req.base, "base", hub, base_run, fmt.base_parts(touched))
+        check_output(out, [base_path, *lora_paths], req.overwrite, is_file=fmt.one_file)
         stage_done("prepare")
 
-        report(progress, ProgressEvent(Stage.INSPECT, message="Reading the base model and LoRAs"))
-        planned = plan_build(
-            base_path, lora_scales, req.format, req.precision, out.name, req.shard_bytes, req.double_quant,
-            req.ignore_unmatched, progress, cancel, req.t5_precision,
-        )
-        base, loras, fplan, output = planned.base, planned.loras, planned.plan, planned.output
-        companions = [out.parent / p.output.filename for p in planned.parts[1:] if fmt.extension]
+        run.report(ProgressEvent(Stage.INSPECT, message="Reading the base model and LoRAs"))
+        planned = plan_build(base_path, lora_scales, fmt, precision, settings, req.ignore_unmatched, run)
+        companions = planned.companions(out)
         for extra in companions:
             check_output(extra, [base_path, *lora_paths], req.overwrite, is_file=True)
         with writing(out.parent):
@@ -229,71 +143,60 @@ def build(
         stage_done("inspect")
 
         partials.reclaim(out.parent)  # what killed builds left, whatever their name
-        inputs = _inputs(base_origin, [o for _, o in resolved], req, planned, [p.name for p in companions])
+        inputs = _inputs(base_origin, [o for _, o in resolved], req, precision, planned, [p.name for p in companions])
+        main = planned.writer
         with writing(out.parent), partials.claim(out) as held:
             for target in (out, *companions):  # again, now that no other build can take the name
-                check_output(target, [base_path, *lora_paths], req.overwrite, is_file=bool(fmt.extension))
+                check_output(target, [base_path, *lora_paths], req.overwrite, is_file=fmt.one_file)
             tmp = partials.work_folder(out)
             try:
-                files = []
+                files: list[Path] = []
                 try:
                     for part in planned.parts:
                         folder = tmp / part.where
                         folder.mkdir(exist_ok=True)
-                        part.output.open(folder, manifest.embedded(inputs, manifest.SLACK) if part.output is output else {})
+                        part.writer.open(folder, manifest.embedded(inputs, manifest.SLACK) if part.writer is main else {})
                         label = "the transformer" if part.component == "transformer" else f"the {part.model.family.label} text encoder"
-                        execute(part.output.jobs, part.output.encode, part.output.write, device, progress, cancel,
-                                message=f"Fusing {label}")
+                        execute(part.writer.jobs, part.writer.encode, part.writer.write, device, run, message=f"Fusing {label}")
                     stage_done("fuse")
-                    kept = {"lora_retained": output.retention.score, "lora_retained_worst": output.retention.worst()}
-                    report(progress, ProgressEvent(Stage.FINALIZE, message="Writing the output"))
-                    if planned.linked:
-                        pipeline.link(planned.root, planned.linked, tmp)
+                    kept = {"lora_retained": main.retention.score, "lora_retained_worst": main.retention.worst()}
+                    run.report(ProgressEvent(Stage.FINALIZE, message="Writing the output"))
+                    fmt.link(planned, tmp)
                     for part in planned.parts:
-                        files += part.output.close(inputs | kept if part.output is output else None)
+                        files += part.writer.close(inputs | kept if part.writer is main else None)
                 finally:
                     for part in planned.parts:
-                        part.output.abort()
-                check(cancel)
+                        part.writer.abort()
+                run.check()
                 stage_done("finalize")
                 result = BuildResult(
                     output_dir=str(out),
-                    precision=req.precision,
+                    precision=precision,
                     format=fmt.key,
                     seconds=round(time.monotonic() - t0, 3),
                     stage_seconds=stages,
                     peak_ram_bytes=sampler.peak_rss_bytes,
                     peak_anon_bytes=sampler.peak_anon_bytes,
                     peak_vram_bytes=sampler.peak_vram_bytes,
-                    output_bytes=sum(p.output.total_bytes for p in planned.parts),
+                    output_bytes=sum(p.writer.total_bytes for p in planned.parts),
                     files=sorted(str(p.relative_to(tmp)) for p in files if p.suffix in (".safetensors", ".gguf")),
                     tensors_fused=sum(planned.fused().values()),
                     fused_per_component=planned.fused(),
-                    family=base.family.key,
+                    family=planned.base.family.key,
                     **kept,
-                    notes=download_notes + fplan.notes + planned.notes + output.notes
-                    + [f"{lora.name}: {n}" for lora, _ in loras for n in lora.notes]
-                    + retention.warnings(kept["lora_retained"], kept["lora_retained_worst"], req.precision),
+                    notes=base_run.notes + lora_run.notes + planned.plan.notes + planned.notes + main.notes
+                    + [f"{lora.name}: {n}" for lora, _ in planned.loras for n in lora.notes]
+                    + retention.warnings(kept["lora_retained"], kept["lora_retained_worst"], precision),
                 )
-                if fmt.extension:
-                    for f in files:
-                        partials.move_into_place(f, out if f.name == out.name else out.parent / f.name, held)
-                    shutil.rmtree(tmp, ignore_errors=True)
-                else:
-                    full = _manifest(inputs, result)
-                    manifest.write_folder(tmp, full)
-                    (tmp / "README.md").write_text(snippets.readme(out.name, req.precision, base.family, full), encoding="utf-8")
-                    partials.move_into_place(tmp, out, held)
+                fmt.finish(tmp, out, files, _manifest(inputs, result), planned.base.family, held)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
     return result
 
 
-def _fingerprint(base) -> str:
+def _fingerprint(base: BaseModel) -> str:
     """A cheap identity of the base weights: file names, sizes and headers (not a full content hash)."""
-    import hashlib
-
     h = hashlib.sha256()
     for header in base.headers:
         h.update(header.path.name.encode())
@@ -303,12 +206,13 @@ def _fingerprint(base) -> str:
     return h.hexdigest()
 
 
-def _inputs(base_origin: dict, lora_origins: list[dict], req: BuildRequest, planned: BuildPlan, companions: list[str]) -> dict:
+def _inputs(base_origin: dict, lora_origins: list[dict], req: BuildRequest, precision: str, planned: BuildPlan,
+            companions: list[str]) -> dict:
     """What went into the output: known before the first byte is written, so one-file formats embed it."""
     from fluxstudio.advice.hardware import library_versions
 
     base, loras, fplan = planned.base, planned.loras, planned.plan
-
+    encoders = planned.parts[1:]
     return {
         "fluxstudio_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -333,12 +237,12 @@ def _inputs(base_origin: dict, lora_origins: list[dict], req: BuildRequest, plan
             }
             for (lora, scale), origin in zip(loras, lora_origins)
         ],
-        "format": req.format,
-        "precision": req.precision,
+        "format": planned.format.key,
+        "precision": precision,
         "fused_per_component": planned.fused(),
-        **({"text_encoder_precision": {p.component: p.output.quantizer.precision for p in planned.parts[1:]}} if planned.parts[1:] else {}),
+        **({"text_encoder_precision": {p.component: p.writer.precision for p in encoders}} if encoders else {}),
         **({"text_encoder_files": companions} if companions else {}),
-        "double_quant": req.double_quant if req.precision == "nf4" else None,
+        "double_quant": req.double_quant if planned.format.option(precision).double_quant is not None else None,
         "config_updates": fplan.config_updates,
         "libraries": library_versions(),
     }

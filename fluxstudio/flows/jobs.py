@@ -7,11 +7,19 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
-from fluxstudio.errors import CancelledError, FluxStudioError
 from fluxstudio.engine.memory import MemorySampler, MemorySnapshot
-from fluxstudio.progress import CancelToken, ProgressEvent
+from fluxstudio.errors import CancelledError, FluxStudioError
 from fluxstudio.flows.request import BuildRequest, BuildResult
+from fluxstudio.progress import CancelToken, ProgressEvent, Run
+
+
+class Status(str, Enum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 @dataclass
@@ -20,7 +28,7 @@ class Job:
     request: BuildRequest  # or what another kind of job takes (a preview)
     cancel: CancelToken = field(default_factory=CancelToken)
     sampler: MemorySampler = field(default_factory=lambda: MemorySampler(interval=0.2))
-    status: str = "running"  # running | done | failed | cancelled
+    status: Status = Status.RUNNING
     event: ProgressEvent | None = None
     started: float = field(default_factory=time.monotonic)
     stage_started: float = field(default_factory=time.monotonic)
@@ -30,7 +38,7 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return self.status != "running"
+        return self.status != Status.RUNNING
 
     @property
     def memory(self) -> MemorySnapshot:
@@ -91,13 +99,13 @@ class JobRunner:
 
         with self._one_at_a_time, job.sampler:
             try:
-                job.result = run(job.request, progress=job.on_progress, cancel=job.cancel, **self._build_kwargs)
-                job.status = "done"
+                job.result = run(job.request, Run(job.on_progress, job.cancel), **self._build_kwargs)
+                job.status = Status.DONE
             except CancelledError as exc:
-                job.error, job.status = exc, "cancelled"
+                job.error, job.status = exc, Status.CANCELLED
             except FluxStudioError as exc:
-                job.error, job.status = exc, "failed"
+                job.error, job.status = exc, Status.FAILED
             except Exception as exc:  # noqa: BLE001 - shown as one sentence; details go to the log
                 logging.getLogger(__name__).exception("job failed")
                 job.error = FluxStudioError(f"Something unexpected went wrong ({type(exc).__name__}).", "Details are in the log.")
-                job.status = "failed"
+                job.status = Status.FAILED

@@ -29,7 +29,9 @@ from pathlib import Path
 from fluxstudio.engine import manifest, partials
 from fluxstudio import paths
 from fluxstudio.errors import BadInputError, FluxStudioError
-from fluxstudio.progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, report
+from fluxstudio.formats import Format, get_format
+from fluxstudio.formats.base import Runtime
+from fluxstudio.progress import CancelToken, ProgressEvent, Run, Stage, check, running
 from fluxstudio.flows.request import BuildRequest
 
 SUFFIX = ".preview"
@@ -39,8 +41,6 @@ HEADROOM = 3 << 30  # activations at 1024², the VAE decode and CUDA's own: what
 NO_GPU = ("This machine has no CUDA GPU, and the preview renders FLUX models on an NVIDIA GPU "
           "(on the CPU one image would take hours).")
 DEMO_ONLY = "The demo preview runs on the CPU in seconds: build from the built-in demo base to try it."
-# what diffusers cannot load (the result's snippet says what reads them instead)
-NOT_IN_DIFFUSERS = {("single-file", "nf4"): "Forge", ("single-file", "fp8-scaled"): "ComfyUI and Forge"}
 
 
 @dataclass(frozen=True)
@@ -149,29 +149,28 @@ def vram_plan(total_vram: int, transformer_bytes: int) -> tuple[bool, bool]:
     return total_vram < T5_BYTES["bf16"] + HEADROOM, total_vram < transformer_bytes + HEADROOM
 
 
-def _check(req: PreviewRequest, data: dict | None) -> tuple[str, str, str, str]:
+def _check(req: PreviewRequest, data: dict | None) -> tuple[Format, str, str, str]:
     """(format, precision, variant, device) of an output this machine can preview, else one sentence why not."""
     import torch
 
     if data is None:
         raise BadInputError(f"{req.output.name} is not a FluxStudio output.", "Pick an output from the library.", (req.output,))
-    fmt, precision, variant = data.get("format", "diffusers"), data["precision"], data["base"].get("variant", "")
+    fmt, precision, variant = get_format(data.get("format", "diffusers")), data["precision"], data["base"].get("variant", "")
     if not variant.startswith("FLUX.1"):
         raise BadInputError(f"The preview renders FLUX.1 models; {req.output.name} is {variant or 'another family'}.",
                             "Load it with the snippet shown with the result.")
-    if reader := NOT_IN_DIFFUSERS.get((fmt, precision)):
-        raise BadInputError(f"diffusers cannot load a {precision} single file ({reader} read it), so it has no preview.",
-                            "Build the diffusers format or a GGUF file to preview the same weights.")
+    if why := fmt.preview_problem(precision):
+        raise BadInputError(why.message, why.hint)
     if req.device == "auto" and unavailable(req.build.base):
         raise BadInputError(NO_GPU, DEMO_ONLY)
     device = "cuda" if req.device == "auto" and torch.cuda.is_available() else "cpu"
-    if device == "cpu" and precision == "nf4":
+    if device == "cpu" and fmt.preview_runtime(precision) == "nf4":
         raise BadInputError("NF4 models run on a CUDA GPU only (diffusers' bitsandbytes layers need one).",
                             "Build the demo at bf16, fp8 or a GGUF type to preview it on the CPU.")
     return fmt, precision, variant, device
 
 
-def _settings(req: PreviewRequest, fmt: str, precision: str, variant: str, device: str) -> dict:
+def _settings(req: PreviewRequest, fmt: Format, precision: str, variant: str, device: str) -> dict:
     demo = req.build.base == "demo"
     steps, size = defaults(variant, demo)
     steps, size = req.steps or steps, req.size or size
@@ -183,35 +182,31 @@ def _settings(req: PreviewRequest, fmt: str, precision: str, variant: str, devic
         raise BadInputError(f"An image size of {size} does not work{' for the demo' if demo else ''}.",
                             f"Use a multiple of 16 from 32 to {top} ({64 if demo else 512} is quick).")
     return {"prompt": req.prompt, "seed": req.seed, "steps": steps, "width": size, "height": size,
-            "guidance": 0.0 if "schnell" in variant else 3.5, "device": device, "format": fmt, "precision": precision,
+            "guidance": 0.0 if "schnell" in variant else 3.5, "device": device, "format": fmt.key, "precision": precision,
             "output": req.output.name}
 
 
-def _check_width(root: Path, fmt: str) -> None:
+def _check_width(root: Path, fmt: Format) -> None:
     config = json.loads((root / "transformer" / "config.json").read_text(encoding="utf-8"))
-    if fmt in ("single-file", "gguf") and config["num_attention_heads"] * config["attention_head_dim"] != 3072:
-        raise BadInputError("diffusers reads single files and GGUF only at FLUX.1's real width (its converter assumes "
-                            "3072), and this base is narrower.",
-                            "Build the demo in the diffusers or pipeline format to preview it; real FLUX models "
-                            "preview in every format diffusers loads.")
+    if why := fmt.width_problem(config["num_attention_heads"] * config["attention_head_dim"]):
+        raise BadInputError(why.message, why.hint)
 
 
-def run(req: PreviewRequest, progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-        hub=None) -> PreviewResult:
+def run(req: PreviewRequest, run: Run | None = None, hub=None) -> PreviewResult:
     import torch
 
-    from fluxstudio.progress import Run
-    from fluxstudio.sources.resolve import resolve
     from fluxstudio.formats.pipeline import pipeline_root
     from fluxstudio.sources.hub import Hub
+    from fluxstudio.sources.resolve import resolve
 
+    run = running(run)
     data = manifest.read(req.output)
     fmt, precision, variant, device = _check(req, data)
     settings = _settings(req, fmt, precision, variant, device)
-    stop = Stop(cancel, req.limits.seconds)
+    stop = Stop(run.cancel, req.limits.seconds)
     hub = hub or Hub()
-    report(progress, ProgressEvent(Stage.PREPARE, message="Getting the base's text encoders, VAE and scheduler"))
-    fetching = Run(progress, cancel)
+    run.report(ProgressEvent(Stage.PREPARE, message="Getting the base's text encoders, VAE and scheduler"))
+    fetching = Run(run.progress, run.cancel)
     root = pipeline_root(resolve(req.build.base, "base", hub, fetching, PARTS)[0])
     _check_width(root, fmt)
     loras = [(resolve(r.ref, "lora", hub, fetching)[0], r.scale) for r in req.build.loras]
@@ -220,13 +215,15 @@ def run(req: PreviewRequest, progress: ProgressCallback | None = None, cancel: C
         notes.append("The LoRAs' text-encoder parts are not in the preview: every image uses the base's text encoders.")
     total_vram = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 0
     stop()
-    report(progress, ProgressEvent(Stage.PREVIEW, message="Encoding the prompt"))
+    run.report(ProgressEvent(Stage.PREVIEW, message="Encoding the prompt"))
     max_len = 32 if req.build.base == "demo" else (256 if "schnell" in variant else 512)
     embeds = _encode(root, req.prompt, device, device == "cuda" and vram_plan(total_vram, 0)[0], max_len)
     shared = _shared(root)
 
-    variants = [("a", f"base {precision} + LoRA (unfused)", "base", precision, True),
-                ("b", f"fused {precision} (FluxStudio)", "output", precision, False)]
+    runtime = fmt.preview_runtime(precision)
+    variants: list[tuple[str, str, str, Runtime, bool]] = [
+        ("a", f"base {precision} + LoRA (unfused)", "base", runtime, True),
+        ("b", f"fused {precision} (FluxStudio)", "output", runtime, False)]
     bf16_bytes = sum(p.stat().st_size for p in (root / "transformer").glob("*.safetensors"))
     if precision != "bf16" and (device == "cpu" or bf16_bytes + HEADROOM <= total_vram):
         variants.append(("c", "base bf16 + LoRA (unfused)", "base", "bf16", True))
@@ -237,12 +234,15 @@ def run(req: PreviewRequest, progress: ProgressCallback | None = None, cancel: C
         tmp = partials.work_folder(folder)
         try:
             renders = []
-            for key, label, source, prec, with_loras in variants:
+            for key, label, source, how, with_loras in variants:
                 stop()
-                report(progress, ProgressEvent(Stage.PREVIEW, 0, settings["steps"], item=label, message=f"Loading {label}"))
-                model = _transformer(source, prec, fmt, root, req.output, progress, cancel, hub, req.build.base)
-                renders.append(_render(key, label, model, loras if with_loras else [], prec, shared, embeds, settings,
-                                       total_vram, tmp, progress, stop))
+                run.report(ProgressEvent(Stage.PREVIEW, 0, settings["steps"], item=label, message=f"Loading {label}"))
+                if source == "output":
+                    model = fmt.load_transformer(req.output, root / "transformer")
+                else:
+                    model = _base(how, fmt, precision, root, run, hub, req.build.base)
+                renders.append(_render(key, label, model, loras if with_loras else [], how, shared, embeds, settings,
+                                       total_vram, tmp, run, stop))
                 del model
                 _free(device)
             result = PreviewResult(str(folder), settings, renders, notes)
@@ -327,37 +327,31 @@ def _shared(root: Path) -> dict:
             "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")}
 
 
-def _transformer(source: str, precision: str, fmt: str, root: Path, output: Path, progress, cancel, hub, base_ref: str):
-    """The FluxTransformer2DModel to render with: the output (b), or the base at a precision (a, c)."""
+def _base(how: Runtime, fmt: Format, precision: str, root: Path, run: Run, hub, base_ref: str):
+    """The base's transformer as (a) and (c) render it: at the output's precision the way people run it unfused, or
+    in bf16."""
     import torch
-    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+    from diffusers import FluxTransformer2DModel
 
-    bf16 = {"dtype": torch.bfloat16}
-    config = str(root / "transformer")
-    gguf = {"quantization_config": GGUFQuantizationConfig(compute_dtype=torch.bfloat16)}
-    if source == "output":
-        if fmt in ("diffusers", "pipeline"):
-            return FluxTransformer2DModel.from_pretrained(output / ("transformer" if fmt == "pipeline" else ""), **bf16)
-        return FluxTransformer2DModel.from_single_file(str(output), config=config, **bf16, **(gguf if fmt == "gguf" else {}))
-    if fmt == "gguf" and precision != "bf16":  # the base quantized to the same GGUF type, as people download it
-        path = _base_gguf(base_ref, precision, progress, cancel, hub)
-        return FluxTransformer2DModel.from_single_file(str(path), config=config, **bf16, **gguf)
-    if precision == "nf4":
+    config = root / "transformer"
+    if how == "own-file":  # the base alone in the output's format (a GGUF type), as people download it
+        return fmt.load_transformer(_base_file(base_ref, fmt, precision, run, hub), config)
+    if how == "nf4":
         from diffusers import BitsAndBytesConfig
 
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-        return FluxTransformer2DModel.from_pretrained(config, quantization_config=q, **bf16)
-    return FluxTransformer2DModel.from_pretrained(config, **bf16)  # fp8 is cast layer by layer once the LoRAs are in
+        return FluxTransformer2DModel.from_pretrained(config, quantization_config=q, dtype=torch.bfloat16)
+    return FluxTransformer2DModel.from_pretrained(config, dtype=torch.bfloat16)  # fp8 is cast layer by layer once the LoRAs are in
 
 
-def _base_gguf(base_ref: str, precision: str, progress, cancel, hub) -> Path:
-    """The base alone at a GGUF type, built once by FluxStudio's own writer and kept for later previews."""
+def _base_file(base_ref: str, fmt: Format, precision: str, run: Run, hub) -> Path:
+    """The base alone at a precision of a format, built once by FluxStudio's own writer and kept for later previews."""
     from fluxstudio.flows.build import build
 
     folder = paths.home() / "preview-bases"
-    path = folder / f"{hashlib.sha256(base_ref.encode()).hexdigest()[:12]}-{precision}.gguf"
+    path = folder / f"{hashlib.sha256(base_ref.encode()).hexdigest()[:12]}-{precision}{fmt.extension}"
     if not path.is_file():
-        build(BuildRequest(base_ref, (), precision, path, format="gguf"), progress=progress, cancel=cancel, hub=hub)
+        build(BuildRequest(base_ref, (), precision, path, format=fmt.key), run, hub=hub)
     return path
 
 
@@ -372,8 +366,8 @@ def _enough_vram(label: str, settings: dict):
                               "Try a smaller size, or a lower precision for this card.") from None
 
 
-def _render(key: str, label: str, model, loras: list[tuple[Path, float]], precision: str, shared: dict, embeds: tuple,
-            settings: dict, total_vram: int, folder: Path, progress, stop: Stop) -> Render:
+def _render(key: str, label: str, model, loras: list[tuple[Path, float]], how: Runtime, shared: dict, embeds: tuple,
+            settings: dict, total_vram: int, folder: Path, run: Run, stop: Stop) -> Render:
     import torch
     from diffusers import FluxPipeline
 
@@ -389,7 +383,7 @@ def _render(key: str, label: str, model, loras: list[tuple[Path, float]], precis
         logging.getLogger(__name__).exception("unfused LoRAs failed to load")
         raise FluxStudioError(f"diffusers could not apply the LoRAs unfused to the base ({type(exc).__name__}; details in the log).",
                               "The fused output is unaffected; the preview needs the unfused LoRAs for its comparison.") from None
-    if precision.startswith("fp8"):
+    if how == "fp8":
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     with _enough_vram(label, settings):
         if device == "cuda" and vram_plan(total_vram, sum(p.numel() * p.element_size() for p in model.parameters()))[1]:
@@ -407,11 +401,11 @@ def _render(key: str, label: str, model, loras: list[tuple[Path, float]], precis
         if device == "cuda":
             torch.cuda.synchronize()
         marks.append(time.perf_counter())
-        report(progress, ProgressEvent(Stage.PREVIEW, i + 1, steps, item=label, message=f"Rendering {label}"))
+        run.report(ProgressEvent(Stage.PREVIEW, i + 1, steps, item=label, message=f"Rendering {label}"))
         return kwargs
 
     embeds_, pooled = (t.to(device) for t in embeds)
-    report(progress, ProgressEvent(Stage.PREVIEW, 0, steps, item=label, message=f"Rendering {label}"))
+    run.report(ProgressEvent(Stage.PREVIEW, 0, steps, item=label, message=f"Rendering {label}"))
     t0 = time.perf_counter()
     with torch.no_grad(), _enough_vram(label, settings), stop.inside(model):
         image = pipe(prompt_embeds=embeds_, pooled_prompt_embeds=pooled, num_inference_steps=steps,

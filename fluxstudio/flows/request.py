@@ -36,13 +36,7 @@ class BuildRequest:
     overwrite: bool = False
     ignore_unmatched: bool = False
     double_quant: bool = False
-    encoder_precision: str = ""  # T5-XXL in a pipeline export: bf16, fp8 or nf4 ("" = as the transformer)
-
-    @property
-    def t5_precision(self) -> str:
-        """T5-XXL's precision in a pipeline export: the one asked for, else the transformer's."""
-        return self.encoder_precision or self.precision
-
+    t5_precision: str = ""  # T5-XXL's, where the format writes it on its own (a pipeline): "" as the transformer
 
 @dataclass(frozen=True)
 class BuildResult:

@@ -19,49 +19,46 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from fluxstudio.quant import Precision, Rows, register
 
 QK_K = 256
 CHUNK = 1 << 18  # values per step: bounds the temporaries (about 60 bytes a value); larger is slower here
 _ONE_AT_A_TIME = threading.Lock()  # torch's thread count is process-wide: one quantize() changes it at a time
 
 
-@dataclass(frozen=True)
-class BlockType:
-    name: str
-    block: int  # values per block
-    nbytes: int  # bytes per block
-
-    def row_bytes(self, n: int) -> int:
-        return n // self.block * self.nbytes
+QUANTIZED = ("Q8_0", "Q5_0", "Q4_0", "Q6_K", "Q5_K", "Q4_K")  # the block types made here
 
 
-TYPES: dict[str, BlockType] = {
-    t.name: t
-    for t in (
-        BlockType("Q8_0", 32, 34), BlockType("Q5_0", 32, 22), BlockType("Q4_0", 32, 18),
-        BlockType("Q6_K", QK_K, 210), BlockType("Q5_K", QK_K, 176), BlockType("Q4_K", QK_K, 144),
-    )
-}
+def sizes(qtype: str) -> tuple[int, int]:
+    """(values per block, bytes per block) of a ggml type, from the gguf package's own table."""
+    return GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+
+
+def row_bytes(qtype: str, n: int) -> int:
+    block, nbytes = sizes(qtype)
+    return n // block * nbytes
 
 
 def quantize(x: torch.Tensor, qtype: str) -> torch.Tensor:
     """Quantize a 2-D (or 1-D) float tensor row by row -> uint8 [rows, row_bytes] on the CPU."""
-    t = TYPES[qtype]
+    block, nbytes = sizes(qtype)
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
     rows, n = x2.shape
-    if n % t.block:
-        raise ValueError(f"rows of {n} values do not fit {qtype} blocks of {t.block}")
+    if n % block:
+        raise ValueError(f"rows of {n} values do not fit {qtype} blocks of {block}")
     fn = _QUANTIZERS[qtype]
-    flat = x2.reshape(-1, t.block)
-    out = torch.empty(flat.shape[0], t.nbytes, dtype=torch.uint8)
-    step = max(1, CHUNK // t.block)
+    flat = x2.reshape(-1, block)
+    out = torch.empty(flat.shape[0], nbytes, dtype=torch.uint8)
+    step = max(1, CHUNK // block)
 
     def one(i: int) -> None:
         out[i : i + step] = fn(flat[i : i + step].to(torch.float32)).cpu()
@@ -84,8 +81,7 @@ def quantize(x: torch.Tensor, qtype: str) -> torch.Tensor:
 
 def dequantize(data: torch.Tensor, qtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     """The float32 values that `quantize` bytes stand for (as ggml's dequantize_row_* computes them)."""
-    t = TYPES[qtype]
-    blocks = data.reshape(-1, t.nbytes)
+    blocks = data.reshape(-1, sizes(qtype)[1])
     return _DEQUANTIZERS[qtype](blocks).reshape(shape)
 
 
@@ -453,3 +449,62 @@ def _dq6_k(b: torch.Tensor) -> torch.Tensor:
 
 
 _DEQUANTIZERS = {"Q8_0": _dq8_0, "Q5_0": _dq5_0, "Q4_0": _dq4_0, "Q6_K": _dq6_k, "Q5_K": _dq5_k, "Q4_K": _dq4_k}
+
+
+# -- as precisions: what a GGUF file stores per tensor -----------------------------------------------------------------
+
+
+class GgmlType(Precision):
+    """One ggml block type: each row quantized on its own (its length a multiple of the block)."""
+
+    from_fp32 = False
+
+    def __init__(self, qtype: str) -> None:
+        self.key = qtype
+        self.block, self.type_size = sizes(qtype)
+
+    @property
+    def bytes_per_param(self) -> float:
+        return self.type_size / self.block
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        return math.prod(shape[:-1]) * row_bytes(self.key, shape[-1])
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        return shape[-1] % self.block == 0
+
+    def encode(self, key: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {key: quantize(weight.to(torch.bfloat16), self.key)}
+
+    def rows(self, key: str, stored: dict[str, torch.Tensor]) -> Rows:
+        data = stored[key]  # 2-D: one row of blocks per weight row
+        return lambda start, stop: dequantize(data[start:stop], self.key, (stop - start, data.shape[1] // self.type_size * self.block))
+
+
+class GgmlFloat(Precision):
+    """F32, F16 and BF16 as GGUF stores them (BF16 as its raw 16 bits: numpy has no bfloat16)."""
+
+    def __init__(self, qtype: str, dtype: torch.dtype) -> None:
+        self.key, self.dtype = qtype, dtype
+        self.block, self.type_size = sizes(qtype)
+
+    @property
+    def bytes_per_param(self) -> float:
+        return self.type_size
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        return True
+
+    def encode(self, key: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = weight.to(torch.bfloat16).to(self.dtype).cpu()
+        return {key: x.view(torch.int16) if self.dtype == torch.bfloat16 else x}
+
+    def rows(self, key: str, stored: dict[str, torch.Tensor]) -> Rows:
+        data = stored[key].view(self.dtype)
+        return lambda start, stop: data[start:stop].to(torch.float32, copy=True)
+
+
+for _q in QUANTIZED:
+    register(GgmlType(_q))
+for _q, _dtype in (("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16)):
+    register(GgmlFloat(_q, _dtype))

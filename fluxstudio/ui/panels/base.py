@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from fluxstudio.errors import FluxStudioError
-from fluxstudio.studio import CUSTOM, PRESETS, human_bytes
+from fluxstudio.studio import PRESETS, human_bytes
 from fluxstudio.ui.context import Context
 from fluxstudio.ui.handlers import error_html, ok_html, user_message
 
@@ -23,6 +23,16 @@ class Handles:
     discard: gr.Button
 
 
+CUSTOM = "custom"  # the choice that shows the text box
+
+
+def reference(choice: str, custom: str) -> str:
+    """The base the widgets name: `demo`, a preset's repo id, or what the person typed."""
+    if choice == CUSTOM:
+        return (custom or "").strip()
+    return next((p.repo_id for p in PRESETS if p.key == choice), "demo")
+
+
 def choices() -> list[tuple[str, str]]:
     items = [("Demo — built in, tiny, no download", "demo")]
     items += [(f"{p.label} · {p.transformer_gb:.0f} GB" + (" · gated" if p.gated else ""), p.key) for p in PRESETS]
@@ -34,11 +44,12 @@ def describe(ctx: Context, choice: str, custom: str) -> tuple[str, str, bool, in
     shared = not ctx.settings.local
     if choice == CUSTOM and not custom.strip():
         return ok_html("Enter a Hub repo id (owner/name), a Hub URL" + ("" if shared else " or a local folder") + "."), "flux1", False, 0
+    base = reference(choice, custom)
     try:
-        s = ctx.studio.describe_base(choice, custom)
+        s = ctx.studio.describe_base(base)
         return ok_html(s.text), s.model_key, s.need_token, s.partial_bytes
     except FluxStudioError as exc:
-        return error_html(user_message(exc, shared)), ctx.studio.model_key(choice), False, 0
+        return error_html(user_message(exc, shared)), ctx.studio.model_key(base), False, 0
 
 
 def render(ctx: Context) -> Handles:
@@ -72,7 +83,7 @@ def wire(ctx: Context, h: Handles):
 
     def discard(choice, custom):
         try:
-            freed = ctx.studio.discard_download(choice, custom or "")
+            freed = ctx.studio.discard_download(reference(choice, custom))
         except FluxStudioError as exc:
             return update(choice, custom, error_html(user_message(exc, not ctx.settings.local)))
         return update(choice, custom, ok_html(f"Discarded {human_bytes(freed)}."))

@@ -11,6 +11,7 @@ import gradio as gr
 from fluxstudio.errors import BadInputError, FluxStudioError
 from fluxstudio.ui.context import Context
 from fluxstudio.ui.handlers import error_html, user_message
+from fluxstudio.ui.panels.base import reference
 
 
 @dataclass
@@ -68,7 +69,7 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key) -> None:
     def add_typed(state, text, choice, custom, key):
         try:
             ref_text, path = ctx.studio.resolve_lora(text or "")
-            info = ctx.studio.describe_lora(path, choice, custom or "", key)
+            info = ctx.studio.describe_lora(path, reference(choice, custom), key)
             return add_item(state, ref_text, path.name, path, info), "", ""
         except FluxStudioError as exc:
             return state, text, error_html(user_message(exc, shared))
@@ -80,7 +81,7 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key) -> None:
         if path is None or not path.resolve().is_relative_to(ctx.web_dir.resolve()):
             return state, None, "", kept_bytes
         try:
-            kept, info = ctx.studio.add_upload(path, choice, custom or "", key, kept_bytes)
+            kept, info = ctx.studio.add_upload(path, reference(choice, custom), key, kept_bytes)
             name = kept.name.split("-", 1)[1]
             return add_item(state, str(kept), name, kept, info), None, "", kept_bytes + kept.stat().st_size
         except FluxStudioError as exc:

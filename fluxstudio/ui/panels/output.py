@@ -8,10 +8,12 @@ from datetime import datetime
 
 import gradio as gr
 
-from fluxstudio.studio import ENCODER_PRECISIONS, FORMATS, PRECISIONS, advice, human_bytes, safe_name
+from fluxstudio.studio import FORMATS, Pick, advice, human_bytes, safe_name
 from fluxstudio.ui.context import Context
+from fluxstudio.ui.panels.base import reference
 
 SHARD_SIZES = ["1GB", "2GB", "5GB", "10GB"]
+ENCODER_PRECISIONS = sorted({p for f in FORMATS.values() for p in f.encoder_options})
 
 
 @dataclass
@@ -30,13 +32,13 @@ def precision_choices(format: str, model_key: str) -> list[tuple[str, str]]:
     return [(f"{p} · ~{human_bytes(model.weight_bytes(p))}", p) for p in FORMATS[format].precisions]
 
 
-def default_precision(format: str, advised: str, one_file: str) -> str:
-    """The advice's pick where the format offers it, else the advice for one-file users, else the format's default."""
+def default_precision(format: str, advised: str, one_file: Pick | None) -> str:
+    """The advice's pick where the format offers it (for the Python formats), else the advice for one-file users,
+    else the format's default."""
     fmt = FORMATS[format]
-    if advised in fmt.precisions and format == "diffusers":
+    if advised in fmt.precisions and not fmt.one_file:
         return advised
-    kind, _, precision = one_file.partition(" ")
-    return precision if kind == format and precision in fmt.precisions else fmt.default
+    return one_file.precision if one_file and one_file.format == format else fmt.default
 
 
 def precision_update(format: str, model_key: str, rec) -> dict:
@@ -48,12 +50,13 @@ def precision_update(format: str, model_key: str, rec) -> dict:
 def estimate(ctx: Context, choice: str, custom: str, items: list, format: str, precision: str, model_key: str,
              t5: str = "") -> str:
     """The size the build will check the disk against (exact once the base is here), and the free disk."""
-    if precision not in FORMATS[format].precisions:
+    fmt = FORMATS[format]
+    if precision not in fmt.precisions:
         return ""
-    est = ctx.studio.estimate(choice, custom or "", [it["path"] for it in items or []], format, precision, model_key, t5)
+    est = ctx.studio.estimate(reference(choice, custom), [it["path"] for it in items or []], format, precision, model_key, t5)
     warn = " — **not enough space**" if not est.fits else ""
     size = human_bytes(est.bytes) if est.exact else f"~{human_bytes(est.bytes)}"
-    return f"Output about **{size}** · {human_bytes(est.free)} free{warn}  \n{PRECISIONS[precision].note}"
+    return f"Output about **{size}** · {human_bytes(est.free)} free{warn}  \n{fmt.option(precision).note}"
 
 
 def render(ctx: Context) -> Handles:
@@ -66,7 +69,7 @@ def render(ctx: Context) -> Handles:
             name = gr.Textbox(value=f"flux-fused-{datetime.now():%Y%m%d-%H%M}", label="Output name", max_lines=1,
                               elem_id="out-name", scale=2)
             shard = gr.Dropdown(SHARD_SIZES, value="5GB", label="Shard size", scale=1, elem_id="shard")
-        t5 = gr.Radio(list(ENCODER_PRECISIONS), value="bf16", label="T5-XXL text encoder precision", visible=False,
+        t5 = gr.Radio(ENCODER_PRECISIONS, value="bf16", label="T5-XXL text encoder precision", visible=False,
                       elem_id="t5-precision")
         text = gr.Markdown(elem_id="estimate")
     return Handles(fmt, precision, name, shard, text, t5)
@@ -80,8 +83,9 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key, loras, t
 
     def on_format(format, key, target_card):
         rec = ctx.studio.advise(target_card, key)
-        return (precision_update(format, key, rec), gr.update(visible=not FORMATS[format].extension),
-                gr.update(visible=format == "pipeline", value=rec.text_encoder))
+        fmt = FORMATS[format]
+        return (precision_update(format, key, rec), gr.update(visible=not fmt.one_file),
+                gr.update(visible=bool(fmt.encoder_options), value=rec.text_encoder))
 
     h.format.change(on_format, [h.format, model_key, target], [h.precision, h.shard, h.t5])
     for trigger in (h.precision.change, model_key.change, loras.change, h.t5.change):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from fluxstudio.studio import human_bytes
+from fluxstudio.studio import Status, human_bytes
 from fluxstudio.ui.context import Context
 from fluxstudio.ui.handlers import error_html, ok_html, user_message
 from fluxstudio.ui.panels.run import memory_text, progress_text
@@ -124,9 +124,9 @@ def wire(ctx: Context, h: Handles, last: gr.State, on_done: tuple) -> None:
         while not job.finished:
             yield (job.id, "", f"{progress_text(job)}  \n{memory_text(job)}", *[gr.update()] * 4, *busy)
             job.wait(0.5)
-        if job.status == "done":
+        if job.status == Status.DONE:
             yield (None, ok_html("Done."), "", *image_updates(job.result), figures_table(job.result), *idle)
-        elif job.status == "failed":
+        elif job.status == Status.FAILED:
             yield (None, error_html(user_message(job.error, shared)), "", *hidden, "", *idle)
         else:
             yield (None, ok_html("Cancelled: nothing new was saved."), "", *hidden, "", *idle)

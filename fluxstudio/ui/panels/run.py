@@ -9,9 +9,10 @@ from pathlib import Path
 import gradio as gr
 
 from fluxstudio.progress import Stage
-from fluxstudio.studio import Job, human_bytes, snippets
+from fluxstudio.studio import Job, Status, human_bytes
 from fluxstudio.ui.context import Context
 from fluxstudio.ui.handlers import error_html, ok_html, user_message
+from fluxstudio.ui.panels.base import reference
 
 STAGES = {Stage.PREPARE: "Preparing", Stage.DOWNLOAD: "Downloading", Stage.INSPECT: "Checking inputs",
           Stage.FUSE: "Fusing and quantizing", Stage.FINALIZE: "Writing"}
@@ -55,7 +56,7 @@ def memory_text(job: Job) -> str:
     return text
 
 
-def result_text(job: Job, shared: bool) -> str:
+def result_text(ctx: Context, job: Job, shared: bool) -> str:
     r = job.result
     where = r.output_dir.replace("\\", "/").rsplit("/", 1)[-1] if shared else r.output_dir
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in r.stage_seconds.items())
@@ -66,8 +67,8 @@ def result_text(job: Job, shared: bool) -> str:
              f"Time **{r.seconds:.1f} s** ({stages})",
              f"Peak RAM **{human_bytes(r.peak_anon_bytes)}** (RSS {human_bytes(r.peak_ram_bytes)})"
              + (f" · peak VRAM **{human_bytes(r.peak_vram_bytes)}**" if r.peak_vram_bytes else "")]
-    if r.format not in ("diffusers", "pipeline"):
-        lines.append(f"**Where it goes:** {snippets.placement(r.format, r.files)}")
+    if place := ctx.studio.placement(r):
+        lines.append(f"**Where it goes:** {place}")
     if len(r.fused_per_component) > 1:
         lines.append("Fused: " + ", ".join(f"{k} {v} tensors" for k, v in r.fused_per_component.items()))
     lines += [f"**{n}**" if n.startswith("Warning:") else f"*{n}*" for n in r.notes]
@@ -93,7 +94,7 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, format, prec
     def run(choice, custom, items, fmt, prec, out_name, shard_size, t5_precision):
         idle = gr.update(interactive=True), gr.update(interactive=False)
         try:
-            req = ctx.studio.request(choice, custom or "", [(it["ref"], it["scale"]) for it in items], fmt, prec,
+            req = ctx.studio.request(reference(choice, custom), [(it["ref"], it["scale"]) for it in items], fmt, prec,
                                      out_name or "", shard_size, t5_precision)
         except Exception as exc:  # noqa: BLE001 - shown as one sentence
             yield (None, error_html(user_message(exc, shared)), "", "", "", gr.update(visible=False), *idle, None)
@@ -103,14 +104,13 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, format, prec
         while not job.finished:
             yield (job.id, "", progress_text(job), memory_text(job), "", gr.update(visible=False), *busy, None)
             job.wait(0.5)
-        if job.status == "done":
+        if job.status == Status.DONE:
             r = job.result
-            path = r.output_dir if not shared else f"path/to/{req.out_dir.name}"
-            snippet = snippets.load_snippet(path, prec, ctx.studio.family(r.family), r.format, req.t5_precision)
-            yield (None, ok_html("Done."), progress_text(job), memory_text(job), result_text(job, shared),
+            snippet = ctx.studio.snippet(r, req, None if not shared else f"path/to/{req.out_dir.name}")
+            yield (None, ok_html("Done."), progress_text(job), memory_text(job), result_text(ctx, job, shared),
                    gr.update(value=snippet, visible=True), *idle, {"request": req, "output": Path(r.output_dir)})
         else:
-            if job.status == "failed":
+            if job.status == Status.FAILED:
                 status = error_html(user_message(job.error, shared))
             else:  # a cancelled download says what it kept
                 status = ok_html(user_message(job.error, shared) if job.error else "Cancelled: nothing was saved.")

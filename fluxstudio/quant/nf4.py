@@ -1,68 +1,55 @@
-"""Output precisions: turn one fused fp32 tensor into the tensors to write, plus the config block.
+"""bitsandbytes NF4 (4-bit, blocks of 64) in its serialized Linear4bit layout, as diffusers and Forge write it.
 
-- bf16: plain bfloat16.
-- fp8:  Linear weights as float8_e4m3fn (clamped to +-448), everything diffusers' layerwise casting skips kept
-        bf16, so `from_pretrained(..., torch_dtype=bf16)` + `enable_layerwise_casting(fp8, bf16)` runs it.
-- nf4:  bitsandbytes' serialized Linear4bit layout exactly as diffusers writes it (blocksize 64).
+Per weight `W`: `W` (uint8, two codes a byte), `W.absmax` (float32, or uint8 with double quant), `W.quant_map`,
+`W.quant_state.bitsandbytes__nf4` (and `W.nested_*` with double quant), from `QuantState.as_dict(packed=True)`.
+On the CPU a table-lookup kernel bit-identical to bitsandbytes' own does the work about three times faster.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from fluxstudio.formats import FORMATS, PRECISIONS
+from fluxstudio.errors import NumericError
+from fluxstudio.quant import Precision, Rows, register
 
-FP8_MAX = 448.0
 NF4_BLOCK = 64
 
 
-@dataclass(frozen=True)
-class Quantizer:
-    precision: str
-    quantized_modules: frozenset[str]  # Linear modules whose weight gets the low-precision format
-    double_quant: bool = False
-    kept_modules: frozenset[str] = frozenset()  # Linear modules the model's class keeps in full precision
+class Nf4(Precision):
+    key = "nf4"
+    note = "bitsandbytes NF4 (4-bit) weights; needs bitsandbytes and a CUDA GPU."
+    runtime = "nf4"
 
-    def is_quantized(self, name: str) -> bool:
-        return name.endswith(".weight") and name[: -len(".weight")] in self.quantized_modules
+    def __init__(self, double_quant: bool = False) -> None:
+        self.double_quant = double_quant
 
-    def encode(self, name: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
-        """fp32 (or any float) tensor, on the CPU or the GPU -> {key: tensor} to write, all on the CPU."""
-        if not self.is_quantized(name) or self.precision == "bf16":
-            return {name: fused.to(torch.bfloat16).cpu()}
-        if self.precision == "fp8":
-            return {name: fp8_encode(fused)}
-        return nf4_encode(name, fused.to(torch.bfloat16), self.double_quant)
+    @property
+    def bytes_per_param(self) -> float:
+        return 0.5 + 4 / NF4_BLOCK
 
-    def stored_rows(self, name: str, out: dict[str, torch.Tensor]) -> Callable[[int, int], torch.Tensor]:
-        """Rows [start, stop) of what `encode` stored for this tensor, back in fp32, each call a new tensor (the
-        LoRA-retention score compares them chunk by chunk, and overwrites them)."""
-        if self.is_quantized(name) and self.precision == "nf4":
-            return nf4_rows(name, out)
-        t = out[name]
-        return lambda start, stop: t[start:stop].to(torch.float32, copy=True)
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        numel = math.prod(shape)
+        return (numel + 1) // 2 + 4 * math.ceil(numel / NF4_BLOCK) + 64 + 256
 
-    def keys(self, name: str) -> list[str]:
-        """The names `encode` will write for this tensor."""
-        if not self.is_quantized(name) or self.precision != "nf4":
-            return [name]
+    def names(self, key: str) -> list[str]:
         suffixes = ["absmax", "quant_map", "quant_state.bitsandbytes__nf4"]
         if self.double_quant:
             suffixes += ["nested_absmax", "nested_quant_map"]
-        return [name] + [f"{name}.{s}" for s in suffixes]
+        return [key] + [f"{key}.{s}" for s in suffixes]
 
-    def estimate_bytes(self, name: str, numel: int) -> int:
-        return encoded_bytes(self.precision if self.is_quantized(name) else "bf16", numel)
+    def encode(self, key: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return nf4_encode(key, weight.to(torch.bfloat16), self.double_quant)
 
-    def config_block(self) -> dict | None:
-        if self.precision != "nf4":
-            return None
+    def rows(self, key: str, stored: dict[str, torch.Tensor]) -> Rows:
+        return nf4_rows(key, stored)
+
+    def config(self) -> dict | None:
+        """bitsandbytes' `quantization_config` for these weights, as diffusers and transformers read it (its defaults
+        are fp4 and float32 compute: both set explicitly)."""
         return {
             "quant_method": "bitsandbytes",
             "_load_in_4bit": True,
@@ -78,44 +65,6 @@ class Quantizer:
             "load_in_4bit": True,
             "load_in_8bit": False,
         }
-
-
-def encoded_bytes(precision: str, numel: int) -> int:
-    """Bytes that one weight of `numel` values takes at a precision (with NF4's block scales and quant state)."""
-    if precision == "nf4":
-        return (numel + 1) // 2 + 4 * math.ceil(numel / NF4_BLOCK) + 64 + 256
-    return math.ceil(numel * PRECISIONS[precision].bytes_per_param) + (4 if precision == "fp8-scaled" else 0)
-
-
-def fp8_encode(weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """weight (/ scale) clamped to ±448 as float8_e4m3fn, on the CPU; a chunk of rows at a time, so that no full-size
-    float32 temporary sits beside the fused weight (a single file's linear1 alone is a quarter GB in float32)."""
-    out = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
-    rows, dst = weight.reshape(-1, weight.shape[-1]), out.view(-1, weight.shape[-1])
-    step = max(1, (1 << 20) // rows.shape[1])
-    for i in range(0, rows.shape[0], step):
-        chunk = rows[i : i + step].to(torch.float32, copy=True)  # never the caller's tensor: it is scored after
-        dst[i : i + step] = (chunk if scale is None else chunk.div_(scale)).clamp_(-FP8_MAX, FP8_MAX)
-    return out.cpu()
-
-
-def layerwise_skip_patterns(model_cls: type) -> tuple[str, ...]:
-    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
-
-    return tuple(DEFAULT_SKIP_MODULES_PATTERN) + tuple(getattr(model_cls, "_skip_layerwise_casting_patterns", None) or ())
-
-
-def make_quantizer(precision: str, linear_modules: frozenset[str], model_cls: type, double_quant: bool = False) -> Quantizer:
-    if precision not in FORMATS["diffusers"].precisions:
-        raise ValueError(f"unknown precision {precision!r}")
-    # transformers keeps some Linear layers out of quantization and in fp32 (T5: the feed-forward output `wo`)
-    keep = tuple(getattr(model_cls, "_keep_in_fp32_modules", None) or ())
-    kept = frozenset(m for m in linear_modules if m.rsplit(".", 1)[-1] in keep)
-    modules = linear_modules - kept
-    if precision == "fp8":
-        skip = layerwise_skip_patterns(model_cls)
-        modules = frozenset(m for m in modules if not any(re.search(p, m) for p in skip))
-    return Quantizer(precision, modules, double_quant, kept)
 
 
 def _bnb():
@@ -138,8 +87,6 @@ def nf4_encode(name: str, weight: torch.Tensor, double_quant: bool = False) -> d
     else:
         packed, absmax = nf4_cpu(weight)
     if not torch.isfinite(absmax).all():
-        from fluxstudio.errors import NumericError
-
         raise NumericError(f"The weight {name} contains NaN or Inf values.", "The base model file is broken: get it again.")
     code = F.get_4bit_type("nf4", device=weight.device)
     if double_quant:  # the same steps as bitsandbytes.functional.quantize_4bit(compress_statistics=True)
@@ -290,3 +237,6 @@ def _probe() -> torch.Tensor:
     exact = torch.cat([torch.ones(every.shape[0], 1, dtype=torch.bfloat16), every], dim=1).reshape(-1)
     g = torch.Generator().manual_seed(0)
     return torch.cat([exact, torch.zeros(64, dtype=torch.bfloat16), (torch.randn(1 << 16, generator=g) * 0.02).bfloat16()])
+
+
+NF4 = register(Nf4())

@@ -1,0 +1,173 @@
+"""One .gguf with BFL names and city96's conventions, for ComfyUI-GGUF, Forge, stable-diffusion.cpp and diffusers.
+
+1-D tensors and tensors of up to 1024 values are F32, as are the in/out layers' first Linears; the rest of the
+small in/out layers F16; every other weight the file's type, or F16 where its rows do not fit the type's blocks
+(city96's patch does the same). The header is written first, from the plan, then the data in the planned order.
+Block sizes and file types come from the gguf package.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fluxstudio.engine import manifest
+from fluxstudio.engine.fuse import FusePlan
+from fluxstudio.engine.models import BaseModel, Family
+from fluxstudio.formats.base import PIPELINES, Option, Runtime, Settings, Writer, pipeline_lines
+from fluxstudio.formats.single_file import BflFormat
+from fluxstudio.formats.writers import KEEP_HIGH, BflWriter
+from fluxstudio.quant import Precision, Rows, get
+from fluxstudio.quant.ggml import GgmlType
+
+KEEP_F32 = ("img_in.", "time_in.in_layer.", "vector_in.in_layer.", "guidance_in.in_layer.", "final_layer.linear.")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A GGUF precision as people download it: the type of its weights, and the file type llama-quantize writes."""
+
+    key: str
+    weights: str  # the ggml type of the Linear weights
+    note: str
+    runtime: Runtime = "own-file"
+    double_quant: bool | None = None
+
+    @property
+    def bytes_per_param(self) -> float:
+        return get(self.weights).bytes_per_param
+
+    @property
+    def file_type(self) -> int:
+        import gguf
+
+        return int(gguf.LlamaFileType[f"MOSTLY_{self.key}"])
+
+
+PRESETS = (
+    Preset("Q8_0", "Q8_0", "GGUF Q8_0: 8.5 bits per weight, indistinguishable from bf16 for most uses."),
+    Preset("Q6_K", "Q6_K", "GGUF Q6_K: 6.6 bits per weight."),
+    Preset("Q5_K_S", "Q5_K", "GGUF Q5_K_S: 5.5 bits per weight."),
+    Preset("Q5_0", "Q5_0", "GGUF Q5_0: 5.5 bits per weight."),
+    Preset("Q4_K_S", "Q4_K", "GGUF Q4_K_S: 4.5 bits per weight, for 8–12 GB cards."),
+    Preset("Q4_0", "Q4_0", "GGUF Q4_0: 4.5 bits per weight."),
+    Preset("BF16", "BF16", "GGUF BF16: unquantized, as the bf16 file."),
+    Preset("F16", "F16", "GGUF F16: unquantized half precision."),
+)
+
+
+class GgufWriter(BflWriter):
+    def __init__(self, preset: Preset, base: BaseModel, jobs, filename: str) -> None:
+        super().__init__(preset.key, False, base, jobs, filename)
+        self.preset = preset
+        self.types = {name: self.tensor_type(name) for name in self.shapes}
+        fallback = [n for n, t in self.types.items() if t.key == "F16" and self._wanted(n) not in ("F16", "F32")]
+        if fallback:
+            block = get(preset.weights).block  # type: ignore[attr-defined]
+            self.notes.append(f"{len(fallback)} tensors have rows that are not a multiple of {block} "
+                              f"({', '.join(fallback[:3])}{' …' if len(fallback) > 3 else ''}): stored as F16 instead")
+        self.gguf = None  # the gguf package's writer, once open
+        self.path: Path | None = None
+        self.metadata: dict[str, str] = {}
+        self.written = 0
+
+    def _wanted(self, name: str) -> str:
+        shape = self.shapes[name]
+        if len(shape) < 2 or math.prod(shape) <= 1024 or name.startswith(KEEP_F32):
+            return "F32"
+        return "F16" if name.startswith(KEEP_HIGH) else self.preset.weights
+
+    def tensor_type(self, name: str) -> Precision:
+        want = get(self._wanted(name))
+        if isinstance(want, GgmlType) and not want.fits(self.shapes[name]):
+            return get("F16")  # city96's patch falls back to F16 where rows do not fit the blocks
+        return want
+
+    def need_bytes(self) -> int:
+        return sum(self.types[n].nbytes(s) for n, s in self.shapes.items()) + 32 * len(self.shapes) + (1 << 20)
+
+    def open(self, folder: Path, metadata: dict[str, str]) -> None:
+        import gguf
+
+        self.path = folder / self.filename
+        self.gguf = w = gguf.GGUFWriter(self.path, "flux")
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_file_type(self.preset.file_type)
+        self.metadata = metadata
+        for key, value in metadata.items():
+            w.add_string(key, value)
+        for name, shape in self.shapes.items():
+            t = self.types[name]
+            raw = None if t.key in ("F32", "F16") else gguf.GGMLQuantizationType[t.key]
+            w.add_tensor_info(name, shape, np.float16 if t.key == "F16" else np.float32, t.nbytes(shape), raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+
+    def encode_bfl(self, name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        # GGUF is made from the bf16 rounding of the fused tensor: the same file as converting the bf16 single file
+        return self.types[name].encode(name, t)
+
+    def stored_rows(self, name: str, out: dict[str, torch.Tensor]) -> Rows:
+        return self.types[name].rows(name, out)
+
+    def write(self, key: str, value: torch.Tensor) -> None:
+        assert self.gguf is not None, "open() first"
+        expected = next(iter(self.gguf.tensors[0]), None)
+        if key != expected:  # the header was written from the plan: data must come in the same order
+            raise RuntimeError(f"GGUF tensor {key} written where {expected} was planned")
+        self.gguf.write_tensor_data(value.contiguous().numpy())
+        self.written += value.numel() * value.element_size()
+
+    def close(self, final: dict | None = None) -> list[Path]:
+        assert self.gguf is not None and self.path is not None, "open() first"
+        self.gguf.close()
+        entry = manifest.refit(self.metadata, final) if final else None
+        if entry:  # the same number of bytes, in place: nothing after it moves
+            old, new = self.metadata[manifest.KEY].encode("utf-8"), entry[manifest.KEY].encode("utf-8")
+            with self.path.open("r+b") as f:
+                head = f.read(min(self.path.stat().st_size, 1 << 20))
+                if head.count(old) == 1:
+                    f.seek(head.index(old))
+                    f.write(new)
+        return [self.path]
+
+    def abort(self) -> None:
+        if self.gguf is not None:
+            self.gguf.close()
+
+    @property
+    def total_bytes(self) -> int:
+        return self.written
+
+
+class GgufFormat(BflFormat):
+    key = "gguf"
+    label = "GGUF (ComfyUI-GGUF, Forge, stable-diffusion.cpp, diffusers)"
+    extension = ".gguf"
+    options: tuple[Option, ...] = PRESETS
+    default = "Q8_0"
+    where = ("ComfyUI: put it in models/unet/ and use the Unet Loader (GGUF) node from ComfyUI-GGUF. "
+             "Forge: models/Stable-diffusion/. stable-diffusion.cpp: --diffusion-model FILE.")
+
+    def main_writer(self, precision: str, base: BaseModel, plan: FusePlan, settings: Settings) -> Writer:
+        preset = self.option(precision)
+        assert isinstance(preset, Preset)
+        return GgufWriter(preset, base, plan.jobs, settings.filename)
+
+    def snippet(self, path: str, precision: str, family: Family, t5: str = "") -> str:
+        cls = family.class_name
+        pipe_cls, repo = PIPELINES[family.key]
+        return pipeline_lines(self.option(precision), family, f"from diffusers import {cls}, {pipe_cls}, GGUFQuantizationConfig",
+                              f'transformer = {cls}.from_single_file(\n    r"{path}", config="{repo}", subfolder="transformer",\n'
+                              "    quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16), torch_dtype=torch.bfloat16,\n)")
+
+    def load_transformer(self, path: Path, config: Path):
+        from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+
+        return FluxTransformer2DModel.from_single_file(str(path), config=str(config), dtype=torch.bfloat16,
+                                                       quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16))
