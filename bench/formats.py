@@ -30,14 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from fuse_vs_diffusers import make_lora, make_model, measure  # noqa: E402
+from fuse_vs_diffusers import make_lora, make_model, measure
 
 SPEED_ROUNDS = 7  # runs of each side, taken in turns; the best of each counts
 GGML_IDS = {"Q8_0": 8, "Q5_0": 6, "Q4_0": 2, "Q6_K": 14, "Q5_K": 13, "Q4_K": 12}
 
 
-def quantizer_speed(ggml_lib: Path | None, threads: int = 2,
-                    rounds: int = SPEED_ROUNDS) -> list[tuple[str, float, float | None]]:
+def quantizer_speed(
+    ggml_lib: Path | None, threads: int = 2, rounds: int = SPEED_ROUNDS
+) -> list[tuple[str, float, float | None]]:
     """(type, FluxStudio Mparam/s, ggml Mparam/s or None) on a 2048 x 3072 fused-like tensor."""
     import torch
 
@@ -49,22 +50,30 @@ def quantizer_speed(ggml_lib: Path | None, threads: int = 2,
     if ggml_lib:
         fn = ctypes.CDLL(str(ggml_lib)).ggml_quantize_chunk
         fn.restype = ctypes.c_size_t
-        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                       ctypes.c_void_p]
+        fn.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
     src = x.float().contiguous()
     rows = []
     for name, type_id in GGML_IDS.items():
         ggml.quantize(x[:64], name)  # warm up
-        runs = {"ours": lambda: ggml.quantize(x, name)}
+        runs = {"ours": lambda name=name: ggml.quantize(x, name)}
         if fn is not None:
-            row_bytes = ggml.TYPES[name].row_bytes(3072)
+            row_bytes = ggml.row_bytes(name, 3072)
             dst = torch.empty(2048 * row_bytes, dtype=torch.uint8)
             half = 2048 // threads
 
-            def part(i: int) -> None:  # ctypes releases the GIL: the threads run side by side
+            def part(i: int, type_id=type_id, half=half, dst=dst, row_bytes=row_bytes) -> None:
+                # ctypes releases the GIL: the threads run side by side
                 fn(type_id, src[i * half].data_ptr(), dst[i * half * row_bytes].data_ptr(), 0, half, 3072, None)
 
-            def run_ggml() -> None:
+            def run_ggml(part=part) -> None:
                 with ThreadPoolExecutor(threads) as pool:
                     list(pool.map(part, range(threads)))
 
@@ -89,14 +98,34 @@ def run_builds(label: str, base: Path, lora: Path, jobs: list[tuple[str, str]], 
     for fmt, precision in jobs:
         out = work / f"out-{label}-{fmt}-{precision}"
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "fluxstudio", "fuse", "--base", str(base), "--lora", str(lora), "--format", fmt,
-               "--precision", precision, "--out", str(out), "--quiet", "--device", "cpu"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fluxstudio",
+            "fuse",
+            "--base",
+            str(base),
+            "--lora",
+            str(lora),
+            "--format",
+            fmt,
+            "--precision",
+            precision,
+            "--out",
+            str(out),
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
         r = measure(cmd, env)
         made = [p for p in work.glob(f"out-{label}-{fmt}-{precision}*") if not p.name.startswith(".")]
         size = sum(p.stat().st_size for m in made for p in ([m] if m.is_file() else m.rglob("*")) if p.is_file())
         rows.append({"model": label, "format": fmt, "precision": precision, "output_bytes": size, **r})
-        print(f"  {label:5} {fmt:12} {precision:10} {r['seconds']:7.1f} s  peak anon {r['peak_anon_bytes'] / 1e9:5.2f} GB  "
-              f"output {size / 1e9:6.2f} GB", flush=True)
+        print(
+            f"  {label:5} {fmt:12} {precision:10} {r['seconds']:7.1f} s  peak anon {r['peak_anon_bytes'] / 1e9:5.2f} GB  "
+            f"output {size / 1e9:6.2f} GB",
+            flush=True,
+        )
         for m in made:
             shutil.rmtree(m) if m.is_dir() else m.unlink()
     return rows
@@ -110,7 +139,9 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the generated models for the next run")
     ap.add_argument("--ggml", type=Path, help="libggml-base.so built from llama.cpp's sources, for the speed ratio")
     ap.add_argument("--full", action="store_true", help="also build from full FLUX.1-dev shapes (24 GB of disk)")
-    ap.add_argument("--full-precisions", default="single-file:bf16,single-file:fp8-scaled,single-file:nf4,gguf:Q8_0,gguf:Q4_K_S")
+    ap.add_argument(
+        "--full-precisions", default="single-file:bf16,single-file:fp8-scaled,single-file:nf4,gguf:Q8_0,gguf:Q4_K_S"
+    )
     ap.add_argument("--skip-builds", action="store_true", help="only the quantizer speed")
     args = ap.parse_args()
     work = args.workdir
@@ -142,11 +173,15 @@ def main() -> None:
     if rows:
         print(f"\n{'model':6} {'format':12} {'precision':10} {'wall':>8} {'peak anon':>10} {'output':>9}")
         for r in rows:
-            print(f"{r['model']:6} {r['format']:12} {r['precision']:10} {r['seconds']:7.1f}s "
-                  f"{r['peak_anon_bytes'] / 1e9:8.2f} GB {r['output_bytes'] / 1e9:6.2f} GB")
+            print(
+                f"{r['model']:6} {r['format']:12} {r['precision']:10} {r['seconds']:7.1f}s "
+                f"{r['peak_anon_bytes'] / 1e9:8.2f} GB {r['output_bytes'] / 1e9:6.2f} GB"
+            )
         worst = max(rows, key=lambda r: r["peak_anon_bytes"])
-        print(f"\nhighest peak anonymous memory: {worst['peak_anon_bytes'] / 1e9:.2f} GB "
-              f"({worst['model']} {worst['format']} {worst['precision']}); target <= 1.5 GB on the full model")
+        print(
+            f"\nhighest peak anonymous memory: {worst['peak_anon_bytes'] / 1e9:.2f} GB "
+            f"({worst['model']} {worst['format']} {worst['precision']}); target <= 1.5 GB on the full model"
+        )
     if not args.keep:
         for name in ("model-2x4", "lora-r16.safetensors", "model-19x38", "lora-r16-full.safetensors"):
             p = work / name

@@ -26,13 +26,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-WIDTH_CONFIG = dict(
-    patch_size=1, in_channels=64, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-    pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56],
+WIDTH_CONFIG = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+    "proj_out",
 )
-LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                "ff_context.net.2", "proj_mlp", "proj_out")
 
 
 def make_model(folder: Path, double: int, single: int) -> Path:
@@ -139,11 +158,29 @@ def main() -> None:
     lora_large = make_lora(work / "lora-r16-large.safetensors", large)
 
     rows = {}
-    for label, base, lora_path in (("fluxstudio nf4 (1.3B)", small, lora), ("fluxstudio nf4 (2.5B)", large, lora_large)):
+    for label, base, lora_path in (
+        ("fluxstudio nf4 (1.3B)", small, lora),
+        ("fluxstudio nf4 (2.5B)", large, lora_large),
+    ):
         out = work / ("out-" + label.split("(")[1].rstrip(")"))
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "fluxstudio", "fuse", "--base", str(base), "--lora", str(lora_path),
-               "--precision", "nf4", "--out", str(out), "--quiet", "--device", "cpu"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fluxstudio",
+            "fuse",
+            "--base",
+            str(base),
+            "--lora",
+            str(lora_path),
+            "--precision",
+            "nf4",
+            "--out",
+            str(out),
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
         rows[label] = measure(cmd, env) | {"output_bytes": dir_bytes(out), "temp_disk_bytes": 0}
         shutil.rmtree(out, ignore_errors=True)
     if not args.skip_recipe:
@@ -151,23 +188,36 @@ def main() -> None:
         for d in (tmp, out):
             shutil.rmtree(d, ignore_errors=True)
         cmd = [sys.executable, "-c", RECIPE, str(small), str(lora), str(tmp), str(out)]
-        rows["diffusers recipe (1.3B)"] = measure(cmd, env) | {"output_bytes": dir_bytes(out), "temp_disk_bytes": dir_bytes(tmp)}
+        rows["diffusers recipe (1.3B)"] = measure(cmd, env) | {
+            "output_bytes": dir_bytes(out),
+            "temp_disk_bytes": dir_bytes(tmp),
+        }
         for d in (tmp, out):
             shutil.rmtree(d, ignore_errors=True)
 
-    gb = lambda n: f"{n / 1e9:6.2f} GB" if n else "    n/a"  # noqa: E731
+    gb = lambda n: f"{n / 1e9:6.2f} GB" if n else "    n/a"
     print(f"\n{'job':26} {'wall':>8} {'peak anon':>10} {'peak RSS':>10} {'output':>10} {'temp disk':>10}")
     for label, r in rows.items():
-        print(f"{label:26} {r['seconds']:7.1f}s {gb(r['peak_anon_bytes'])} {gb(r['peak_rss_bytes'])} "
-              f"{gb(r['output_bytes'])} {gb(r['temp_disk_bytes'])}")
+        print(
+            f"{label:26} {r['seconds']:7.1f}s {gb(r['peak_anon_bytes'])} {gb(r['peak_rss_bytes'])} "
+            f"{gb(r['output_bytes'])} {gb(r['temp_disk_bytes'])}"
+        )
     ours, bigger = rows["fluxstudio nf4 (1.3B)"], rows["fluxstudio nf4 (2.5B)"]
     print(f"\nmodel size x2 -> FluxStudio peak anon x{bigger['peak_anon_bytes'] / ours['peak_anon_bytes']:.2f}")
     if "diffusers recipe (1.3B)" in rows:
         rec = rows["diffusers recipe (1.3B)"]
-        print(f"FluxStudio / recipe: wall x{ours['seconds'] / rec['seconds']:.2f}, "
-              f"peak anon x{ours['peak_anon_bytes'] / rec['peak_anon_bytes']:.2f}"
-              + (f", peak RSS x{ours['peak_rss_bytes'] / rec['peak_rss_bytes']:.2f}" if ours["peak_rss_bytes"] and rec["peak_rss_bytes"] else ""))
-    (work / "results.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "output"} for k, v in rows.items()}, indent=2))
+        print(
+            f"FluxStudio / recipe: wall x{ours['seconds'] / rec['seconds']:.2f}, "
+            f"peak anon x{ours['peak_anon_bytes'] / rec['peak_anon_bytes']:.2f}"
+            + (
+                f", peak RSS x{ours['peak_rss_bytes'] / rec['peak_rss_bytes']:.2f}"
+                if ours["peak_rss_bytes"] and rec["peak_rss_bytes"]
+                else ""
+            )
+        )
+    (work / "results.json").write_text(
+        json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "output"} for k, v in rows.items()}, indent=2)
+    )
     if not args.keep:
         for p in (small, large, lora, lora_large):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

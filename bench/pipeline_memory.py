@@ -22,13 +22,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.fuse_vs_diffusers import make_model  # noqa: E402
+from bench.fuse_vs_diffusers import make_model
 
 GOAL = 1.5e9
-CLIP_L = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-          "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768}
-T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_heads": 64,
-          "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32}
+CLIP_L = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "projection_dim": 768,
+}
+T5_XXL = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_heads": 64,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+}
 
 
 def write_encoder(folder: Path, cls_name: str, config: dict) -> None:
@@ -90,7 +104,11 @@ def make_lora(path: Path, t5_layers: int) -> Path:
     for m in ("to_q", "to_k", "to_v"):
         add(f"transformer.transformer_blocks.0.attn.{m}", 3072, 3072)
     for i in range(12):
-        for m, (o, n) in {"self_attn.q_proj": (768, 768), "self_attn.v_proj": (768, 768), "mlp.fc1": (3072, 768)}.items():
+        for m, (o, n) in {
+            "self_attn.q_proj": (768, 768),
+            "self_attn.v_proj": (768, 768),
+            "mlp.fc1": (3072, 768),
+        }.items():
             add(f"text_encoder.text_model.encoder.layers.{i}.{m}", o, n)
     for i in range(t5_layers):
         add(f"text_encoder_2.encoder.block.{i}.layer.0.SelfAttention.q", 4096, 4096)
@@ -101,9 +119,30 @@ def make_lora(path: Path, t5_layers: int) -> Path:
 
 def run(base: Path, lora: Path, out: Path, t5: str, env: dict) -> dict:
     report = out.with_suffix(".json")
-    cmd = [sys.executable, "-m", "fluxstudio", "fuse", "--base", str(base), "--lora", str(lora), "--format", "pipeline",
-           "--precision", "nf4", "--t5-precision", t5, "--out", str(out), "--overwrite", "--quiet", "--device", "cpu",
-           "--report-json", str(report)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fluxstudio",
+        "fuse",
+        "--base",
+        str(base),
+        "--lora",
+        str(lora),
+        "--format",
+        "pipeline",
+        "--precision",
+        "nf4",
+        "--t5-precision",
+        t5,
+        "--out",
+        str(out),
+        "--overwrite",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--report-json",
+        str(report),
+    ]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
     return json.loads(report.read_text())
 
@@ -127,10 +166,14 @@ def main() -> None:
     print(f"{'T5 precision':<14}{'seconds':>9}{'peak anon':>12}{'peak RSS':>11}{'output':>10}  fused per component")
     for t5 in ("nf4", "bf16"):
         r = run(base, lora, work / f"out-{t5}", t5, env)
-        print(f"{t5:<14}{r['seconds']:>9.1f}{gb(r['peak_anon_bytes']):>12}{gb(r['peak_ram_bytes']):>11}"
-              f"{gb(r['output_bytes']):>10}  {r['fused_per_component']}")
-        print(f"  peak anonymous memory / goal (1.5 GB): {r['peak_anon_bytes'] / GOAL:.2f}; "
-              f"/ T5's own size: {r['peak_anon_bytes'] / t5_bytes:.3f}")
+        print(
+            f"{t5:<14}{r['seconds']:>9.1f}{gb(r['peak_anon_bytes']):>12}{gb(r['peak_ram_bytes']):>11}"
+            f"{gb(r['output_bytes']):>10}  {r['fused_per_component']}"
+        )
+        print(
+            f"  peak anonymous memory / goal (1.5 GB): {r['peak_anon_bytes'] / GOAL:.2f}; "
+            f"/ T5's own size: {r['peak_anon_bytes'] / t5_bytes:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -20,20 +20,33 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-CLIP = {"hidden_size": 768, "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 4,
-        "max_position_embeddings": 77, "projection_dim": 768}
-T5 = {"d_model": 4096, "d_kv": 64, "d_ff": 256, "num_layers": 1, "num_heads": 2, "feed_forward_proj": "gated-gelu",
-      "relative_attention_num_buckets": 32}
+CLIP = {
+    "hidden_size": 768,
+    "intermediate_size": 256,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "projection_dim": 768,
+}
+T5 = {
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 256,
+    "num_layers": 1,
+    "num_heads": 2,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+}
 
 
 def main() -> None:
     import torch
     from fuse_vs_diffusers import WIDTH_CONFIG, make_lora, make_model
 
-    from fluxstudio.sources import demo
     from fluxstudio.flows import preview
     from fluxstudio.flows.build import build
     from fluxstudio.flows.request import BuildRequest, LoraRef
+    from fluxstudio.sources import demo
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fluxstudio-bench")
@@ -52,12 +65,24 @@ def main() -> None:
     lora = make_lora(args.workdir / f"lora-{tag}-r16.safetensors", base)
     root = args.workdir / f"pipe-{tag}"
     if not (root / "model_index.json").exists():
-        demo.make_flux1_pipeline(root, dict(WIDTH_CONFIG, num_layers=args.double, num_single_layers=args.single),
-                                 clip=CLIP, t5=T5, transformer=base, vae=demo.FLUX1_VAE)
+        demo.make_flux1_pipeline(
+            root,
+            dict(WIDTH_CONFIG, num_layers=args.double, num_single_layers=args.single),
+            clip=CLIP,
+            t5=T5,
+            transformer=base,
+            vae=demo.FLUX1_VAE,
+        )
     g = torch.Generator().manual_seed(0)
     embeds = (torch.randn(1, 512, 4096, generator=g).bfloat16(), torch.randn(1, 768, generator=g).bfloat16())
-    settings = {"steps": args.steps, "width": args.size, "height": args.size, "guidance": 3.5, "seed": 0,
-                "device": args.device}
+    settings = {
+        "steps": args.steps,
+        "width": args.size,
+        "height": args.size,
+        "guidance": 3.5,
+        "seed": 0,
+        "device": args.device,
+    }
     total_vram = torch.cuda.get_device_properties(0).total_memory if args.device == "cuda" else 0
     shared = preview._shared(root)
     images = args.workdir / f"preview-speed-{tag}"
@@ -69,23 +94,33 @@ def main() -> None:
             print(f"fusing {precision}...", flush=True)
             build(BuildRequest(str(root), (LoraRef(str(lora), 1.0),), precision, out, device=args.device))
         rows[precision] = {}
-        for key, source, loras in (("base", "base", []), ("base + LoRA unfused", "base", [(lora, 1.0)]),
-                                   ("fused (FluxStudio)", "output", [])):
+        for key, source, loras in (
+            ("base", "base", []),
+            ("base + LoRA unfused", "base", [(lora, 1.0)]),
+            ("fused (FluxStudio)", "output", []),
+        ):
             model = preview._transformer(source, precision, "diffusers", root, out, None, None, None, str(root))
-            r = preview._render(key, key, model, loras, precision, shared, embeds, settings, total_vram, images, None, None)
+            r = preview._render(
+                key, key, model, loras, precision, shared, embeds, settings, total_vram, images, None, None
+            )
             del model
             preview._free(args.device)
             rows[precision][key] = r
             vram = f"{r.peak_vram_bytes / 2**30:.2f} GiB" if r.peak_vram_bytes is not None else "-"
-            print(f"  {precision:>4} {key:<22} {r.it_per_s:6.3f} it/s  {r.seconds:7.1f} s/image  peak VRAM {vram}", flush=True)
+            print(
+                f"  {precision:>4} {key:<22} {r.it_per_s:6.3f} it/s  {r.seconds:7.1f} s/image  peak VRAM {vram}",
+                flush=True,
+            )
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
     print(f"\n{device}, FLUX.1 {tag}, {args.size}², {args.steps} steps, rank-16 LoRA:")
     for precision, r in rows.items():
         base_speed = r["base"].it_per_s
-        print(f"  {precision}: base {base_speed:.3f} it/s · unfused LoRA {r['base + LoRA unfused'].it_per_s:.3f} it/s "
-              f"(x{r['base + LoRA unfused'].it_per_s / base_speed:.2f}) · fused {r['fused (FluxStudio)'].it_per_s:.3f} it/s "
-              f"(x{r['fused (FluxStudio)'].it_per_s / base_speed:.2f}; goal x1.00) · fused / unfused "
-              f"x{r['fused (FluxStudio)'].it_per_s / r['base + LoRA unfused'].it_per_s:.2f}")
+        print(
+            f"  {precision}: base {base_speed:.3f} it/s · unfused LoRA {r['base + LoRA unfused'].it_per_s:.3f} it/s "
+            f"(x{r['base + LoRA unfused'].it_per_s / base_speed:.2f}) · fused {r['fused (FluxStudio)'].it_per_s:.3f} it/s "
+            f"(x{r['fused (FluxStudio)'].it_per_s / base_speed:.2f}; goal x1.00) · fused / unfused "
+            f"x{r['fused (FluxStudio)'].it_per_s / r['base + LoRA unfused'].it_per_s:.2f}"
+        )
 
 
 if __name__ == "__main__":

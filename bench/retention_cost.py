@@ -23,15 +23,18 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def one_build(base: Path, lora: Path, out: Path, fmt: str, precision: str, measure: bool) -> tuple[float, float | None, float]:
-    from fluxstudio.flows.build import plan_build
+def one_build(
+    base: Path, lora: Path, out: Path, fmt: str, precision: str, measure: bool
+) -> tuple[float, float | None, float]:
     from fluxstudio.engine.fuse import execute
     from fluxstudio.engine.retention import Retention
+    from fluxstudio.flows.build import plan_build
+    from fluxstudio.formats import Settings, get_format
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t0 = time.perf_counter()
-    output = plan_build(base, [(lora, 1.0)], fmt, precision, "bench.out", 5 * 10**9).output
+    output = plan_build(base, [(lora, 1.0)], get_format(fmt), precision, Settings("bench.out")).writer
     if not measure:
         output.retention = Retention({})  # a writer with nothing to measure
     output.open(out, {})
@@ -66,14 +69,21 @@ def main() -> None:
             if measure:
                 score = s
                 inside.append(scoring)
-            print(f"  {'with' if measure else 'without'} the score: {seconds:.1f} s"
-                  + (f" (of which scoring {scoring:.2f} s)" if measure else ""), flush=True)
+            print(
+                f"  {'with' if measure else 'without'} the score: {seconds:.1f} s"
+                + (f" (of which scoring {scoring:.2f} s)" if measure else ""),
+                flush=True,
+            )
     off, on = min(times[False]), min(times[True])
-    print(f"\n{args.format} {args.precision}, 1.3B: without {off:.1f} s, with {on:.1f} s -> x{on / off:.3f} "
-          f"({100 * (on / off - 1):+.1f}%; goal at most +15%); LoRA effect kept: {100 * score:.2f}%")
+    print(
+        f"\n{args.format} {args.precision}, 1.3B: without {off:.1f} s, with {on:.1f} s -> x{on / off:.3f} "
+        f"({100 * (on / off - 1):+.1f}%; goal at most +15%); LoRA effect kept: {100 * score:.2f}%"
+    )
     # the score runs on the build's own thread, so its time adds to the wall time as it is: the steadier figure
-    print(f"time inside the builds spent scoring: best {min(inside):.2f} s = {100 * min(inside) / off:+.1f}% of the "
-          f"build without it (median {100 * statistics.median(inside) / statistics.median(times[False]):+.1f}%)")
+    print(
+        f"time inside the builds spent scoring: best {min(inside):.2f} s = {100 * min(inside) / off:+.1f}% of the "
+        f"build without it (median {100 * statistics.median(inside) / statistics.median(times[False]):+.1f}%)"
+    )
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
         lora.unlink(missing_ok=True)

@@ -25,7 +25,12 @@ ENCODER_PRECISIONS = sorted({p for f in FORMATS.values() for p in f.encoder_opti
 log = logging.getLogger("fluxstudio")
 # Exit codes by error class, most specific first; 1 for anything else.
 EXIT_CODES: tuple[tuple[type[FluxStudioError], int], ...] = (
-    (CancelledError, 130), (BadInputError, 2), (OutputError, 3), (DiskSpaceError, 4), (HubError, 5), (FluxStudioError, 1),
+    (CancelledError, 130),
+    (BadInputError, 2),
+    (OutputError, 3),
+    (DiskSpaceError, 4),
+    (HubError, 5),
+    (FluxStudioError, 1),
 )
 
 
@@ -41,38 +46,84 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fluxstudio", description="Fuse LoRAs into FLUX models at full precision, then quantize and save.")
+    p = argparse.ArgumentParser(
+        prog="fluxstudio", description="Fuse LoRAs into FLUX models at full precision, then quantize and save."
+    )
     p.add_argument("--version", action="version", version=f"FluxStudio {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fuse", help="fuse LoRAs into a base model and save it quantized")
-    f.add_argument("--base", required=True, help="base model: Hub repo id (owner/name[@rev]), Hub URL, local folder, or 'demo'")
-    f.add_argument("--lora", action="append", default=[], help="LoRA: Hub repo id (owner/name[/file.safetensors]), Hub URL, local .safetensors, or 'demo' (repeatable)")
-    f.add_argument("--lora-scale", action="append", type=float, default=[], help="scale of the matching --lora (default 1.0; negative allowed)")
-    f.add_argument("--format", choices=list(FORMATS), default="diffusers",
-                   help="diffusers: a folder for Python; pipeline: the whole diffusers pipeline (text encoders, VAE, "
-                   "tokenizers) that loads in one line; single-file: one BFL-keyed .safetensors for ComfyUI/Forge/SwarmUI; "
-                   "gguf: one .gguf for ComfyUI-GGUF/Forge/stable-diffusion.cpp (default diffusers)")
-    f.add_argument("--precision", metavar="PRECISION",
-                   help="; ".join(f"{k}: {', '.join(v.precisions)}" for k, v in FORMATS.items())
-                   + " (default: " + ", ".join(f.default for f in FORMATS.values()) + " respectively; in any case)")
-    f.add_argument("--t5-precision", choices=ENCODER_PRECISIONS, default="", type=str.lower,
-                   help="pipeline: T5-XXL's precision (default: the same as --precision)")
-    f.add_argument("--out", required=True, type=Path,
-                   help="output folder (diffusers) or file (the extension is added when missing); must not exist unless --overwrite")
+    f.add_argument(
+        "--base", required=True, help="base model: Hub repo id (owner/name[@rev]), Hub URL, local folder, or 'demo'"
+    )
+    f.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        help="LoRA: Hub repo id (owner/name[/file.safetensors]), Hub URL, local .safetensors, or 'demo' (repeatable)",
+    )
+    f.add_argument(
+        "--lora-scale",
+        action="append",
+        type=float,
+        default=[],
+        help="scale of the matching --lora (default 1.0; negative allowed)",
+    )
+    f.add_argument(
+        "--format",
+        choices=list(FORMATS),
+        default="diffusers",
+        help="diffusers: a folder for Python; pipeline: the whole diffusers pipeline (text encoders, VAE, "
+        "tokenizers) that loads in one line; single-file: one BFL-keyed .safetensors for ComfyUI/Forge/SwarmUI; "
+        "gguf: one .gguf for ComfyUI-GGUF/Forge/stable-diffusion.cpp (default diffusers)",
+    )
+    f.add_argument(
+        "--precision",
+        metavar="PRECISION",
+        help="; ".join(f"{k}: {', '.join(v.precisions)}" for k, v in FORMATS.items())
+        + " (default: "
+        + ", ".join(f.default for f in FORMATS.values())
+        + " respectively; in any case)",
+    )
+    f.add_argument(
+        "--t5-precision",
+        choices=ENCODER_PRECISIONS,
+        default="",
+        type=str.lower,
+        help="pipeline: T5-XXL's precision (default: the same as --precision)",
+    )
+    f.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output folder (diffusers) or file (the extension is added when missing); must not exist unless --overwrite",
+    )
     f.add_argument("--shard-size", type=parse_size, default="5GB", help="largest shard file (default 5GB)")
     f.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    f.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
-    f.add_argument("--ignore-unmatched", action="store_true", help="fuse a LoRA even if some of its modules match nothing in the base")
-    f.add_argument("--double-quant", action="store_true", help="nf4: also quantize the scales (smaller, slightly slower)")
+    f.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)"
+    )
+    f.add_argument(
+        "--ignore-unmatched",
+        action="store_true",
+        help="fuse a LoRA even if some of its modules match nothing in the base",
+    )
+    f.add_argument(
+        "--double-quant", action="store_true", help="nf4: also quantize the scales (smaller, slightly slower)"
+    )
     f.add_argument("--report-json", type=Path, help="also write the final report as JSON to this file")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
-    f.add_argument("--preview", action="store_true",
-                   help="then render one seed with the LoRAs unfused on the base and with the fused output, with it/s "
-                   "and peak VRAM (needs a CUDA GPU; the demo runs on the CPU); saved in OUT.preview/")
+    f.add_argument(
+        "--preview",
+        action="store_true",
+        help="then render one seed with the LoRAs unfused on the base and with the fused output, with it/s "
+        "and peak VRAM (needs a CUDA GPU; the demo runs on the CPU); saved in OUT.preview/",
+    )
     f.add_argument("--prompt", default="", help="--preview: the prompt")
     f.add_argument("--seed", type=int, default=0, help="--preview: the seed (default 0)")
-    f.add_argument("--preview-steps", type=int, default=0, help="--preview: steps (default 4 for schnell, 20 otherwise)")
+    f.add_argument(
+        "--preview-steps", type=int, default=0, help="--preview: steps (default 4 for schnell, 20 otherwise)"
+    )
     f.add_argument("--preview-size", type=int, default=0, help="--preview: square image size (default 512; demo 64)")
     f.set_defaults(func=cmd_fuse)
 
@@ -83,8 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("env", help="this machine, the precision advice and library versions (for bug reports)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
-    e.add_argument("--model", choices=sorted(advice.MODELS), default="flux1", help="the model to advise for (default flux1)")
-    e.add_argument("--target", choices=sorted(advice.CARDS), metavar="CARD", help="advise for this card instead of the one here")
+    e.add_argument(
+        "--model", choices=sorted(advice.MODELS), default="flux1", help="the model to advise for (default flux1)"
+    )
+    e.add_argument(
+        "--target", choices=sorted(advice.CARDS), metavar="CARD", help="advise for this card instead of the one here"
+    )
     e.set_defaults(func=cmd_env)
     return p
 
@@ -118,9 +173,12 @@ def cmd_env(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     data = {
-        "fluxstudio": __version__, "python": platform.python_version(), **hw.to_json(),
+        "fluxstudio": __version__,
+        "python": platform.python_version(),
+        **hw.to_json(),
         "recommendation": {"model": model.label, **asdict(rec)},
-        "libraries": studio.library_versions(), "folders": folders,
+        "libraries": studio.library_versions(),
+        "folders": folders,
     }
     if args.json:
         print(json.dumps(data, indent=2))
@@ -131,7 +189,9 @@ def cmd_env(args: argparse.Namespace) -> int:
     print(f"Disk  {human_bytes(hw.disk_free_bytes)} free at {hw.disk_path}")
     for a in hw.accelerators:
         cap = f", compute {a.capability[0]}.{a.capability[1]}" if a.capability else ""
-        print(f"GPU   {a.name} ({a.kind}{cap}, {human_bytes(a.vram_total_bytes)}; driver {a.driver or '?'}, runtime {a.runtime or '?'})")
+        print(
+            f"GPU   {a.name} ({a.kind}{cap}, {human_bytes(a.vram_total_bytes)}; driver {a.driver or '?'}, runtime {a.runtime or '?'})"
+        )
     for note in hw.notes:
         print(f"note  {note}")
     print(f"\nAdvice for {model.label}{' on ' + rec.target if rec.target else ''}: {rec.precision}\n  {rec.reason}")
@@ -170,8 +230,15 @@ class _ProgressBar:
             desc = "Fusing" if ev.stage == Stage.FUSE else "Downloading"
             if ev.bytes_start:
                 print(f"{ev.message}.", file=sys.stderr)
-            self.bar = tqdm(total=ev.bytes_total, initial=ev.bytes_start, unit="B", unit_scale=True, desc=desc,
-                            file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=ev.bytes_total,
+                initial=ev.bytes_start,
+                unit="B",
+                unit_scale=True,
+                desc=desc,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
         self.stage = ev.stage
         unit = "tensors" if ev.stage == Stage.FUSE else "files"
         self.bar.set_postfix_str(f"{ev.done}/{ev.total} {unit}", refresh=False)
@@ -185,11 +252,13 @@ class _ProgressBar:
 
 def cmd_fuse(args: argparse.Namespace) -> int:
     if len(args.lora_scale) > len(args.lora):
-        raise FluxStudioError("There are more --lora-scale values than --lora files.", "Give one scale per LoRA, in order.")
+        raise FluxStudioError(
+            "There are more --lora-scale values than --lora files.", "Give one scale per LoRA, in order."
+        )
     scales = args.lora_scale + [1.0] * (len(args.lora) - len(args.lora_scale))
     req = studio.BuildRequest(
         base=args.base,
-        loras=tuple(studio.LoraRef(r, s) for r, s in zip(args.lora, scales)),
+        loras=tuple(studio.LoraRef(r, s) for r, s in zip(args.lora, scales, strict=False)),
         precision=args.precision or FORMATS[args.format].default,
         format=args.format,
         t5_precision=args.t5_precision,
@@ -208,12 +277,22 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         bar.close()
     print(f"Saved {result.precision} {result.format} model to {result.output_dir}")
     print(f"  size       {human_bytes(result.output_bytes)} in {len(result.files)} file(s)")
-    print(f"  time       {result.seconds:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in result.stage_seconds.items()) + ")")
+    print(
+        f"  time       {result.seconds:.1f} s ("
+        + ", ".join(f"{k} {v:.1f} s" for k, v in result.stage_seconds.items())
+        + ")"
+    )
     print(f"  peak RAM   {human_bytes(result.peak_ram_bytes)} (anonymous {human_bytes(result.peak_anon_bytes)})")
     if result.peak_vram_bytes:
         print(f"  peak VRAM  {human_bytes(result.peak_vram_bytes)}")
-    print(f"  fused      {result.tensors_fused} tensors"
-          + (" (" + ", ".join(f"{k} {v}" for k, v in result.fused_per_component.items()) + ")" if len(result.fused_per_component) > 1 else ""))
+    print(
+        f"  fused      {result.tensors_fused} tensors"
+        + (
+            " (" + ", ".join(f"{k} {v}" for k, v in result.fused_per_component.items()) + ")"
+            if len(result.fused_per_component) > 1
+            else ""
+        )
+    )
     if result.lora_retained is not None:
         print(f"  LoRA effect kept: {100 * result.lora_retained:.1f}%")
     for note in result.notes:
@@ -226,8 +305,15 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if args.preview:
         bar = _ProgressBar(args.quiet)
         try:
-            shown = front.preview(req, Path(result.output_dir), args.prompt, args.seed, args.preview_steps,
-                                  args.preview_size, Run(bar, CancelToken()))
+            shown = front.preview(
+                req,
+                Path(result.output_dir),
+                args.prompt,
+                args.seed,
+                args.preview_steps,
+                args.preview_size,
+                Run(bar, CancelToken()),
+            )
         finally:
             bar.close()
         s = shown.settings
@@ -241,14 +327,25 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     return 0
 
 
+class _LogFile(logging.FileHandler):
+    """The log file of the data folder (one per process, whatever calls set it up)."""
+
+
 def setup_logging() -> None:
+    """Log to the data folder's fluxstudio.log (again after FLUXSTUDIO_HOME changed), and keep libraries quiet."""
+    root = logging.getLogger()
+    path = paths.logs_dir() / "fluxstudio.log"
+    for old in [h for h in root.handlers if isinstance(h, _LogFile)]:
+        if Path(old.baseFilename) == path:
+            return
+        root.removeHandler(old)
+        old.close()
     try:
         paths.logs_dir().mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(paths.logs_dir() / "fluxstudio.log", encoding="utf-8")
+        handler: logging.Handler = _LogFile(path, encoding="utf-8")
     except OSError:
         handler = logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     for noisy in ("diffusers", "transformers", "bitsandbytes", "huggingface_hub", "httpx"):
@@ -269,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Cancelled. Nothing was saved.", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - last resort: a sentence, the details in the log
+    except Exception as exc:
         log.exception("unexpected error")
         print(f"Error: something unexpected went wrong ({type(exc).__name__}: {exc}).", file=sys.stderr)
         print(f"       Details are in {paths.logs_dir() / 'fluxstudio.log'}.", file=sys.stderr)

@@ -15,7 +15,9 @@ import re
 class FluxStudioError(Exception):
     """Base class: a problem the user can act on."""
 
-    def __init__(self, message: str, hint: str = "", paths: tuple[str | os.PathLike, ...] = (), detail: str = "") -> None:
+    def __init__(
+        self, message: str, hint: str = "", paths: tuple[str | os.PathLike, ...] = (), detail: str = ""
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fluxstudio.engine import manifest
-from fluxstudio.flows import preview
 from fluxstudio.errors import BadInputError
+from fluxstudio.flows import preview
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -57,16 +57,18 @@ def list_outputs(folder: Path) -> list[Entry]:
         if data is None:
             continue  # not ours, or damaged: leave it alone
         try:
-            entries.append(Entry(
-                name=sub.name,
-                base=str(data["base"].get("ref", "?")),
-                loras=tuple((str(lr.get("ref") or lr["name"]), float(lr["scale"])) for lr in data.get("loras", [])),
-                format=str(data.get("format", "diffusers")),
-                precision=str(data["precision"]),
-                size_bytes=_size(sub) + sum(_size(c) for c in _companions(sub, data)),
-                created=str(data.get("created", "")),
-                preview=summary(preview.read(sub)),
-            ))
+            entries.append(
+                Entry(
+                    name=sub.name,
+                    base=str(data["base"].get("ref", "?")),
+                    loras=tuple((str(lr.get("ref") or lr["name"]), float(lr["scale"])) for lr in data.get("loras", [])),
+                    format=str(data.get("format", "diffusers")),
+                    precision=str(data["precision"]),
+                    size_bytes=_size(sub) + sum(_size(c) for c in _companions(sub, data)),
+                    created=str(data.get("created", "")),
+                    preview=summary(preview.read(sub)),
+                )
+            )
         except (ValueError, KeyError, TypeError, OSError):
             continue
     return sorted(entries, key=lambda e: e.created, reverse=True)

@@ -67,7 +67,7 @@ def report(progress: ProgressCallback | None, event: ProgressEvent) -> None:
         return
     try:
         progress(event)
-    except Exception:  # noqa: BLE001 - a display bug must not kill the job
+    except Exception:
         log.exception("progress callback failed")
 
 

@@ -29,9 +29,31 @@ from fluxstudio.sources.refs import Ref, parse_ref
 from fluxstudio.units import free_bytes, human_bytes, parse_size
 
 __all__ = [
-    "FORMATS", "PRESETS", "THIS_MACHINE", "BaseStatus", "BuildRequest", "BuildResult", "Entry", "Estimate", "Format",
-    "Job", "LoraRef", "Pick", "Recommendation", "Run", "Status", "Studio", "__version__", "advice", "free_bytes",
-    "get_format", "human_bytes", "library_versions", "parse_size", "paths", "safe_name",
+    "FORMATS",
+    "PRESETS",
+    "THIS_MACHINE",
+    "BaseStatus",
+    "BuildRequest",
+    "BuildResult",
+    "Entry",
+    "Estimate",
+    "Format",
+    "Job",
+    "LoraRef",
+    "Pick",
+    "Recommendation",
+    "Run",
+    "Status",
+    "Studio",
+    "__version__",
+    "advice",
+    "free_bytes",
+    "get_format",
+    "human_bytes",
+    "library_versions",
+    "parse_size",
+    "paths",
+    "safe_name",
 ]
 THIS_MACHINE = "This machine"
 UPLOAD_QUOTA = 4 * 10**9  # what one shared session may upload: a handful of LoRAs
@@ -74,8 +96,7 @@ class Studio:
     _scratch: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.runner is None:
-            self.runner = JobRunner(hub=self.hub)
+        self.jobs: JobRunner = self.runner or JobRunner(hub=self.hub)
 
     @property
     def hw(self) -> HardwareInfo:
@@ -124,8 +145,11 @@ class Studio:
             return BaseStatus("Built-in demo model (FLUX.1 architecture, tiny): nothing to download.", "flux1")
         if ref.kind == "local":
             model = open_base(ref.path)
-            return BaseStatus(f"{model.variant} · {str(model.dtype).removeprefix('torch.')} · {human_bytes(model.total_bytes)} "
-                              "· local folder", self.model_key(base, model.family.key))
+            return BaseStatus(
+                f"{model.variant} · {str(model.dtype).removeprefix('torch.')} · {human_bytes(model.total_bytes)} "
+                "· local folder",
+                self.model_key(base, model.family.key),
+            )
         p = self.hub.download_plan(ref)
         need_token = p.gated and not has_token()
         where = f"to download: {human_bytes(p.todo_bytes)}" if p.todo_bytes else "already downloaded"
@@ -169,8 +193,11 @@ class Studio:
         try:
             size = src.stat().st_size
             if not self.local and kept_bytes + size > UPLOAD_QUOTA:
-                raise BadInputError(f"This shared session has uploaded {human_bytes(kept_bytes)} already, and "
-                                    f"{human_bytes(UPLOAD_QUOTA)} is the limit.", "Use LoRAs from the Hub instead.")
+                raise BadInputError(
+                    f"This shared session has uploaded {human_bytes(kept_bytes)} already, and "
+                    f"{human_bytes(UPLOAD_QUOTA)} is the limit.",
+                    "Use LoRAs from the Hub instead.",
+                )
             info = self.describe_lora(src, base, model_key)
             return uploads.keep(src, self.scratch() / "uploads"), info
         finally:
@@ -184,9 +211,12 @@ class Studio:
 
         lora = load_lora(path, self.family(catalogue.MODELS[model_key].family))
         labels = {"transformer": "transformer", **{c: e.label for c, e in ENCODERS.items()}}
-        parts = [lora.format, "rank " + "/".join(map(str, lora.ranks)) if lora.ranks else "no LoRA matrices",
-                 f"{len(lora.modules) + len(lora.replacements)} modules",
-                 "changes the " + " + ".join(labels[c] for c in lora.components)]
+        parts = [
+            lora.format,
+            "rank " + "/".join(map(str, lora.ranks)) if lora.ranks else "no LoRA matrices",
+            f"{len(lora.modules) + len(lora.replacements)} modules",
+            "changes the " + " + ".join(labels[c] for c in lora.components),
+        ]
         base_dir = self.local_base(base)
         if base_dir is not None:
             fplan = plan_tensors(open_base(base_dir), [(lora, 1.0)], ignore_unmatched=True)
@@ -197,8 +227,15 @@ class Studio:
         return " · ".join(parts)
 
     # -- estimate --------------------------------------------------------------------------------------------
-    def estimate(self, base: str, lora_paths: list[Path], format: str, precision: str, model_key: str = "flux1",
-                 t5_precision: str = "") -> Estimate:
+    def estimate(
+        self,
+        base: str,
+        lora_paths: list[Path],
+        format: str,
+        precision: str,
+        model_key: str = "flux1",
+        t5_precision: str = "",
+    ) -> Estimate:
         """The output's size: exactly what the build checks the disk against when the base is here (the LoRAs
         count: a Control LoRA widens the model), else the model table's figure. Never raises."""
         from fluxstudio.flows.build import plan_build
@@ -217,17 +254,29 @@ class Studio:
         return Estimate(catalogue.MODELS[model_key].weight_bytes(fmt.check(precision)), free, False)
 
     # -- jobs ------------------------------------------------------------------------------------------------
-    def request(self, base: str, loras: list[tuple[str, float]], format: str, precision: str, name: str,
-                shard: str = "5GB", t5_precision: str = "") -> BuildRequest:
+    def request(
+        self,
+        base: str,
+        loras: list[tuple[str, float]],
+        format: str,
+        precision: str,
+        name: str,
+        shard: str = "5GB",
+        t5_precision: str = "",
+    ) -> BuildRequest:
         fmt = get_format(format)
         return BuildRequest(
-            base=self.ref(base).text, loras=tuple(LoraRef(r, s) for r, s in loras), precision=fmt.check(precision),
-            format=fmt.key, out_dir=self.output_dir / (safe_name(name) + fmt.extension), shard_bytes=parse_size(shard),
+            base=self.ref(base).text,
+            loras=tuple(LoraRef(r, s) for r, s in loras),
+            precision=fmt.check(precision),
+            format=fmt.key,
+            out_dir=self.output_dir / (safe_name(name) + fmt.extension),
+            shard_bytes=parse_size(shard),
             t5_precision=fmt.encoder_precision(t5_precision, precision),
         )
 
     def start(self, request: BuildRequest) -> Job:
-        return self.runner.start(request)
+        return self.jobs.start(request)
 
     # -- try it ----------------------------------------------------------------------------------------------
     @staticmethod
@@ -255,10 +304,11 @@ class Studio:
         """Render the same seed unfused and fused, as a job (after any running build: one job at a time)."""
         from fluxstudio.flows import preview
 
-        return self.runner.start(self._preview_request(request, output, prompt, seed, steps, size), preview.run)
+        return self.jobs.start(self._preview_request(request, output, prompt, seed, steps, size), preview.run)
 
-    def preview(self, request: BuildRequest, output: Path, prompt: str, seed: int, steps: int, size: int,
-                run: Run | None = None):
+    def preview(
+        self, request: BuildRequest, output: Path, prompt: str, seed: int, steps: int, size: int, run: Run | None = None
+    ):
         """The same, in this thread (the CLI): a PreviewResult."""
         from fluxstudio.flows import preview
 
@@ -271,10 +321,10 @@ class Studio:
         return preview.read(self.output_dir / name) if safe_name(name) == name else None
 
     def job(self, job_id: str | None) -> Job | None:
-        return self.runner.get(job_id)
+        return self.jobs.get(job_id)
 
     def cancel(self, job_id: str | None) -> bool:
-        return self.runner.cancel(job_id)
+        return self.jobs.cancel(job_id)
 
     # -- library ---------------------------------------------------------------------------------------------
     def outputs(self) -> list[Entry]:
@@ -285,8 +335,9 @@ class Studio:
         interrupted downloads in the HF cache that nobody will resume."""
         from fluxstudio.engine import partials
 
-        self.reclaimed_bytes = (partials.reclaim(self.output_dir) + self.hub.reclaim()
-                                + partials.reclaim(paths.sessions_dir(), ("*",)))
+        self.reclaimed_bytes = (
+            partials.reclaim(self.output_dir) + self.hub.reclaim() + partials.reclaim(paths.sessions_dir(), ("*",))
+        )
         return self.reclaimed_bytes
 
     def delete(self, name: str) -> None:
@@ -297,7 +348,11 @@ class Studio:
     # -- machine and Hub -------------------------------------------------------------------------------------
     def advise(self, target: str, model_key: str) -> Recommendation:
         model = advice.MODELS[model_key]
-        return advice.recommend_here(self.hw, model) if target == THIS_MACHINE else advice.recommend(advice.CARDS[target], model)
+        return (
+            advice.recommend_here(self.hw, model)
+            if target == THIS_MACHINE
+            else advice.recommend(advice.CARDS[target], model)
+        )
 
     @staticmethod
     def family(key: str):
@@ -323,8 +378,12 @@ class Studio:
     def snippet(result: BuildResult, request: BuildRequest, path: str | None = None) -> str:
         """The code that loads a build's output (at `path`, default where it was saved)."""
         fmt = get_format(result.format)
-        return fmt.snippet(path or result.output_dir, result.precision, Studio.family(result.family),
-                           fmt.encoder_precision(request.t5_precision, result.precision))
+        return fmt.snippet(
+            path or result.output_dir,
+            result.precision,
+            Studio.family(result.family),
+            fmt.encoder_precision(request.t5_precision, result.precision),
+        )
 
     @staticmethod
     def placement(result: BuildResult) -> str:
@@ -336,5 +395,7 @@ class Studio:
         """Fetch a base (its transformer) or a LoRA from the Hub into the HF cache."""
         ref = parse_ref(text)
         if ref.kind != "hub":
-            raise FluxStudioError(f"'{text}' is not a Hub reference.", "Use owner/name or a https://huggingface.co/... URL.")
+            raise FluxStudioError(
+                f"'{text}' is not a Hub reference.", "Use owner/name or a https://huggingface.co/... URL."
+            )
         return ref, (self.hub.fetch_lora(ref, run) if lora else self.hub.fetch_base(ref, run))

@@ -78,7 +78,7 @@ def has_nvidia_gpu() -> bool:
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            if subprocess.run([smi, "-L"], capture_output=True, timeout=20).returncode == 0:
+            if subprocess.run([smi, "-L"], capture_output=True, timeout=20, check=False).returncode == 0:
                 return True
         except (OSError, subprocess.TimeoutExpired):
             pass
@@ -141,7 +141,9 @@ def ensure_venv() -> None:
 
 def _runs(py: Path) -> bool:
     try:
-        return subprocess.run([str(py), "-c", "import sys"], capture_output=True, timeout=60).returncode == 0
+        return (
+            subprocess.run([str(py), "-c", "import sys"], capture_output=True, timeout=60, check=False).returncode == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -186,8 +188,10 @@ def install(update: bool, cpu: bool) -> None:
     if not update and stamp.exists() and stamp.read_text(encoding="utf-8").strip() == want:
         say("FluxStudio is up to date (requirements unchanged): skipping installation.")
         return
-    say(f"Installing PyTorch ({torch} from {index}) and FluxStudio's requirements; the first time this downloads "
-        f"about 3 GB with CUDA, 1 GB without. The details go to {LOG}")
+    say(
+        f"Installing PyTorch ({torch} from {index}) and FluxStudio's requirements; the first time this downloads "
+        f"about 3 GB with CUDA, 1 GB without. The details go to {LOG}"
+    )
     stamp.unlink(missing_ok=True)
     (VENV / INSTALLING).write_text(datetime.now().isoformat(), encoding="utf-8")
     if index == "pypi":
@@ -217,9 +221,11 @@ def long_path_hint() -> str:
     except OSError:
         tail = ""
     if "WinError 206" in tail or "path too long" in tail.lower() or len(str(VENV)) > 100:
-        return (" Windows limits paths to 260 characters: turn on long paths (the LongPathsEnabled setting, "
-                "https://learn.microsoft.com/windows/win32/fileio/maximum-file-path-limitation) or move FluxStudio "
-                "to a shorter folder such as C:\\FluxStudio.")
+        return (
+            " Windows limits paths to 260 characters: turn on long paths (the LongPathsEnabled setting, "
+            "https://learn.microsoft.com/windows/win32/fileio/maximum-file-path-limitation) or move FluxStudio "
+            "to a shorter folder such as C:\\FluxStudio."
+        )
     return ""
 
 
@@ -244,8 +250,10 @@ def _symlink_note() -> None:
     marker = data_dir() / ".symlink-note-shown"
     if marker.exists():
         return
-    say("Note: without Windows developer mode, downloaded models take more disk (the Hugging Face cache cannot use "
-        "symlinks). Everything still works.")
+    say(
+        "Note: without Windows developer mode, downloaded models take more disk (the Hugging Face cache cannot use "
+        "symlinks). Everything still works."
+    )
     marker.write_text("shown", encoding="utf-8")
 
 
@@ -275,8 +283,9 @@ def smoke_test(args: argparse.Namespace) -> None:
 
 def run_app(args: argparse.Namespace) -> int:
     say(f"Starting FluxStudio on http://127.0.0.1:{args.port}/ (close this window to stop it).")
-    proc = subprocess.Popen(app_command(args, browser=not args.no_browser), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=app_env())
+    proc = subprocess.Popen(
+        app_command(args, browser=not args.no_browser), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=app_env()
+    )
     try:
         for raw in proc.stdout:
             line = raw.decode("utf-8", errors="replace")
@@ -300,7 +309,7 @@ def install_desktop() -> None:
         if line.startswith("Exec="):
             line = f'Exec=bash "{script}"'
         elif line.startswith("Icon="):
-            line = f"Icon={APP_DIR / 'assets' / 'icon.png'}"
+            line = f"Icon={APP_DIR / 'fluxstudio' / 'ui' / 'assets' / 'icon.png'}"
         lines.append(line)
     entry = apps / "FluxStudio.desktop"
     entry.write_text("\n".join(lines) + "\n", encoding="utf-8")

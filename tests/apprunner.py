@@ -30,13 +30,29 @@ class App:
         self.home = Path((env or {}).get("FLUXSTUDIO_HOME", tmp / "fshome"))
         self.outputs = tmp / "outputs"
         self.log = tmp / "app.log"
-        self.env = {**os.environ, "FLUXSTUDIO_HOME": str(self.home), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
-                    "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
-        for attempt in range(3):
+        self.env = {
+            **os.environ,
+            "FLUXSTUDIO_HOME": str(self.home),
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            **(env or {}),
+        }
+        for _attempt in range(3):
             self.port = free_port()
             self.url = f"http://127.0.0.1:{self.port}"
-            cmd = [sys.executable, str(ROOT / "app.py"), "--port", str(self.port), "--output-dir", str(self.outputs), *args]
-            self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+            cmd = [
+                sys.executable,
+                str(ROOT / "app.py"),
+                "--port",
+                str(self.port),
+                "--output-dir",
+                str(self.outputs),
+                *args,
+            ]
+            self.proc = subprocess.Popen(
+                cmd, env=self.env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT
+            )
             if self._wait_until_up():
                 return
             text = self.output()

@@ -10,7 +10,7 @@ os.environ.pop("HF_TOKEN", None)
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import FLUX1_TINY, FLUX1_WIDE, write_model  # noqa: E402
+from helpers import FLUX1_TINY, FLUX1_WIDE, write_model
 
 
 @pytest.fixture(autouse=True)
@@ -33,10 +33,15 @@ def wide_base(tmp_path_factory) -> Path:
     return write_model(tmp_path_factory.mktemp("wide") / "base", FLUX1_WIDE)
 
 
+WIDE = {"wide_base", "wide_pipeline", "wide_folder", "wide_lora"}  # the width-3072 models: about 1 GB each
+
+
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("FLUXSTUDIO_GPU_TESTS"):
-        return
+    """Tests on the width-3072 models and browser tests are slow (left out of the fast lane: -m "not slow"); GPU
+    tests run only where FLUXSTUDIO_GPU_TESTS=1 says there is a GPU."""
     skip = pytest.mark.skip(reason="needs a CUDA GPU (set FLUXSTUDIO_GPU_TESTS=1 on a GPU machine)")
     for item in items:
-        if "gpu" in item.keywords:
+        if WIDE & set(getattr(item, "fixturenames", ())) or "browser" in item.keywords:
+            item.add_marker(pytest.mark.slow)
+        if "gpu" in item.keywords and not os.environ.get("FLUXSTUDIO_GPU_TESTS"):
             item.add_marker(skip)

@@ -52,8 +52,9 @@ class FakeHub:
         self.granted: dict[str, set[str]] = {}  # gated repo -> tokens with access
         self._server: ThreadingHTTPServer | None = None
 
-    def add_repo(self, repo_id: str, files: dict[str, bytes], gated: bool = False, grant: tuple[str, ...] = (),
-                 xet: bool = False) -> str:
+    def add_repo(
+        self, repo_id: str, files: dict[str, bytes], gated: bool = False, grant: tuple[str, ...] = (), xet: bool = False
+    ) -> str:
         sha = hashlib.sha1(repo_id.encode() + b"".join(k.encode() + files[k] for k in sorted(files))).hexdigest()
         self.repos[repo_id] = Repo(dict(files), sha, {"main": sha}, gated, xet)
         self.granted[repo_id] = set(grant)
@@ -65,7 +66,11 @@ class FakeHub:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def file_gets(self) -> list[dict]:
-        return [r for r in self.requests if r["method"] == "GET" and ("/resolve/" in r["path"] or "/xet-bridge/" in r["path"])]
+        return [
+            r
+            for r in self.requests
+            if r["method"] == "GET" and ("/resolve/" in r["path"] or "/xet-bridge/" in r["path"])
+        ]
 
     def bytes_sent(self) -> int:
         return sum(r["sent"] for r in self.requests)
@@ -119,16 +124,26 @@ class FakeHub:
     def _handle(self, h, head: bool) -> None:
         path = unquote(urlparse(h.path).path)
         token = self._token(h)
-        record = {"method": "HEAD" if head else "GET", "path": path, "range": h.headers.get("Range"),
-                  "auth": token is not None, "sent": 0}
+        record = {
+            "method": "HEAD" if head else "GET",
+            "path": path,
+            "range": h.headers.get("Range"),
+            "auth": token is not None,
+            "sent": 0,
+        }
         self.requests.append(record)
         if token is not None and self.valid_tokens and token not in self.valid_tokens:
             return self._error(h, 401, None, "Invalid credentials in Authorization header", head)
         if path == "/api/whoami-v2":
             if token is None:
                 return self._error(h, 401, None, "Unauthorized", head)
-            return self._send(h, 200, json.dumps({"type": "user", "name": "tester", "auth": {}}).encode(),
-                              {"Content-Type": "application/json"}, head)
+            return self._send(
+                h,
+                200,
+                json.dumps({"type": "user", "name": "tester", "auth": {}}).encode(),
+                {"Content-Type": "application/json"},
+                head,
+            )
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path)
         if m:
             return self._info(h, m.group(1), m.group(2) or "main", head)
@@ -160,13 +175,33 @@ class FakeHub:
             if len(data) > LFS_THRESHOLD:
                 entry["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
             siblings.append(entry)
-        body = {"_id": repo.sha[:24], "id": repo_id, "modelId": repo_id, "sha": repo.sha, "private": False,
-                "gated": "manual" if repo.gated else False, "disabled": False, "siblings": siblings, "tags": [],
-                "downloads": 0, "likes": 0, "lastModified": "2026-01-01T00:00:00.000Z"}
+        body = {
+            "_id": repo.sha[:24],
+            "id": repo_id,
+            "modelId": repo_id,
+            "sha": repo.sha,
+            "private": False,
+            "gated": "manual" if repo.gated else False,
+            "disabled": False,
+            "siblings": siblings,
+            "tags": [],
+            "downloads": 0,
+            "likes": 0,
+            "lastModified": "2026-01-01T00:00:00.000Z",
+        }
         self._send(h, 200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
 
-    def _file(self, h, repo_id: str, revision: str, name: str, token: str | None, head: bool, record: dict,
-              bridge: bool = False) -> None:
+    def _file(
+        self,
+        h,
+        repo_id: str,
+        revision: str,
+        name: str,
+        token: str | None,
+        head: bool,
+        record: dict,
+        bridge: bool = False,
+    ) -> None:
         fault = self.faults.get(name) or self.faults.get("*") or {}
         if "status" in fault:
             return self._error(h, fault["status"], fault.get("code"), fault.get("message", "error"), head)
@@ -174,22 +209,35 @@ class FakeHub:
         if repo is None:
             return
         if repo.gated and token not in self.granted.get(repo_id, set()):
-            return self._error(h, 403 if token else 401, "GatedRepo",
-                               f"Access to model {repo_id} is restricted. You must have access to it and be authenticated.", head)
+            return self._error(
+                h,
+                403 if token else 401,
+                "GatedRepo",
+                f"Access to model {repo_id} is restricted. You must have access to it and be authenticated.",
+                head,
+            )
         if name not in repo.files:
             return self._error(h, 404, "EntryNotFound", f"{name} does not exist", head)
         data = repo.files[name]
         lfs = len(data) > LFS_THRESHOLD
         etag = hashlib.sha256(data).hexdigest() if lfs else git_blob_id(data)
-        headers = {"X-Repo-Commit": repo.sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": repo.sha,
+            "ETag": f'"{etag}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         if lfs:
             headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))})
         if repo.xet and lfs and not bridge:  # the Hub's answer for a Xet-backed file: go elsewhere for the bytes
-            headers.update({"X-Xet-Hash": hashlib.sha256(b"xet" + data).hexdigest(),
-                            "X-Xet-Refresh-Route": f"/api/models/{repo_id}/xet-read-token/{repo.sha}",
-                            "Location": f"http://localhost:{self._server.server_address[1]}/xet-bridge/{repo_id}/{repo.sha}/{name}",
-                            "Content-Length": "0"})
+            headers.update(
+                {
+                    "X-Xet-Hash": hashlib.sha256(b"xet" + data).hexdigest(),
+                    "X-Xet-Refresh-Route": f"/api/models/{repo_id}/xet-read-token/{repo.sha}",
+                    "Location": f"http://localhost:{self._server.server_address[1]}/xet-bridge/{repo_id}/{repo.sha}/{name}",
+                    "Content-Length": "0",
+                }
+            )
             return self._send(h, 302, b"", headers, head)
         if bridge and token is not None:
             return self._error(h, 400, None, "Only one auth mechanism allowed", head)

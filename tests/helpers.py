@@ -8,17 +8,38 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-FLUX1_TINY = dict(
-    patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=64, num_attention_heads=2,
-    joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=[16, 24, 24],
-)
-FLUX2_TINY = dict(
-    patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128, num_attention_heads=1,
-    joint_attention_dim=64, timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=[32, 32, 32, 32],
-)
+FLUX1_TINY = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 1,
+    "num_single_layers": 2,
+    "attention_head_dim": 64,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 64,
+    "pooled_projection_dim": 64,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 24, 24],
+}
+FLUX2_TINY = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 1,
+    "num_single_layers": 2,
+    "attention_head_dim": 128,
+    "num_attention_heads": 1,
+    "joint_attention_dim": 64,
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": [32, 32, 32, 32],
+}
 # FLUX.1 width (diffusers' kohya/BFL converters hard-code 3072), one block of each kind.
 FLUX1_WIDE = dict(
-    FLUX1_TINY, num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24, axes_dims_rope=[16, 56, 56]
+    FLUX1_TINY,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    axes_dims_rope=[16, 56, 56],
 )
 
 
@@ -32,8 +53,12 @@ def meta_state_shapes(class_name: str, config: dict) -> dict[str, tuple[int, ...
 
 
 def write_model(
-    folder: Path, config: dict, class_name: str = "FluxTransformer2DModel", seed: int = 0,
-    dtype: torch.dtype = torch.bfloat16, shards: int = 1,
+    folder: Path,
+    config: dict,
+    class_name: str = "FluxTransformer2DModel",
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    shards: int = 1,
 ) -> Path:
     """A random model in diffusers layout (config.json + safetensors, an index when sharded)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,13 +97,23 @@ def linear_shapes(folder: Path, contains: tuple[str, ...] = ("attn.to_", "ff.net
     }
 
 
-def peft_lora(path: Path, shapes: dict, rank: int = 8, seed: int = 1, alpha: float | None = None, strength: float = 0.05,
-              prefix: str = "transformer.", extra: dict | None = None) -> Path:
+def peft_lora(
+    path: Path,
+    shapes: dict,
+    rank: int = 8,
+    seed: int = 1,
+    alpha: float | None = None,
+    strength: float = 0.05,
+    prefix: str = "transformer.",
+    extra: dict | None = None,
+) -> Path:
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for name, (out_f, in_f) in sorted(shapes.items()):
         sd[f"{prefix}{name}.lora_A.weight"] = (torch.randn(rank, in_f, generator=g) / in_f**0.5).to(torch.bfloat16)
-        sd[f"{prefix}{name}.lora_B.weight"] = (torch.randn(out_f, rank, generator=g) * strength / rank**0.5).to(torch.bfloat16)
+        sd[f"{prefix}{name}.lora_B.weight"] = (torch.randn(out_f, rank, generator=g) * strength / rank**0.5).to(
+            torch.bfloat16
+        )
         if alpha is not None:
             sd[f"{prefix}{name}.alpha"] = torch.tensor(float(alpha))
     sd.update(extra or {})
@@ -106,7 +141,13 @@ def reference_fuse(
     if family == "flux1":
         model = diffusers.FluxTransformer2DModel.from_pretrained(base, torch_dtype=dtype)
         pipe = diffusers.FluxPipeline(
-            scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=model
+            scheduler=None,
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=model,
         )
         names = []
         for i, (path, _) in enumerate(loras):
@@ -138,10 +179,12 @@ def assert_within_one_ulp(ours: dict, ref: dict, base: Path | dict) -> None:
     Where a delta almost cancels the weight, the result is tiny and any rounding of the operands (peft's bf16
     delta, or a different fp32 summation order) is large next to the result's own ulp, hence the operands' ulp.
     """
-    base_sd = base if isinstance(base, dict) else load_dir(base if (base / "config.json").exists() else base / "transformer")
+    base_sd = (
+        base if isinstance(base, dict) else load_dir(base if (base / "config.json").exists() else base / "transformer")
+    )
     assert set(ours) == set(ref), sorted(set(ours) ^ set(ref))[:5]
-    for k in ref:
-        a, b = ours[k].float(), ref[k].float()
+    for k, want in ref.items():
+        a, b = ours[k].float(), want.float()
         assert a.shape == b.shape, (k, a.shape, b.shape)
         w = base_sd[k].float()
         if w.shape != a.shape:  # widened by a Control LoRA
@@ -154,16 +197,16 @@ def assert_within_one_ulp(ours: dict, ref: dict, base: Path | dict) -> None:
 def flux1_inputs(config: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict:
     g = torch.Generator().manual_seed(seed)
     seq, txt = 16, 8
-    return dict(
-        hidden_states=torch.randn(1, seq, config["in_channels"], generator=g).to(dtype),
-        encoder_hidden_states=torch.randn(1, txt, config["joint_attention_dim"], generator=g).to(dtype),
-        pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=g).to(dtype),
-        timestep=torch.tensor([0.5]),
-        img_ids=torch.zeros(seq, 3),
-        txt_ids=torch.zeros(txt, 3),
-        guidance=torch.tensor([3.5]),
-        return_dict=False,
-    )
+    return {
+        "hidden_states": torch.randn(1, seq, config["in_channels"], generator=g).to(dtype),
+        "encoder_hidden_states": torch.randn(1, txt, config["joint_attention_dim"], generator=g).to(dtype),
+        "pooled_projections": torch.randn(1, config["pooled_projection_dim"], generator=g).to(dtype),
+        "timestep": torch.tensor([0.5]),
+        "img_ids": torch.zeros(seq, 3),
+        "txt_ids": torch.zeros(txt, 3),
+        "guidance": torch.tensor([3.5]),
+        "return_dict": False,
+    }
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

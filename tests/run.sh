@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Set up everything the tests need on a fresh Linux machine, then run them: bash tests/run.sh [pytest args]
+# Set up everything the tests need on a fresh Linux machine, check the code, then run the tests:
+#   bash tests/run.sh                  everything (what CI runs)
+#   bash tests/run.sh -m "not slow"    the fast lane: no browsers, wide models, fresh installs or throttled downloads
 # - a virtual environment in .venv with the CPU build of torch (FLUXSTUDIO_TORCH overrides the pin)
-# - the app's requirements and the test tools
+# - the app's requirements and the test tools (pytest, playwright, ruff, pyright)
 # - Debian's chromium (browser tests) and shellcheck (launcher tests) when apt-get can install them
+# - the quality gate: ruff check, ruff format --check and pyright (configured in pyproject.toml), before any test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,4 +26,7 @@ if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
         || echo "note: could not install ${need[*]}; the tests that need them will be skipped" >&2
 fi
 
+"$py" -m ruff check .
+"$py" -m ruff format --check .
+"$py" -m pyright
 exec "$py" -m pytest "$@"

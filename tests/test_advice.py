@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from fluxstudio.advice.recommend import CARDS, MODELS, Card, Pick, recommend, recommend_here
 from fluxstudio.advice.hardware import probe
+from fluxstudio.advice.recommend import CARDS, MODELS, Card, Pick, recommend, recommend_here
 
 FLUX1, FLUX2 = MODELS["flux1"], MODELS["flux2-dev"]
 
@@ -104,8 +104,16 @@ def test_cpu_only_explains_and_asks_for_a_target():
 def test_an_apple_machine_is_asked_for_its_target_too():
     from fluxstudio.advice.hardware import Accelerator, HardwareInfo
 
-    mac = HardwareInfo("Darwin 24", "Apple M3 Max", 16, 64 * 10**9, 40 * 10**9, 500 * 10**9, "/Users/x",
-                       [Accelerator(kind="Apple MPS", name="Apple arm64 GPU", vram_total_bytes=64 * 10**9, bf16=True)])
+    mac = HardwareInfo(
+        "Darwin 24",
+        "Apple M3 Max",
+        16,
+        64 * 10**9,
+        40 * 10**9,
+        500 * 10**9,
+        "/Users/x",
+        [Accelerator(kind="Apple MPS", name="Apple arm64 GPU", vram_total_bytes=64 * 10**9, bf16=True)],
+    )
     rec = recommend_here(mac, FLUX1)
     assert "Pick the card" in rec.reason
 
@@ -138,7 +146,9 @@ def test_probe_survives_failing_device_queries(tmp_path):
         raise RuntimeError("device lost")
 
     half = types.SimpleNamespace(
-        cuda=types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 1, get_device_properties=boom, mem_get_info=boom),
+        cuda=types.SimpleNamespace(
+            is_available=lambda: True, device_count=lambda: 1, get_device_properties=boom, mem_get_info=boom
+        ),
         version=types.SimpleNamespace(cuda="12.8", hip=None),
         backends=types.SimpleNamespace(),
     )
@@ -150,8 +160,12 @@ def test_probe_survives_failing_device_queries(tmp_path):
 def test_real_gpu_probe_matches_nvidia_smi(tmp_path):
     import subprocess
 
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()[0]
     name, total_mib, cap = (p.strip() for p in out.split(","))
     gpu = probe(output_dir=tmp_path).accelerators[0]
     assert gpu.kind == "NVIDIA CUDA" and gpu.name == name
@@ -160,14 +174,17 @@ def test_real_gpu_probe_matches_nvidia_smi(tmp_path):
     assert gpu.fp8_compute == (gpu.capability >= (8, 9)) and gpu.bf16
 
 
-@pytest.mark.parametrize("card,transformer,t5", [
-    ("RTX 5090 32 GB", "fp8", "bf16"),  # room for T5 in bf16 beside the fp8 transformer
-    ("RTX 4090 24 GB", "fp8", "fp8"),
-    ("RTX 4080 16 GB", "nf4", "fp8"),
-    ("RTX 4070 12 GB", "nf4", "nf4"),  # 8-12 GB cards get T5 in NF4 too
-    ("A100 80 GB", "bf16", "bf16"),
-    ("Apple M-series 32 GB", "bf16", "fp8"),  # no bitsandbytes: never NF4
-])
+@pytest.mark.parametrize(
+    "card,transformer,t5",
+    [
+        ("RTX 5090 32 GB", "fp8", "bf16"),  # room for T5 in bf16 beside the fp8 transformer
+        ("RTX 4090 24 GB", "fp8", "fp8"),
+        ("RTX 4080 16 GB", "nf4", "fp8"),
+        ("RTX 4070 12 GB", "nf4", "nf4"),  # 8-12 GB cards get T5 in NF4 too
+        ("A100 80 GB", "bf16", "bf16"),
+        ("Apple M-series 32 GB", "bf16", "fp8"),  # no bitsandbytes: never NF4
+    ],
+)
 def test_the_advice_picks_t5s_precision_for_a_pipeline_export(card, transformer, t5):
     rec = recommend(CARDS[card], MODELS["flux1"])
     assert (rec.precision, rec.text_encoder) == (transformer, t5)

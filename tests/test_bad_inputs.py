@@ -9,16 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FLUX1_TINY, FLUX2_TINY, linear_shapes, peft_lora, write_model
 from safetensors.torch import save_file
 
+from fluxstudio.errors import (
+    BadInputError,
+    CancelledError,
+    DiskSpaceError,
+    LoraMismatchError,
+    NumericError,
+    OutputError,
+)
 from fluxstudio.flows.build import build
 from fluxstudio.flows.request import BuildRequest, LoraRef
-from fluxstudio.errors import (
-    BadInputError, CancelledError, DiskSpaceError, LoraMismatchError, NumericError, OutputError,
-)
 from fluxstudio.progress import CancelToken, Run
-from helpers import FLUX1_TINY, FLUX2_TINY, linear_shapes, peft_lora, write_model
-
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,8 +109,13 @@ def test_inf_in_fused_result(tiny_base, work, tmp_path):
     shapes = linear_shapes(tiny_base)
     name, (out_f, in_f) = next(iter(sorted(shapes.items())))
     huge = tmp_path / "huge.safetensors"  # finite in bf16, but B·A overflows float32
-    save_file({f"transformer.{name}.lora_A.weight": torch.full((8, in_f), 1e20, dtype=torch.bfloat16),
-               f"transformer.{name}.lora_B.weight": torch.full((out_f, 8), 1e20, dtype=torch.bfloat16)}, str(huge))
+    save_file(
+        {
+            f"transformer.{name}.lora_A.weight": torch.full((8, in_f), 1e20, dtype=torch.bfloat16),
+            f"transformer.{name}.lora_B.weight": torch.full((out_f, 8), 1e20, dtype=torch.bfloat16),
+        },
+        str(huge),
+    )
     attempt(tiny_base, [(huge, 1)], work / "out", NumericError, "Fusing gave NaN or Inf")
     assert leftovers(work) == []
 
@@ -163,8 +172,13 @@ def test_output_overlapping_the_base(tiny_base, good_lora, where):
 def test_not_enough_disk_is_checked_before_starting(tiny_base, good_lora, work):
     seen = []
     err = attempt(
-        tiny_base, [(good_lora, 1)], work / "out", DiskSpaceError, "Not enough free disk",
-        free_bytes=lambda p: seen.append(p) or 1_000_000, progress=lambda ev: seen.append(ev.stage),
+        tiny_base,
+        [(good_lora, 1)],
+        work / "out",
+        DiskSpaceError,
+        "Not enough free disk",
+        free_bytes=lambda p: seen.append(p) or 1_000_000,
+        progress=lambda ev: seen.append(ev.stage),
     )
     assert "fuse" not in seen and err.hint
     assert leftovers(work) == []
@@ -200,17 +214,18 @@ def test_weights_that_do_not_match_the_config(tiny_base, good_lora, work):
     attempt(tiny_base, [(good_lora, 1)], work / "out", BadInputError, "do not match its config")
 
 
-def test_cli_prints_one_sentence_and_exits_non_zero(tiny_base, tmp_path, work):
+def test_cli_prints_one_sentence_and_exits_non_zero(tiny_base, tmp_path, work, capsys):
+    from fluxstudio.cli import main
+
     bad = tmp_path / "x.safetensors"
     bad.write_bytes(b"\x00" * 10)
-    proc = subprocess.run(
-        [sys.executable, "-m", "fluxstudio", "fuse", "--base", str(tiny_base), "--lora", str(bad), "--precision", "nf4",
-         "--out", str(work / "out")],
-        capture_output=True, text=True, timeout=300,
+    code = main(
+        ["fuse", "--base", str(tiny_base), "--lora", str(bad), "--precision", "nf4", "--out", str(work / "out")]
     )
-    assert proc.returncode == 2  # cli.EXIT_CODES: bad input
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    stderr = capsys.readouterr().err
+    assert code == 2  # cli.EXIT_CODES: bad input
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "x.safetensors" in errors[0]
     assert leftovers(work) == []
 
@@ -231,7 +246,11 @@ def test_every_error_raised_has_a_hint_and_an_exit_code():
                 name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
                 if name in classes:
                     seen.add(name)
-                    hint = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "hint"), None)
+                    hint = (
+                        node.args[1]
+                        if len(node.args) > 1
+                        else next((k.value for k in node.keywords if k.arg == "hint"), None)
+                    )
                     if hint is None or (isinstance(hint, ast.Constant) and not str(hint.value).strip()):
                         missing.append(f"{f.name}:{node.lineno} {name}")
     assert len(seen) >= 6 and not missing, missing
@@ -248,8 +267,24 @@ def test_a_killed_build_leaves_a_partial_that_the_next_build_reclaims(wide_base,
     import time
 
     out = tmp_path / "outs"
-    proc = subprocess.Popen([sys.executable, "-m", "fluxstudio", "fuse", "--base", str(wide_base), "--precision", "bf16",
-                             "--out", str(out / "first"), "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fluxstudio",
+            "fuse",
+            "--base",
+            str(wide_base),
+            "--precision",
+            "bf16",
+            "--out",
+            str(out / "first"),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     partial = []
     while time.monotonic() < deadline and proc.poll() is None:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fluxstudio.sources import demo
-from fluxstudio.quant import nf4 as quantize
 from fluxstudio.engine.memory import MemorySampler
 from fluxstudio.engine.shards import ShardedWriter, header_bound
+from fluxstudio.quant import nf4 as quantize
+from fluxstudio.sources import demo
 
 
 def bnb_nf4(w):
@@ -23,8 +23,14 @@ def test_fast_nf4_kernel_is_in_use_and_bit_identical_to_bitsandbytes():
     assert quantize._cpu_kernel().__name__ == "fast_nf4"
     every = quantize._probe()  # every bf16 value in [-1, 1] as an exact scaled value, ties included
     g = torch.Generator().manual_seed(1)
-    cases = [every, every[:-7], (torch.randn(1_000_003, generator=g) * 0.02).bfloat16(), torch.zeros(130, dtype=torch.bfloat16),
-             (torch.randn(64 * 9 + 5, generator=g) * 1e-30).bfloat16(), torch.randn(3, 448, generator=g).bfloat16()]
+    cases = [
+        every,
+        every[:-7],
+        (torch.randn(1_000_003, generator=g) * 0.02).bfloat16(),
+        torch.zeros(130, dtype=torch.bfloat16),
+        (torch.randn(64 * 9 + 5, generator=g) * 1e-30).bfloat16(),
+        torch.randn(3, 448, generator=g).bfloat16(),
+    ]
     for w in cases:
         ours = quantize.nf4_cpu(w)
         ref = bnb_nf4(w)
@@ -42,7 +48,10 @@ def test_nf4_refuses_nan():
 
 
 def test_writer_shards_and_reserved_header(tmp_path):
-    tensors = {f"t{i}": torch.full((1000 + i,), float(i)).to(dt) for i, dt in enumerate([torch.float32, torch.bfloat16, torch.uint8] * 3)}
+    tensors = {
+        f"t{i}": torch.full((1000 + i,), float(i)).to(dt)
+        for i, dt in enumerate([torch.float32, torch.bfloat16, torch.uint8] * 3)
+    }
     writer = ShardedWriter(tmp_path, 6000, header_bound(list(tensors)))
     for k, v in tensors.items():
         writer.add(k, v)
@@ -58,8 +67,12 @@ def test_writer_shards_and_reserved_header(tmp_path):
         assert torch.equal(loaded[k], v)
 
 
-DEMO_WEIGHTS = ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
-                "text_encoder_2/model.safetensors", "vae/diffusion_pytorch_model.safetensors")
+DEMO_WEIGHTS = (
+    "transformer/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+    "text_encoder_2/model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+)
 
 
 def test_demo_is_deterministic_and_cached(isolated_home, tmp_path, monkeypatch):

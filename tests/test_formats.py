@@ -9,15 +9,23 @@ import gguf
 import pytest
 import torch
 from helpers import (
-    FLUX1_TINY, FLUX1_WIDE, FLUX2_TINY, flux1_inputs, linear_shapes, load_dir, peft_lora, relative_error, write_model,
+    FLUX1_TINY,
+    FLUX1_WIDE,
+    FLUX2_TINY,
+    flux1_inputs,
+    linear_shapes,
+    load_dir,
+    peft_lora,
+    relative_error,
+    write_model,
 )
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fluxstudio import formats
+from fluxstudio.errors import BadInputError, OutputError
 from fluxstudio.flows.build import build
 from fluxstudio.flows.request import BuildRequest, LoraRef
-from fluxstudio.errors import BadInputError, OutputError
 from fluxstudio.formats.bfl import SWAPPED
 from fluxstudio.quant import ggml
 
@@ -66,7 +74,9 @@ def test_bf16_single_file_round_trips_through_diffusers(wide_base, wide_lora, wi
     assert_round_trip(single, wide_folder)
     with safe_open(str(single), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
-    assert "double_blocks.0.img_attn.norm.key_norm.scale" in keys and "img_in.weight" in keys  # ComfyUI's FLUX detection
+    assert (
+        "double_blocks.0.img_attn.norm.key_norm.scale" in keys and "img_in.weight" in keys
+    )  # ComfyUI's FLUX detection
     assert "single_blocks.0.linear1.weight" in keys
     manifest = json.loads(meta["fluxstudio"])
     assert manifest["format"] == "single-file" and manifest["precision"] == "bf16"
@@ -96,6 +106,7 @@ def test_widened_control_base_round_trips(wide_base, tmp_path):
     assert_round_trip(tmp_path / "fused-control.safetensors", tmp_path / "folder")
 
 
+@pytest.mark.slow
 def test_padded_fill_base_round_trips(fill_base, tmp_path):
     shapes = dict(linear_shapes(fill_base), x_embedder=(3072, 64))  # Turbo-Alpha-shaped: 64 inputs on Fill's 384
     lora = peft_lora(tmp_path / "turbo.safetensors", shapes)
@@ -156,7 +167,9 @@ def test_fp8_and_scaled_fp8_run_close_to_bf16(wide_base, wide_lora, wide_folder,
 
     make(wide_base, [(wide_lora, 0.8)], tmp_path / "s.safetensors", "fp8-scaled", "single-file")
     model = FluxTransformer2DModel.from_config(config).to(torch.bfloat16)
-    model.load_state_dict(convert_flux_transformer_checkpoint_to_diffusers(_comfy_scaled_fp8(tmp_path / "s.safetensors")))
+    model.load_state_dict(
+        convert_flux_transformer_checkpoint_to_diffusers(_comfy_scaled_fp8(tmp_path / "s.safetensors"))
+    )
     err_scaled = relative_error(_forward(model, config), ref)
     assert err_plain < 0.08 and err_scaled < 0.08, (err_plain, err_scaled)
     # weights of std 0.02 sit in fp8's subnormal range: the per-tensor scale moves them back into its normal range
@@ -190,9 +203,15 @@ def test_gguf_loads_in_diffusers_and_runs_close_to_bf16(wide_base, wide_lora, wi
     assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "flux"
     assert json.loads(bytes(reader.fields["fluxstudio"].parts[-1]).decode())["precision"] == precision
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert types["img_in.weight"] == "F32" and types["txt_in.weight"] == "F16" and types["single_blocks.0.linear1.bias"] == "F32"
+    assert (
+        types["img_in.weight"] == "F32"
+        and types["txt_in.weight"] == "F16"
+        and types["single_blocks.0.linear1.bias"] == "F32"
+    )
     assert types["single_blocks.0.linear1.weight"] == ggml_name(precision)
-    model = from_single_file(path, wide_folder, quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16))
+    model = from_single_file(
+        path, wide_folder, quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
+    )
     err = relative_error(_forward(model, dict(model.config)), _reference(wide_folder))
     assert err < (0.02 if precision == "Q8_0" else 0.2), err  # random weights: 4 bits is their worst case
 

@@ -6,13 +6,21 @@ import json
 
 import pytest
 import torch
+from helpers import (
+    FLUX1_TINY,
+    FLUX2_TINY,
+    assert_within_one_ulp,
+    bf16_ulp,
+    linear_shapes,
+    load_dir,
+    peft_lora,
+    reference_fuse,
+    write_model,
+)
 from safetensors.torch import load_file, save_file
 
 from fluxstudio.flows.build import build
 from fluxstudio.flows.request import BuildRequest, LoraRef
-from helpers import (
-    FLUX1_TINY, FLUX2_TINY, assert_within_one_ulp, bf16_ulp, linear_shapes, load_dir, peft_lora, reference_fuse, write_model,
-)
 
 
 def run(base, loras, tmp_path, precision="bf16", name="out", **kw):
@@ -37,7 +45,10 @@ def test_peft_lora_with_alpha(tiny_base, tmp_path):
     # and FluxStudio's single rounding is within half an ulp of the exact fp32 result
     k = "transformer_blocks.0.attn.to_q"
     w, l = load_dir(tiny_base), load_file(str(lora))
-    exact = w[f"{k}.weight"].float() + 0.7 * 0.5 * l[f"transformer.{k}.lora_B.weight"].float() @ l[f"transformer.{k}.lora_A.weight"].float()
+    exact = (
+        w[f"{k}.weight"].float()
+        + 0.7 * 0.5 * l[f"transformer.{k}.lora_B.weight"].float() @ l[f"transformer.{k}.lora_A.weight"].float()
+    )
     assert ((load_dir(result.output_dir)[f"{k}.weight"].float() - exact).abs() <= bf16_ulp(exact) / 2).all()
     # alpha/rank is honoured: the same LoRA without alpha keys changes the weights twice as much
     lora1 = peft_lora(tmp_path / "b.safetensors", linear_shapes(tiny_base), rank=8)
@@ -62,7 +73,9 @@ def test_xlabs_format(tiny_base, tmp_path):
     sd = {}
     for proc, out_f in (("qkv_lora1", 3 * w), ("proj_lora1", w), ("qkv_lora2", 3 * w), ("proj_lora2", w)):
         sd[f"double_blocks.0.processor.{proc}.down.weight"] = (torch.randn(16, w, generator=g) / 11).to(torch.bfloat16)
-        sd[f"double_blocks.0.processor.{proc}.up.weight"] = (torch.randn(out_f, 16, generator=g) * 0.01).to(torch.bfloat16)
+        sd[f"double_blocks.0.processor.{proc}.up.weight"] = (torch.randn(out_f, 16, generator=g) * 0.01).to(
+            torch.bfloat16
+        )
     path = tmp_path / "xlabs.safetensors"
     save_file(sd, str(path))
     result, _ = check_against_diffusers(tiny_base, [(path, 1.0)], tmp_path)
@@ -104,7 +117,9 @@ def test_control_lora_widens_x_embedder(tiny_base, tmp_path):
     g = torch.Generator().manual_seed(5)
     extra = {
         "transformer.x_embedder.lora_B.bias": (torch.randn(128, generator=g) * 0.01).to(torch.bfloat16),
-        "transformer.transformer_blocks.0.attn.norm_q.weight": (1 + torch.randn(64, generator=g) * 0.1).to(torch.bfloat16),
+        "transformer.transformer_blocks.0.attn.norm_q.weight": (1 + torch.randn(64, generator=g) * 0.1).to(
+            torch.bfloat16
+        ),
     }
     lora = peft_lora(tmp_path / "control.safetensors", shapes, extra=extra)
     result, ref_config = check_against_diffusers(tiny_base, [(lora, 1.0)], tmp_path)
@@ -154,13 +169,19 @@ def test_fp16_and_fp32_bases(tmp_path, dtype):
     base = write_model(tmp_path / "base", FLUX1_TINY, dtype=dtype)
     lora = peft_lora(tmp_path / "a.safetensors", linear_shapes(base))
     result, _ = check_against_diffusers(base, [(lora, 0.9)], tmp_path)
-    assert json.loads((tmp_path / "out" / "fluxstudio.json").read_text())["base"]["dtype"] == str(dtype).removeprefix("torch.")
+    assert json.loads((tmp_path / "out" / "fluxstudio.json").read_text())["base"]["dtype"] == str(dtype).removeprefix(
+        "torch."
+    )
     assert all(t.dtype == torch.bfloat16 for t in load_dir(result.output_dir).values())
 
 
 def test_text_encoder_parts_are_reported_not_fused(tiny_base, tmp_path):
-    extra = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 768),
-             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(768, 4)}
+    extra = {
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 768),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(768, 4),
+    }
     lora = peft_lora(tmp_path / "te.safetensors", linear_shapes(tiny_base), extra=extra)
     result = run(tiny_base, [(lora, 1.0)], tmp_path)
-    assert any("CLIP-L parts were not fused: the diffusers format holds the transformer only" in n for n in result.notes)
+    assert any(
+        "CLIP-L parts were not fused: the diffusers format holds the transformer only" in n for n in result.notes
+    )

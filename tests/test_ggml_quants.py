@@ -16,10 +16,6 @@ REF = load_file(str(Path(__file__).parent / "data" / "ggml_reference.safetensors
 CASES = ("random", "fused", "edge")
 
 
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).square().mean().sqrt() / b.square().mean().sqrt())
-
-
 @pytest.mark.parametrize("qtype", list(ggml.QUANTIZED))
 @pytest.mark.parametrize("case", CASES)
 def test_bytes_match_ggml(qtype, case):
@@ -29,12 +25,7 @@ def test_bytes_match_ggml(qtype, case):
     assert ours.shape == theirs.shape
     nbytes = ggml.sizes(qtype)[1]
     same = (ours.reshape(-1, nbytes) == theirs.reshape(-1, nbytes)).all(1).float().mean().item()
-    assert same >= 0.99, f"{qtype} {case}: {same:.2%} of blocks identical to ggml's"
-    # and as accurate as ggml: relative RMSE no worse by more than 0.5%
-    ref = x.float()
-    ours_err = rmse(ggml.dequantize(ours, qtype, tuple(x.shape)), ref)
-    theirs_err = rmse(ggml.dequantize(theirs, qtype, tuple(x.shape)), ref)
-    assert ours_err <= theirs_err * 1.005, (ours_err, theirs_err)
+    assert same == 1.0, f"{qtype} {case}: {same:.2%} of blocks identical to ggml's"
 
 
 @pytest.mark.parametrize("qtype", list(ggml.QUANTIZED))
@@ -54,14 +45,15 @@ def test_bf16_float32_and_chunking_give_the_same_bytes(monkeypatch):
     assert torch.get_num_threads() == threads  # and torch's own thread count is given back
 
 
-@pytest.mark.parametrize("part, args", [(ggml._k_scales, (15, -1.0, 20)), (ggml._k_scales, (31, -0.5, 15)),
-                                        (ggml._q6_k_parts, ())])
+@pytest.mark.parametrize(
+    "part, args", [(ggml._k_scales, (15, -1.0, 20)), (ggml._k_scales, (31, -0.5, 15)), (ggml._q6_k_parts, ())]
+)
 def test_torchscript_runs_the_k_quants_and_gives_what_python_gives(part, args):
     assert isinstance(part.compiled(), torch.jit.ScriptFunction)  # compiled on this torch, not silently left as Python
     x = REF["edge.input"].float().reshape(-1, ggml.QK_K)
     python = part.__wrapped__(x, *args)
     for _ in range(3):  # TorchScript profiles the first run and optimizes the next ones
-        assert all(torch.equal(a, b) for a, b in zip(part(x, *args), python))
+        assert all(torch.equal(a, b) for a, b in zip(part(x, *args), python, strict=False))
 
 
 def test_the_cpu_ordered_sum_adds_as_the_row_loop_cuda_uses():
@@ -70,7 +62,9 @@ def test_the_cpu_ordered_sum_adds_as_the_row_loop_cuda_uses():
     t[5, :, :100] = 1e-40  # subnormals
     t[:, 0, :7] = -0.0
     assert torch.equal(ggml._seq_sum(t), ggml._row_by_row_sum(t))
-    assert not torch.equal(ggml._seq_sum(t), t.sum(0))  # torch's own sum adds in another order: this data tells them apart
+    assert not torch.equal(
+        ggml._seq_sum(t), t.sum(0)
+    )  # torch's own sum adds in another order: this data tells them apart
 
 
 def test_rows_must_fit_the_blocks():

@@ -10,16 +10,17 @@ import torch
 from helpers import FLUX1_WIDE, linear_shapes, peft_lora
 from PIL import Image
 
-from fluxstudio.sources import demo
+from fluxstudio.errors import BadInputError
 from fluxstudio.flows import preview
 from fluxstudio.flows.build import build
-from fluxstudio.errors import BadInputError
-from fluxstudio.library import delete_output, list_outputs
 from fluxstudio.flows.request import BuildRequest, LoraRef
+from fluxstudio.library import delete_output, list_outputs
+from fluxstudio.sources import demo
 
 # encoders as wide as FLUX1_WIDE's text inputs (joint attention and pooled projection: 64)
-SMALL_CLIP = dict(demo.DEMO_CLIP, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                  projection_dim=64)
+SMALL_CLIP = dict(
+    demo.DEMO_CLIP, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, projection_dim=64
+)
 SMALL_T5 = dict(demo.DEMO_T5, d_model=64, d_kv=32, d_ff=128, num_layers=1, num_heads=2)
 
 
@@ -34,19 +35,33 @@ def pixels(path) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.int16)
 
 
+@pytest.mark.slow
 def test_demo_preview_on_the_cpu_renders_same_seed_images_with_figures_and_saves_them(tmp_path):
     out = tmp_path / "outputs" / "demo-fp8"
     req = demo_build(out)
     result = preview.run(preview.PreviewRequest(req, out, seed=7, steps=3))
     assert [r.key for r in result.renders] == ["a", "b", "c"]
-    assert [r.label for r in result.renders] == ["base fp8 + LoRA (unfused)", "fused fp8 (FluxStudio)", "base bf16 + LoRA (unfused)"]
+    assert [r.label for r in result.renders] == [
+        "base fp8 + LoRA (unfused)",
+        "fused fp8 (FluxStudio)",
+        "base bf16 + LoRA (unfused)",
+    ]
     for r in result.renders:
         assert r.it_per_s > 0 and r.seconds > 0 and r.peak_vram_bytes is None  # the CPU has no VRAM to report
     folder = out.parent / "demo-fp8.preview"
     saved = json.loads((folder / "preview.json").read_text())
     assert saved["settings"] | {"prompt": ""} == {
-        "prompt": "", "seed": 7, "steps": 3, "width": 64, "height": 64, "guidance": 3.5, "device": "cpu", "format": "diffusers",
-        "precision": "fp8", "output": "demo-fp8"}
+        "prompt": "",
+        "seed": 7,
+        "steps": 3,
+        "width": 64,
+        "height": 64,
+        "guidance": 3.5,
+        "device": "cpu",
+        "format": "diffusers",
+        "precision": "fp8",
+        "output": "demo-fp8",
+    }
     assert [r["image"] for r in saved["renders"]] == ["a.png", "b.png", "c.png"]
     first = {k: pixels(folder / f"{k}.png") for k in "abc"}
     assert all(im.shape == (64, 64, 3) for im in first.values())
@@ -77,8 +92,9 @@ def test_a_bf16_pipeline_export_previews_a_and_b_only(tmp_path):
 @pytest.fixture(scope="module")
 def wide_pipeline(wide_base, tmp_path_factory):
     """The FLUX-width transformer in a pipeline with small encoders, VAE and tokenizers, and a LoRA for it."""
-    root = demo.make_flux1_pipeline(tmp_path_factory.mktemp("widepipe") / "pipe", FLUX1_WIDE, clip=SMALL_CLIP, t5=SMALL_T5,
-                                    transformer=wide_base)
+    root = demo.make_flux1_pipeline(
+        tmp_path_factory.mktemp("widepipe") / "pipe", FLUX1_WIDE, clip=SMALL_CLIP, t5=SMALL_T5, transformer=wide_base
+    )
     lora = peft_lora(root.parent / "lora.safetensors", linear_shapes(wide_base), rank=4, strength=0.2)
     return root, lora
 
@@ -129,14 +145,17 @@ def test_what_cannot_preview_says_why_in_one_sentence(tmp_path, wide_pipeline):
     assert not list(tmp_path.glob("*.preview")) and not list(tmp_path.glob(".*"))
 
 
-@pytest.mark.parametrize("vram_gb,transformer_gb,plan", [
-    (8, 6.7, (True, True)),  # an 8 GB card with NF4: T5 in NF4, the transformer offloaded
-    (10, 6.7, (True, False)),
-    (12, 6.7, (False, False)),  # T5 encodes alone, before the transformer loads: in bf16 it fits a 12 GB card
-    (24, 11.9, (False, False)),  # a 4090 with fp8
-    (24, 23.8, (False, True)),  # bf16 does not fit beside the headroom
-    (80, 23.8, (False, False)),
-])
+@pytest.mark.parametrize(
+    "vram_gb,transformer_gb,plan",
+    [
+        (8, 6.7, (True, True)),  # an 8 GB card with NF4: T5 in NF4, the transformer offloaded
+        (10, 6.7, (True, False)),
+        (12, 6.7, (False, False)),  # T5 encodes alone, before the transformer loads: in bf16 it fits a 12 GB card
+        (24, 11.9, (False, False)),  # a 4090 with fp8
+        (24, 23.8, (False, True)),  # bf16 does not fit beside the headroom
+        (80, 23.8, (False, False)),
+    ],
+)
 def test_vram_plan_quantizes_t5_and_offloads_on_small_cards(vram_gb, transformer_gb, plan):
     assert preview.vram_plan(int(vram_gb * 2**30), int(transformer_gb * 1e9)) == plan
 
@@ -147,7 +166,11 @@ def test_preview_on_cuda_with_a_flux_width_model_within_a_vram_cap(wide_pipeline
     cap = 6 << 30
     torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
     try:
-        for fmt, precision, name in (("diffusers", "nf4", "w-nf4"), ("gguf", "Q4_K_S", "w.gguf"), ("diffusers", "fp8", "w-fp8")):
+        for fmt, precision, name in (
+            ("diffusers", "nf4", "w-nf4"),
+            ("gguf", "Q4_K_S", "w.gguf"),
+            ("diffusers", "fp8", "w-fp8"),
+        ):
             out = tmp_path / name
             req = BuildRequest(str(root), (LoraRef(str(lora), 1.0),), precision, out, format=fmt)
             build(req)
@@ -160,11 +183,12 @@ def test_preview_on_cuda_with_a_flux_width_model_within_a_vram_cap(wide_pipeline
         torch.cuda.set_per_process_memory_fraction(1.0)
 
 
+@pytest.mark.slow
 def test_a_hub_base_brings_its_encoders_vae_and_scheduler_with_progress_once(tmp_path):
     from fakehub import FakeHub, folder_files
 
-    from fluxstudio.sources.hub import Hub
     from fluxstudio.progress import Run, Stage
+    from fluxstudio.sources.hub import Hub
 
     pipe = demo.ensure_base()
     files = folder_files(pipe)
@@ -179,7 +203,9 @@ def test_a_hub_base_brings_its_encoders_vae_and_scheduler_with_progress_once(tmp
         build(req, hub=hub)
         built = len(fake.file_gets())
         events = []
-        result = preview.run(preview.PreviewRequest(req, out, steps=2, size=64, device="cpu"), Run(events.append), hub=hub)
+        result = preview.run(
+            preview.PreviewRequest(req, out, steps=2, size=64, device="cpu"), Run(events.append), hub=hub
+        )
         assert [r.key for r in result.renders] == ["a", "b", "c"]
         fetched = {r["path"].split("/resolve/")[1].split("/", 1)[1].split("/")[0] for r in fake.file_gets()[built:]}
         assert fetched == {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"}
@@ -233,6 +259,7 @@ def test_a_cancel_takes_effect_inside_a_long_step(wide_pipeline, tmp_path):
             if event.stage == Stage.PREVIEW and event.message.startswith("Rendering"):
                 steps_done.append(event.done)
                 rendering.set()
+
         return preview.run(request, Run(watch, job_run.cancel))
 
     job = JobRunner(run=run).start(preview.PreviewRequest(req, out, steps=4, size=256, device="cpu"))
@@ -241,6 +268,9 @@ def test_a_cancel_takes_effect_inside_a_long_step(wide_pipeline, tmp_path):
     cancelled_at = time.monotonic()
     job.cancel.cancel()
     job.wait(60)
-    assert job.status == "cancelled" and time.monotonic() - cancelled_at < 5, (job.status, time.monotonic() - cancelled_at)
+    assert job.status == "cancelled" and time.monotonic() - cancelled_at < 5, (
+        job.status,
+        time.monotonic() - cancelled_at,
+    )
     assert steps_done == [0]  # stopped inside the first step
     assert not list(tmp_path.glob("*.preview")) and not list(tmp_path.glob(".*"))

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from helpers import FLUX1_TINY, flux1_inputs, linear_shapes, load_dir, peft_lora, relative_error, write_model
 from safetensors.torch import load_file
 
+from fluxstudio import quant
 from fluxstudio.flows.build import build
 from fluxstudio.flows.request import BuildRequest, LoraRef
-from fluxstudio import quant
 from fluxstudio.quant.plain import FP8, FP8_MAX, fp8_encode
-from helpers import FLUX1_TINY, flux1_inputs, linear_shapes, load_dir, peft_lora, relative_error, write_model
 
 F = pytest.importorskip("bitsandbytes.functional")
 
@@ -89,7 +89,7 @@ def test_fp8_loads_with_layerwise_casting_and_runs(fused, tmp_path):
     run(base, lora, tmp_path, "fp8", "fp8")
     out = tmp_path / "fp8"
     with safe_open(str(out / "diffusion_pytorch_model.safetensors"), "pt") as f:
-        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     assert dtypes["transformer_blocks.0.attn.to_q.weight"] == "F8_E4M3"
     assert dtypes["transformer_blocks.0.norm1.linear.weight"] == "BF16"  # layerwise casting skips 'norm' modules
     assert dtypes["transformer_blocks.0.attn.to_q.bias"] == "BF16"
@@ -118,7 +118,9 @@ def retention(q_fused: torch.Tensor, q_base: torch.Tensor, delta: torch.Tensor) 
 def dequant(precision, name, tensors):
     if precision == "fp8":
         return tensors[name].float()
-    state = F.QuantState.from_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}, "cpu")
+    state = F.QuantState.from_dict(
+        {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}, "cpu"
+    )
     return F.dequantize_4bit(tensors[name], state).float()
 
 

@@ -30,13 +30,22 @@ def inputs(tmp_path_factory):
 
 
 def run(base: Path, lora: Path, out: Path, fmt: str, precision: str):
-    return build(BuildRequest(base=str(base), loras=(LoraRef(str(lora), 1.0),), precision=precision, format=fmt, out_dir=out))
+    return build(
+        BuildRequest(base=str(base), loras=(LoraRef(str(lora), 1.0),), precision=precision, format=fmt, out_dir=out)
+    )
 
 
-@pytest.mark.parametrize("fmt,precision,at_least", [
-    ("diffusers", "bf16", 0.999), ("diffusers", "fp8", 0.98), ("diffusers", "nf4", 0.98),
-    ("single-file", "fp8-scaled", 0.98), ("single-file", "nf4", 0.98), ("gguf", "Q4_K_S", 0.98),
-])
+@pytest.mark.parametrize(
+    "fmt,precision,at_least",
+    [
+        ("diffusers", "bf16", 0.999),
+        ("diffusers", "fp8", 0.98),
+        ("diffusers", "nf4", 0.98),
+        ("single-file", "fp8-scaled", 0.98),
+        ("single-file", "nf4", 0.98),
+        ("gguf", "Q4_K_S", 0.98),
+    ],
+)
 def test_real_builds_keep_the_lora_and_say_so_everywhere(inputs, tmp_path, fmt, precision, at_least):
     base, lora = inputs
     result = run(base, lora, tmp_path / "out", fmt, precision)
@@ -78,18 +87,41 @@ def test_a_base_quantized_before_loses_the_lora_and_the_score_says_so(inputs, tm
     save_file(weights, str(requantized / "diffusion_pytorch_model.safetensors"))
     fresh = run(base, lora, tmp_path / "fresh", "diffusers", "nf4").lora_retained
     result = run(requantized, lora, tmp_path / "again", "diffusers", "nf4")
-    assert result.lora_retained < 0.6 < 0.98 <= fresh
+    assert result.lora_retained < 0.6 and fresh >= 0.98
     [warning] = [n for n in result.notes if n.startswith("Warning")]
     assert f"only {100 * result.lora_retained:.1f}% of the LoRA effect was kept" in warning
     assert result.lora_retained_worst[0]["module"] in warning and "higher precision" in warning
 
 
+@pytest.mark.slow
 def test_cli_summary_and_report(inputs, tmp_path):
     base, lora = inputs
     env = dict(os.environ, PYTHONPATH=str(ROOT), FLUXSTUDIO_HOME=str(tmp_path / "home"))
-    proc = subprocess.run([sys.executable, "-m", "fluxstudio", "fuse", "--base", str(base), "--lora", str(lora),
-                           "--format", "gguf", "--precision", "Q8_0", "--out", str(tmp_path / "q8"),
-                           "--report-json", str(tmp_path / "r.json")], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fluxstudio",
+            "fuse",
+            "--base",
+            str(base),
+            "--lora",
+            str(lora),
+            "--format",
+            "gguf",
+            "--precision",
+            "Q8_0",
+            "--out",
+            str(tmp_path / "q8"),
+            "--report-json",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["lora_retained"] >= 0.98 and report["lora_retained_worst"][0]["module"]

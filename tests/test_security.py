@@ -21,12 +21,12 @@ from fakehub import FakeHub
 from helpers import FLUX1_TINY, linear_shapes, peft_lora, write_model
 from safetensors.torch import save_file
 
-from fluxstudio.engine import partials
-from fluxstudio.flows.build import build
 from fluxstudio.cli import main as cli
-from fluxstudio.errors import BadInputError, HubError, OutputError
-from fluxstudio.flows.request import BuildRequest, LoraRef
+from fluxstudio.engine import partials
 from fluxstudio.engine.safefile import MAX_HEADER, read_header
+from fluxstudio.errors import BadInputError, HubError, OutputError
+from fluxstudio.flows.build import build
+from fluxstudio.flows.request import BuildRequest, LoraRef
 from fluxstudio.studio import Studio
 from fluxstudio.ui.handlers import user_message
 
@@ -36,11 +36,15 @@ CANARY = "hf_CANARY0123456789abcdefghijklmnopqrst"
 # -- the bind and the routes ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_bind_beyond_loopback_is_a_shared_session_with_a_login(tmp_path):
     app = App(tmp_path, "--host", "0.0.0.0", env={"HF_TOKEN": CANARY})
     try:
         text = app.wait_for_output("Password:")
-        m = re.search(r"Serving on 0\.0\.0\.0 \(reachable from other machines\) needs a login\. User: (\S+)  Password: (\S+)", text)
+        m = re.search(
+            r"Serving on 0\.0\.0\.0 \(reachable from other machines\) needs a login\. User: (\S+)  Password: (\S+)",
+            text,
+        )
         assert m, text
         assert get(app.url + "/config")[0] == 401
         assert get(app.url + "/gradio_api/info")[0] == 401
@@ -48,7 +52,14 @@ def test_a_bind_beyond_loopback_is_a_shared_session_with_a_login(tmp_path):
         assert status == 200
         status, config = get(app.url + "/config", opener)
         assert status == 200
-        for local_only in ("hf-token", "library-delete", "local folder", "local .safetensors", str(app.outputs), CANARY):
+        for local_only in (
+            "hf-token",
+            "library-delete",
+            "local folder",
+            "local .safetensors",
+            str(app.outputs),
+            CANARY,
+        ):
             assert local_only not in config
         endpoints = get(app.url + "/gradio_api/info", opener)[1]
         assert "remove" not in json.loads(endpoints)["named_endpoints"]  # no Delete endpoint to call
@@ -59,7 +70,10 @@ def test_a_bind_beyond_loopback_is_a_shared_session_with_a_login(tmp_path):
 def _walk(routes, prefix=""):
     for r in routes:
         if hasattr(r, "path"):
-            yield (r.path if r.path.startswith(prefix) else prefix + r.path), sorted(getattr(r, "methods", None) or ["GET"])
+            yield (
+                (r.path if r.path.startswith(prefix) else prefix + r.path),
+                sorted(getattr(r, "methods", None) or ["GET"]),
+            )
         else:  # an included router (Gradio's /gradio_api)
             yield from _walk(r.original_router.routes, r.original_router.prefix or prefix)
 
@@ -82,19 +96,37 @@ def test_every_route_but_the_login_page_needs_the_login(tmp_path, monkeypatch):
             for method in methods:
                 if method == "HEAD":
                     continue
-                status, _ = get(url, method=method, data=b"{}" if method == "POST" else None,
-                                headers={"Content-Type": "application/json"})
+                status, _ = get(
+                    url,
+                    method=method,
+                    data=b"{}" if method == "POST" else None,
+                    headers={"Content-Type": "application/json"},
+                )
                 if status not in (401, 403) and not public(path):
                     open_routes.append((method, path, status))
         assert open_routes == []
         assert sorted({p for p, _ in routes if public(p)}) == [
-            "/", "/assets/{path:path}", "/favicon.ico", "/gradio_api/startup-events", "/gradio_api/theme.css", "/login",
-            "/login/", "/logout", "/manifest.json", "/pwa_icon", "/pwa_icon/{size}", "/robots.txt", "/static/{path:path}",
-            "/svelte/{path:path}", "/theme.css"]
+            "/",
+            "/assets/{path:path}",
+            "/favicon.ico",
+            "/gradio_api/startup-events",
+            "/gradio_api/theme.css",
+            "/login",
+            "/login/",
+            "/logout",
+            "/manifest.json",
+            "/pwa_icon",
+            "/pwa_icon/{size}",
+            "/robots.txt",
+            "/static/{path:path}",
+            "/svelte/{path:path}",
+            "/theme.css",
+        ]
     finally:
         blocks.close()
 
 
+@pytest.mark.slow
 def test_run_history_is_off_and_never_spends_the_owners_token(tmp_path):
     hub = FakeHub().start()
     app = App(tmp_path, "--share", "--auth", "alice:s3cret-pass", env={"HF_ENDPOINT": hub.url, "HF_TOKEN": CANARY})
@@ -111,6 +143,7 @@ def test_run_history_is_off_and_never_spends_the_owners_token(tmp_path):
         hub.stop()
 
 
+@pytest.mark.slow
 def test_orphans_of_a_killed_app_are_reclaimed_at_start(tmp_path):
     dead = tmp_path / "fshome" / "sessions" / "0badf00d0bad"
     (dead / "web").mkdir(parents=True)
@@ -187,7 +220,12 @@ def _call(app, length: int) -> tuple[int, str]:
     async def receive():
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    scope = {"type": "http", "method": "POST", "path": "/gradio_api/upload", "headers": [(b"content-length", str(length).encode())]}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/gradio_api/upload",
+        "headers": [(b"content-length", str(length).encode())],
+    }
     asyncio.run(app(scope, receive, send))
     return sent[0]["status"], sent[1]["body"].decode()
 
@@ -237,11 +275,19 @@ def test_manifests_are_strict_json(tmp_path):
         manifest.dumps({"scale": math.nan})
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("seed", math.nan, "The seed nan does not work"), ("seed", 1e300, "does not work"), ("seed", -1, "from 0 to"),
-    ("steps", math.nan, "number of steps"), ("steps", 10**9, "from 0 to 100"), ("size", math.inf, "image size"),
-    ("size", 4096, "from 0 to 2048"), ("seed", "abc", "The seed 'abc' does not work"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("seed", math.nan, "The seed nan does not work"),
+        ("seed", 1e300, "does not work"),
+        ("seed", -1, "from 0 to"),
+        ("steps", math.nan, "number of steps"),
+        ("steps", 10**9, "from 0 to 100"),
+        ("size", math.inf, "image size"),
+        ("size", 4096, "from 0 to 2048"),
+        ("seed", "abc", "The seed 'abc' does not work"),
+    ],
+)
 def test_preview_numbers_are_checked_in_the_core(tmp_path, field, value, match):
     from fluxstudio.flows import preview
 
@@ -269,12 +315,31 @@ def test_a_shared_session_has_lower_preview_limits(tmp_path):
 # -- one owner per output name -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_name_another_build_holds_is_refused_and_nothing_is_written(tmp_path, tiny_base):
     out = tmp_path / "outputs" / "race"
     out.parent.mkdir()
     with partials.claim(out):  # as another process's build holds it
-        proc = subprocess.run([sys.executable, "-m", "fluxstudio", "fuse", "--base", str(tiny_base), "--precision", "bf16",
-                               "--out", str(out), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fluxstudio",
+                "fuse",
+                "--base",
+                str(tiny_base),
+                "--precision",
+                "bf16",
+                "--out",
+                str(out),
+                "--quiet",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert proc.returncode == 3, proc.stderr
         assert f"Error: Another build is writing race right now (process {os.getpid()})." in proc.stderr
         assert [p.name for p in out.parent.iterdir()] == [".race.lock"]
@@ -283,13 +348,31 @@ def test_a_name_another_build_holds_is_refused_and_nothing_is_written(tmp_path, 
     assert (out / "fluxstudio.json").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_building_one_name_one_wins_and_keeps_its_folder(tmp_path, tiny_base):
     lora = peft_lora(tmp_path / "l.safetensors", linear_shapes(tiny_base))
     out = tmp_path / "outputs" / "race"
-    cmd = [sys.executable, "-m", "fluxstudio", "fuse", "--base", str(tiny_base), "--lora", str(lora), "--precision", "bf16",
-           "--out", str(out), "--quiet", "--lora-scale"]
-    procs = [subprocess.Popen(cmd + [s], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in ("0.25", "0.75")]
-    results = [(p.wait(300), p.stderr.read(), s) for p, s in zip(procs, ("0.25", "0.75"))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fluxstudio",
+        "fuse",
+        "--base",
+        str(tiny_base),
+        "--lora",
+        str(lora),
+        "--precision",
+        "bf16",
+        "--out",
+        str(out),
+        "--quiet",
+        "--lora-scale",
+    ]
+    procs = [
+        subprocess.Popen(cmd + [s], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for s in ("0.25", "0.75")
+    ]
+    results = [(p.wait(300), p.stderr.read(), s) for p, s in zip(procs, ("0.25", "0.75"), strict=False)]
     winners = [r for r in results if r[0] == 0]
     losers = [r for r in results if r[0] != 0]
     assert len(winners) == 1 and len(losers) == 1, results
@@ -325,7 +408,9 @@ def test_a_read_only_output_folder_is_one_sentence(tmp_path):
     if os.geteuid() == 0:
         folder = tmp_path / "ro"
         folder.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1g", "tmpfs", str(folder)], check=False, capture_output=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1g", "tmpfs", str(folder)], check=False, capture_output=True
+        )
         if not os.path.ismount(folder):
             pytest.skip("root ignores permissions and no read-only mount is possible here")
     else:
@@ -422,7 +507,11 @@ def test_shared_messages_never_tell_which_paths_exist(tmp_path, monkeypatch):
             return user_message(exc, shared=True)
 
     for existing, missing in (("./models/flux", "./models/nothing"), ("/etc", "/no-such-dir"), ("~", "~/no-such-dir")):
-        assert said(existing) == said(missing) == "Local paths are not available in a shared session. Use a Hub repo id or upload a file."
+        assert (
+            said(existing)
+            == said(missing)
+            == "Local paths are not available in a shared session. Use a Hub repo id or upload a file."
+        )
     with pytest.raises(BadInputError, match="Local paths are not available"):
         shared.resolve_lora(str(tmp_path / "models"))
     assert shared.ref("models/flux").kind == "hub"  # a relative name is a repo id in a shared session, existing or not
@@ -431,16 +520,25 @@ def test_shared_messages_never_tell_which_paths_exist(tmp_path, monkeypatch):
 def test_a_hub_reference_that_steps_out_of_its_repo_is_one_sentence():
     from fluxstudio.sources.refs import parse_ref
 
-    for text in ("acme/lora/../../etc/passwd", "acme/../x", "acme/lora@../main/a.safetensors", "acme/lora/./a",
-                 "https://huggingface.co/acme/lora/resolve/main/../x.safetensors", "acme--x/lora"):
+    for text in (
+        "acme/lora/../../etc/passwd",
+        "acme/../x",
+        "acme/lora@../main/a.safetensors",
+        "acme/lora/./a",
+        "https://huggingface.co/acme/lora/resolve/main/../x.safetensors",
+        "acme--x/lora",
+    ):
         with pytest.raises(BadInputError, match="is not a valid Hub reference|is not a Hub repo id"):
             parse_ref(text, local=False)
     assert parse_ref("acme/lora@v1.0/sub/a.safetensors").subpath == "sub/a.safetensors"
 
 
 def test_the_offline_hint_names_the_cache_only_to_the_owner():
-    exc = HubError("Cannot reach the Hugging Face Hub. acme/x is not in the local cache.", "Check the connection.",
-                   detail="Already downloaded: owner/private-model.")
+    exc = HubError(
+        "Cannot reach the Hugging Face Hub. acme/x is not in the local cache.",
+        "Check the connection.",
+        detail="Already downloaded: owner/private-model.",
+    )
     assert "owner/private-model" in user_message(exc, shared=False)
     assert "owner/private-model" not in user_message(exc, shared=True)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from helpers import linear_shapes, peft_lora
 
-from fluxstudio.flows.build import build
-from fluxstudio.flows.request import DISK_MARGIN, BuildRequest
 from fluxstudio.errors import BadInputError, CancelledError, DiskSpaceError, FluxStudioError
+from fluxstudio.flows.build import build
 from fluxstudio.flows.jobs import JobRunner
+from fluxstudio.flows.request import DISK_MARGIN, BuildRequest
 from fluxstudio.library import delete_output, list_outputs
 from fluxstudio.progress import ProgressEvent, Stage
 from fluxstudio.studio import Studio
@@ -54,7 +54,7 @@ def test_estimate_equals_what_the_build_checks_on_a_widened_control_base(wide_ba
         assert est.exact and est.bytes > plain.bytes  # the widening counts
         seen = {}
 
-        def free_bytes(path, seen=seen):  # the build's disk check, with the need it compares
+        def free_bytes(path, seen=seen, est=est):  # the build's disk check, with the need it compares
             seen["free_called"] = True
             return est.need - 1  # one byte short of what the app said it needs: the build must refuse
 
@@ -153,4 +153,3 @@ def test_deletion_reaches_only_outputs(tmp_path, tiny_base):
     assert [e.name for e in list_outputs(outputs)] == [] and (outputs / "notes.txt").exists()
     with pytest.raises(BadInputError, match="shared session"):
         Studio(output_dir=outputs, local=False).delete("anything")
-

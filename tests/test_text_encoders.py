@@ -12,14 +12,19 @@ from helpers import assert_within_one_ulp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fluxstudio.sources import demo
+from fluxstudio.engine.models import open_encoder
+from fluxstudio.errors import BadInputError, LoraMismatchError
 from fluxstudio.flows.build import build
 from fluxstudio.flows.request import BuildRequest, LoraRef
-from fluxstudio.errors import BadInputError, LoraMismatchError
-from fluxstudio.engine.models import open_encoder
+from fluxstudio.sources import demo
 
 CLIP_MODULES = ("self_attn.q_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1")
-T5_MODULES = ("layer.0.SelfAttention.q", "layer.0.SelfAttention.o", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wo")
+T5_MODULES = (
+    "layer.0.SelfAttention.q",
+    "layer.0.SelfAttention.o",
+    "layer.1.DenseReluDense.wi_0",
+    "layer.1.DenseReluDense.wo",
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,11 @@ def kohya_file(path, parts, alpha: float = 2.0):
     prefixes = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
     sd = {}
     for (component, module), (a, b) in parts.items():
-        name = prefixes[component] + module.replace(".", "_") if component in prefixes else "lora_unet_double_blocks_0_img_attn_qkv"
+        name = (
+            prefixes[component] + module.replace(".", "_")
+            if component in prefixes
+            else "lora_unet_double_blocks_0_img_attn_qkv"
+        )
         if component == "transformer":
             continue
         sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = a, b
@@ -95,13 +104,19 @@ def diffusers_reference(pipe_dir, lora_path) -> tuple[dict, dict]:
         if hasattr(module, "merge") and hasattr(module, "lora_A"):
             module.merge()
     t5_fused = {k.replace(".base_layer", ""): v for k, v in t5.state_dict().items() if "lora_" not in k}
-    return ({k: v.bfloat16() for k, v in pipe.text_encoder.state_dict().items()},
-            {k: v.bfloat16() for k, v in t5_fused.items()})
+    return (
+        {k: v.bfloat16() for k, v in pipe.text_encoder.state_dict().items()},
+        {k: v.bfloat16() for k, v in t5_fused.items()},
+    )
 
 
 def component_weights(folder, component) -> dict[str, torch.Tensor]:
     enc = open_encoder(folder, component)
-    return {enc.canonical(k): v for f in sorted((folder / component).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    return {
+        enc.canonical(k): v
+        for f in sorted((folder / component).glob("*.safetensors"))
+        for k, v in load_file(str(f)).items()
+    }
 
 
 def test_text_encoder_fuse_equals_diffusers_fuse_lora(pipe_dir, tmp_path):
@@ -110,7 +125,10 @@ def test_text_encoder_fuse_equals_diffusers_fuse_lora(pipe_dir, tmp_path):
     result = export(pipe_dir, lora, tmp_path / "out")
     assert result.fused_per_component == {"transformer": 1, "text_encoder": 8, "text_encoder_2": 8}
     clip_ref, t5_ref = diffusers_reference(pipe_dir, lora)
-    clip_ours, t5_ours = component_weights(tmp_path / "out", "text_encoder"), component_weights(tmp_path / "out", "text_encoder_2")
+    clip_ours, t5_ours = (
+        component_weights(tmp_path / "out", "text_encoder"),
+        component_weights(tmp_path / "out", "text_encoder_2"),
+    )
     for ours, ref, component in ((clip_ours, clip_ref, "text_encoder"), (t5_ours, t5_ref, "text_encoder_2")):
         base = component_weights(pipe_dir, component)
         assert set(ours) <= set(ref)
@@ -144,24 +162,50 @@ def test_exported_pipeline_loads_in_one_line_and_generates(pipe_dir, tmp_path, m
     result = export(pipe_dir, lora, tmp_path / "nf4-t5", "fp8", t5_precision="nf4")
     out = tmp_path / "nf4-t5"
     # unchanged components are hard links to the base's files, not copies
-    for rel in ("vae/diffusion_pytorch_model.safetensors", "tokenizer_2/tokenizer.json", "scheduler/scheduler_config.json"):
+    for rel in (
+        "vae/diffusion_pytorch_model.safetensors",
+        "tokenizer_2/tokenizer.json",
+        "scheduler/scheduler_config.json",
+    ):
         assert os.stat(out / rel).st_ino == os.stat(pipe_dir / rel).st_ino
-    assert json.loads((out / "text_encoder_2" / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert (
+        json.loads((out / "text_encoder_2" / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"]
+        == "nf4"
+    )
     assert "FluxPipeline.from_pretrained" in (out / "README.md").read_text()
-    assert result.files == ["text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
-                            "transformer/diffusion_pytorch_model.safetensors"]
+    assert result.files == [
+        "text_encoder/model.safetensors",
+        "text_encoder_2/model.safetensors",
+        "transformer/diffusion_pytorch_model.safetensors",
+    ]
 
     pipe = FluxPipeline.from_pretrained(out, dtype=torch.bfloat16)  # nothing else: no repo, no extra files
     t5_linears = [m for m in pipe.text_encoder_2.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert len(t5_linears) == 2 * 6  # q, k, v, o, wi_0, wi_1 per block; wo stays in full precision, as transformers keeps it
-    image = pipe("a red cat", height=64, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(1),
-                 max_sequence_length=32, output_type="np").images[0]
+    assert (
+        len(t5_linears) == 2 * 6
+    )  # q, k, v, o, wi_0, wi_1 per block; wo stays in full precision, as transformers keeps it
+    image = pipe(
+        "a red cat",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(1),
+        max_sequence_length=32,
+        output_type="np",
+    ).images[0]
     assert image.shape == (64, 64, 3) and float(image.std()) > 0
 
     export(pipe_dir, lora, tmp_path / "bf16")
     pipe = FluxPipeline.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
-    again = pipe("a red cat", height=64, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(1),
-                 max_sequence_length=32, output_type="np").images[0]
+    again = pipe(
+        "a red cat",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(1),
+        max_sequence_length=32,
+        output_type="np",
+    ).images[0]
     assert again.shape == (64, 64, 3)
 
 
@@ -171,20 +215,41 @@ def test_a_pipeline_export_without_text_encoder_lora_links_both_encoders(pipe_di
     out = tmp_path / "out"
     assert result.fused_per_component == {"transformer": 1}
     for component in ("text_encoder", "text_encoder_2"):
-        assert os.stat(out / component / "model.safetensors").st_ino == os.stat(pipe_dir / component / "model.safetensors").st_ino
+        assert (
+            os.stat(out / component / "model.safetensors").st_ino
+            == os.stat(pipe_dir / component / "model.safetensors").st_ino
+        )
 
 
 # ComfyUI's CLIP loader (comfy/sd.py detect_te_model, comfy/clip_model.py CLIPTextModel_) reads transformers-4 keys:
 # text_model.embeddings.*, text_model.encoder.layers.N.*, text_model.final_layer_norm.*; CLIP-L is recognised by
 # "text_model.encoder.layers.0.mlp.fc1.weight" (and T5-XXL by "encoder.block.23.layer.1.DenseReluDense.wi_1.weight").
-CLIP_LAYER_KEYS = [f"{m}.{p}" for m in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2", "self_attn.k_proj",
-                                        "self_attn.out_proj", "self_attn.q_proj", "self_attn.v_proj") for p in ("bias", "weight")]
+CLIP_LAYER_KEYS = [
+    f"{m}.{p}"
+    for m in (
+        "layer_norm1",
+        "layer_norm2",
+        "mlp.fc1",
+        "mlp.fc2",
+        "self_attn.k_proj",
+        "self_attn.out_proj",
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    )
+    for p in ("bias", "weight")
+]
 
 
 def comfy_clip_keys(layers: int) -> list[str]:
-    return sorted(["text_model.embeddings.position_embedding.weight", "text_model.embeddings.token_embedding.weight",
-                   "text_model.final_layer_norm.bias", "text_model.final_layer_norm.weight"]
-                  + [f"text_model.encoder.layers.{i}.{k}" for i in range(layers) for k in CLIP_LAYER_KEYS])
+    return sorted(
+        [
+            "text_model.embeddings.position_embedding.weight",
+            "text_model.embeddings.token_embedding.weight",
+            "text_model.final_layer_norm.bias",
+            "text_model.final_layer_norm.weight",
+        ]
+        + [f"text_model.encoder.layers.{i}.{k}" for i in range(layers) for k in CLIP_LAYER_KEYS]
+    )
 
 
 @pytest.mark.parametrize("format,precision", [("single-file", "fp8-scaled"), ("gguf", "Q8_0")])
@@ -196,22 +261,35 @@ def test_one_file_outputs_get_fused_text_encoders_in_comfyui_layout(pipe_dir, tm
     clip_file, t5_file = tmp_path / "flux.clip_l.safetensors", tmp_path / "flux.t5xxl_fp8_e4m3fn.safetensors"
     with safe_open(str(clip_file), "pt") as f:
         assert sorted(f.keys()) == comfy_clip_keys(2)
-        assert "text_model.encoder.layers.0.mlp.fc1.weight" in f.keys()
+        assert "text_model.encoder.layers.0.mlp.fc1.weight" in f.keys()  # noqa: SIM118 - safe_open has no __contains__
     clip_ref, t5_ref = diffusers_reference(pipe_dir, lora)
     clip = {k.removeprefix("text_model."): v for k, v in load_file(str(clip_file)).items()}
     assert_within_one_ulp(clip, {k: clip_ref[k] for k in clip}, component_weights(pipe_dir, "text_encoder"))
 
     t5 = load_file(str(t5_file))
-    assert sorted(t5) == sorted(k for k in t5_ref if k != "encoder.embed_tokens.weight")  # transformers' keys, tied once
+    assert sorted(t5) == sorted(
+        k for k in t5_ref if k != "encoder.embed_tokens.weight"
+    )  # transformers' keys, tied once
     fp8 = sorted(k for k, v in t5.items() if v.dtype == torch.float8_e4m3fn)
-    assert fp8 == sorted(f"encoder.block.{i}.layer.{j}" for i in range(2) for j in (
-        "0.SelfAttention.q.weight", "0.SelfAttention.k.weight", "0.SelfAttention.v.weight", "0.SelfAttention.o.weight",
-        "1.DenseReluDense.wi_0.weight", "1.DenseReluDense.wi_1.weight"))
+    assert fp8 == sorted(
+        f"encoder.block.{i}.layer.{j}"
+        for i in range(2)
+        for j in (
+            "0.SelfAttention.q.weight",
+            "0.SelfAttention.k.weight",
+            "0.SelfAttention.v.weight",
+            "0.SelfAttention.o.weight",
+            "1.DenseReluDense.wi_0.weight",
+            "1.DenseReluDense.wi_1.weight",
+        )
+    )
     for k in fp8:  # fp8 of the fp32 fused weight, rounded once
         want = t5_ref[k].float().clamp(-448, 448).to(torch.float8_e4m3fn)
         assert (t5[k].float() - want.float()).abs().max() <= want.float().abs().max() * 2**-3
 
-    assert result.files == sorted([clip_file.name, t5_file.name, f"flux{'.gguf' if format == 'gguf' else '.safetensors'}"])
+    assert result.files == sorted(
+        [clip_file.name, t5_file.name, f"flux{'.gguf' if format == 'gguf' else '.safetensors'}"]
+    )
     from fluxstudio.formats import FORMATS
 
     assert "models/text_encoders/" in FORMATS[format].placement(result.files)
@@ -235,8 +313,13 @@ def assert_nothing_partial(folder):
 def test_text_encoder_parts_that_match_nothing_get_one_sentence(pipe_dir, tmp_path):
     g = torch.Generator().manual_seed(0)
     a, b = _pair(g, 64, 64)
-    save_file({"text_encoder.text_model.encoder.layers.9.mlp.fc1.lora_A.weight": a,
-               "text_encoder.text_model.encoder.layers.9.mlp.fc1.lora_B.weight": b}, str(tmp_path / "odd.safetensors"))
+    save_file(
+        {
+            "text_encoder.text_model.encoder.layers.9.mlp.fc1.lora_A.weight": a,
+            "text_encoder.text_model.encoder.layers.9.mlp.fc1.lora_B.weight": b,
+        },
+        str(tmp_path / "odd.safetensors"),
+    )
     out = tmp_path / "outs"
     out.mkdir()
     with pytest.raises(LoraMismatchError, match=r"1 of 1 parts of odd.safetensors match nothing in this CLIP-L"):
@@ -247,8 +330,13 @@ def test_text_encoder_parts_that_match_nothing_get_one_sentence(pipe_dir, tmp_pa
 def test_an_unknown_t5_layout_gets_one_sentence(pipe_dir, tmp_path):
     g = torch.Generator().manual_seed(0)
     a, b = _pair(g, 64, 64)
-    save_file({"lora_te3_encoder_layers_0_attention_query.lora_down.weight": a,
-               "lora_te3_encoder_layers_0_attention_query.lora_up.weight": b}, str(tmp_path / "t5odd.safetensors"))
+    save_file(
+        {
+            "lora_te3_encoder_layers_0_attention_query.lora_down.weight": a,
+            "lora_te3_encoder_layers_0_attention_query.lora_up.weight": b,
+        },
+        str(tmp_path / "t5odd.safetensors"),
+    )
     with pytest.raises(LoraMismatchError, match=r"T5-XXL part in a layout FluxStudio does not know"):
         export(pipe_dir, tmp_path / "t5odd.safetensors", tmp_path / "p")
     assert not (tmp_path / "p").exists()
@@ -256,7 +344,9 @@ def test_an_unknown_t5_layout_gets_one_sentence(pipe_dir, tmp_path):
 
 def test_a_pipeline_needs_the_whole_base_and_a_t5_precision_it_offers(pipe_dir, tmp_path):
     lora = peft_file(tmp_path / "te.safetensors", encoder_lora_parts(pipe_dir), components=("transformer",))
-    export(pipe_dir / "transformer", lora, tmp_path / "from-subfolder")  # the transformer/ of a pipeline finds its pipeline
+    export(
+        pipe_dir / "transformer", lora, tmp_path / "from-subfolder"
+    )  # the transformer/ of a pipeline finds its pipeline
     shutil.copytree(pipe_dir / "transformer", tmp_path / "alone")
     with pytest.raises(BadInputError, match="a transformer alone, without the pipeline"):
         export(tmp_path / "alone", lora, tmp_path / "p")
@@ -276,13 +366,16 @@ def test_downloads_fetch_only_what_the_output_needs(pipe_dir, tmp_path):
     fake.add_repo("acme/flux-pipe", files)
     cache = tmp_path / "hf"
     try:
+
         def fetched() -> set[str]:
             snap = next((cache / "models--acme--flux-pipe" / "snapshots").iterdir())
             return {str(p.relative_to(snap)).split("/")[0] for p in snap.rglob("*") if p.is_file()}
 
         def run(lora, out, format, precision):
-            return build(BuildRequest("acme/flux-pipe", (LoraRef(str(lora), 1.0),), precision, tmp_path / out, format=format),
-                         hub=Hub(endpoint=fake.url, cache_dir=str(cache)))
+            return build(
+                BuildRequest("acme/flux-pipe", (LoraRef(str(lora), 1.0),), precision, tmp_path / out, format=format),
+                hub=Hub(endpoint=fake.url, cache_dir=str(cache)),
+            )
 
         parts = encoder_lora_parts(pipe_dir)
         transformer_only = peft_file(tmp_path / "tr.safetensors", parts, components=("transformer",))
@@ -294,8 +387,16 @@ def test_downloads_fetch_only_what_the_output_needs(pipe_dir, tmp_path):
         run(clip_only, "c", "single-file", "bf16")  # the LoRA changes CLIP-L: its encoder comes too, T5 does not
         assert fetched() == {"model_index.json", "transformer", "text_encoder"}
         run(transformer_only, "d", "pipeline", "bf16")
-        assert fetched() == {"model_index.json", "transformer", "text_encoder", "text_encoder_2", "vae", "scheduler",
-                             "tokenizer", "tokenizer_2"}  # never the repo's top-level single file
+        assert fetched() == {
+            "model_index.json",
+            "transformer",
+            "text_encoder",
+            "text_encoder_2",
+            "vae",
+            "scheduler",
+            "tokenizer",
+            "tokenizer_2",
+        }  # never the repo's top-level single file
     finally:
         fake.stop()
 

@@ -36,9 +36,18 @@ RECORDER = """
 @pytest.fixture
 def browser():
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run", "--disable-sync"])
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--headless",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--disable-sync",
+            ],
+        )
         yield b
         b.close()
 
@@ -161,7 +170,9 @@ def test_a_download_resumes_after_the_app_was_closed(browser, hub, tmp_path):
         page.wait_for_selector("#result:has-text('Saved')", timeout=120_000)
         ranges = [r["range"] for r in hub.file_gets() if r["path"].endswith(weights)]
         assert len(ranges) == 1 and int(ranges[0].removeprefix("bytes=").rstrip("-")) >= kept
-        assert (again.outputs / "resumed" / "fluxstudio.json").exists() and not list((tmp_path / "hf").rglob("*.partial"))
+        assert (again.outputs / "resumed" / "fluxstudio.json").exists() and not list(
+            (tmp_path / "hf").rglob("*.partial")
+        )
     finally:
         again.stop()
 
@@ -204,7 +215,9 @@ def test_an_upload_the_disk_cannot_hold_is_refused_before_it_is_written(browser,
     disk-full sentence before a byte of it is written there."""
     home = tmp_path / "small"
     home.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(home)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(home)], capture_output=True, check=False
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root); tests/test_security.py checks the guard itself")
     try:
         app = App(tmp_path, env={"FLUXSTUDIO_HOME": str(home)})
@@ -216,7 +229,9 @@ def test_an_upload_the_disk_cannot_hold_is_refused_before_it_is_written(browser,
             toast = page.wait_for_selector(".toast-body:has-text('free disk')", timeout=60_000)
             page.screenshot(path=str(tmp_path / "disk-full-upload.png"))
             assert "Not enough free disk for this 83.9 MB upload" in toast.inner_text()
-            assert [p for p in home.rglob("*") if p.is_file() and p.stat().st_size > 60 << 20 and "demo" not in p.parts] == []
+            assert [
+                p for p in home.rglob("*") if p.is_file() and p.stat().st_size > 60 << 20 and "demo" not in p.parts
+            ] == []
         finally:
             app.stop()
     finally:
@@ -255,7 +270,9 @@ def test_try_it_renders_both_demo_images_with_figures_and_the_library_shows_them
     page.wait_for_selector("#preview-figures:has-text('it/s')", timeout=120_000)
     page.screenshot(path=str(tmp_path / "try-it.png"), full_page=True)
     figures = page.inner_text("#preview-figures")
-    assert "(a) base fp8 + LoRA (unfused)" in figures and "(b) fused fp8 (FluxStudio)" in figures and "Seed 5" in figures
+    assert (
+        "(a) base fp8 + LoRA (unfused)" in figures and "(b) fused fp8 (FluxStudio)" in figures and "Seed 5" in figures
+    )
     for key in "ab":
         assert page.locator(f"#preview-{key} img").count() == 1
         assert "it/s" in page.inner_text(f"#preview-{key}")

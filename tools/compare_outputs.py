@@ -23,9 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-BUILDS = [("diffusers", p) for p in ("bf16", "fp8", "nf4")] + [("pipeline", p) for p in ("bf16", "fp8", "nf4")] + [
-    ("single-file", p) for p in ("bf16", "fp8", "fp8-scaled", "nf4")] + [
-    ("gguf", p) for p in ("Q8_0", "Q6_K", "Q5_K_S", "Q5_0", "Q4_K_S", "Q4_0", "BF16", "F16")]
+BUILDS = (
+    [("diffusers", p) for p in ("bf16", "fp8", "nf4")]
+    + [("pipeline", p) for p in ("bf16", "fp8", "nf4")]
+    + [("single-file", p) for p in ("bf16", "fp8", "fp8-scaled", "nf4")]
+    + [("gguf", p) for p in ("Q8_0", "Q6_K", "Q5_K_S", "Q5_0", "Q4_K_S", "Q4_0", "BF16", "F16")]
+)
 # manifest fields that differ from one run to the next
 VOLATILE = {"created", "timings", "seconds", "peak_ram_bytes", "libraries", "fluxstudio_version"}
 
@@ -39,8 +42,14 @@ def inputs(work: Path) -> dict[str, tuple[str, str]]:
     wide = work / "wide"
     if not (wide / "model_index.json").exists():
         transformer = write_model(work / "wide-transformer", FLUX1_WIDE)
-        clip = dict(demo.DEMO_CLIP, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                    projection_dim=64)
+        clip = dict(
+            demo.DEMO_CLIP,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            projection_dim=64,
+        )
         t5 = dict(demo.DEMO_T5, d_model=64, d_kv=32, d_ff=128, num_layers=1, num_heads=2)
         demo.make_flux1_pipeline(wide, FLUX1_WIDE, clip=clip, t5=t5, transformer=transformer)
         peft_lora(work / "wide-lora.safetensors", linear_shapes(transformer), rank=8, strength=0.2)
@@ -49,8 +58,25 @@ def inputs(work: Path) -> dict[str, tuple[str, str]]:
 
 def run_build(tree: Path, home: Path, base: str, lora: str, fmt: str, precision: str, out: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(tree), FLUXSTUDIO_HOME=str(home), HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "fluxstudio", "fuse", "--base", base, "--lora", lora, "--lora-scale", "0.8",
-           "--format", fmt, "--precision", precision, "--out", str(out), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fluxstudio",
+        "fuse",
+        "--base",
+        base,
+        "--lora",
+        lora,
+        "--lora-scale",
+        "0.8",
+        "--format",
+        fmt,
+        "--precision",
+        precision,
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     subprocess.run(cmd, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -79,12 +105,17 @@ def describe(path: Path) -> dict:
         import gguf
 
         reader = gguf.GGUFReader(str(path))
-        tensors = {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape), hashlib.sha256(bytes(t.data)).hexdigest())
-                   for t in reader.tensors}
+        tensors = {
+            t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape), hashlib.sha256(bytes(t.data)).hexdigest())
+            for t in reader.tensors
+        }
         fields = {}
         for name, field in reader.fields.items():
-            value = bytes(field.parts[-1]).decode("utf-8", "replace") if field.types and field.types[0] == gguf.GGUFValueType.STRING \
+            value = (
+                bytes(field.parts[-1]).decode("utf-8", "replace")
+                if field.types and field.types[0] == gguf.GGUFValueType.STRING
                 else [int(x) for x in field.parts[-1]]
+            )
             fields[name] = stable(json.loads(value)) if name == "fluxstudio" else value
         return {"tensors": tensors, "fields": fields}
     if path.name == "fluxstudio.json":
@@ -126,9 +157,14 @@ def main() -> int:
                         run_build(tree, work / f"home-{label}", base, lora, fmt, precision, out)
                     outs[label] = out
                 a, b = files(outs["old"]), files(outs["new"])
-                diffs = sorted(set(a) ^ set(b)) + [n for n in sorted(set(a) & set(b)) if describe(a[n]) != describe(b[n])]
-                print(f"{'same' if not diffs else 'DIFFERENT'}  {name}" + (f"  ({', '.join(diffs[:4])})" if diffs else ""),
-                      flush=True)
+                diffs = sorted(set(a) ^ set(b)) + [
+                    n for n in sorted(set(a) & set(b)) if describe(a[n]) != describe(b[n])
+                ]
+                print(
+                    f"{'same' if not diffs else 'DIFFERENT'}  {name}"
+                    + (f"  ({', '.join(diffs[:4])})" if diffs else ""),
+                    flush=True,
+                )
                 different += bool(diffs)
                 for label in ("old", "new"):
                     if not args.keep:

@@ -22,7 +22,14 @@ import torch
 from safetensors.torch import save_file
 
 # ggml_type ids and bytes per block of 256 values (from ggml.h / ggml-common.h)
-TYPES = {"Q8_0": (8, 34 * 8), "Q5_0": (6, 22 * 8), "Q4_0": (2, 18 * 8), "Q6_K": (14, 210), "Q5_K": (13, 176), "Q4_K": (12, 144)}
+TYPES = {
+    "Q8_0": (8, 34 * 8),
+    "Q5_0": (6, 22 * 8),
+    "Q4_0": (2, 18 * 8),
+    "Q6_K": (14, 210),
+    "Q5_K": (13, 176),
+    "Q4_K": (12, 144),
+}
 ROW = 3072  # FLUX.1's width: every FLUX weight row is a multiple of it
 
 
@@ -55,7 +62,15 @@ def main(lib_path: str, out: str) -> None:
     lib = ctypes.CDLL(lib_path)
     fn = lib.ggml_quantize_chunk
     fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    fn.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     tensors = {}
     for case, x in cases().items():
         x = x.to(torch.bfloat16)

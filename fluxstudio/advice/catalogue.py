@@ -34,7 +34,9 @@ MODELS: dict[str, ModelSpec] = {
     m.key: m
     for m in (
         ModelSpec("flux1", "FLUX.1 (dev, schnell, Fill, Kontext, Depth, Canny)", "flux1", 11.9e9, 0.18, 3),
-        ModelSpec("flux2-dev", "FLUX.2 dev", "flux2", 32.2e9, 0.02, 16),  # its 24 B Mistral text encoder shares the card
+        ModelSpec(
+            "flux2-dev", "FLUX.2 dev", "flux2", 32.2e9, 0.02, 16
+        ),  # its 24 B Mistral text encoder shares the card
         ModelSpec("flux2-klein-9b", "FLUX.2 klein 9B", "flux2", 9.1e9, 0.02, 5),
         ModelSpec("flux2-klein-4b", "FLUX.2 klein 4B", "flux2", 3.9e9, 0.02, 4),
     )

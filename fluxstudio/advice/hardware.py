@@ -88,15 +88,24 @@ def _nvidia_smi(run: Callable = subprocess.run) -> list[dict]:
         return []
     out = run(
         [exe, "--query-gpu=name,memory.total,memory.used,driver_version,compute_cap", "--format=csv,noheader,nounits"],
-        capture_output=True, text=True, timeout=10,
+        capture_output=True,
+        text=True,
+        timeout=10,
     )
     gpus = []
     for line in out.stdout.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) >= 5:
             cap = tuple(int(x) for x in parts[4].split(".")) if parts[4][:1].isdigit() else None
-            gpus.append({"name": parts[0], "total": int(float(parts[1])) * 2**20, "used": int(float(parts[2])) * 2**20,
-                         "driver": parts[3], "capability": cap})
+            gpus.append(
+                {
+                    "name": parts[0],
+                    "total": int(float(parts[1])) * 2**20,
+                    "used": int(float(parts[2])) * 2**20,
+                    "driver": parts[3],
+                    "capability": cap,
+                }
+            )
     return gpus
 
 
@@ -114,27 +123,50 @@ def _torch_accelerators(torch, smi: list[dict], notes: list[str]) -> list[Accele
                 props = torch.cuda.get_device_properties(i)
                 cap = (props.major, props.minor)
                 free, total = torch.cuda.mem_get_info(i)
-                found.append(Accelerator(
-                    kind="AMD ROCm" if hip else "NVIDIA CUDA", name=props.name, index=i, capability=None if hip else cap,
-                    vram_total_bytes=total, vram_free_bytes=free,
-                    driver=smi[i]["driver"] if i < len(smi) else "", runtime=str(hip or torch.version.cuda or ""),
-                    bf16=bool(hip) or cap >= BF16_CAPABILITY, fp8_compute=not hip and cap >= FP8_CAPABILITY,
-                    bitsandbytes=bool(hip) or cap >= (6, 0),
-                ))
+                found.append(
+                    Accelerator(
+                        kind="AMD ROCm" if hip else "NVIDIA CUDA",
+                        name=props.name,
+                        index=i,
+                        capability=None if hip else cap,
+                        vram_total_bytes=total,
+                        vram_free_bytes=free,
+                        driver=smi[i]["driver"] if i < len(smi) else "",
+                        runtime=str(hip or torch.version.cuda or ""),
+                        bf16=bool(hip) or cap >= BF16_CAPABILITY,
+                        fp8_compute=not hip and cap >= FP8_CAPABILITY,
+                        bitsandbytes=bool(hip) or cap >= (6, 0),
+                    )
+                )
             except Exception as exc:  # noqa: BLE001
                 notes.append(f"GPU {i} could not be read ({type(exc).__name__}: {exc}).")
     elif smi:
-        notes.append("An NVIDIA GPU is present but this PyTorch cannot use it (a CPU build, or a driver too old): "
-                     "reinstall PyTorch with CUDA (the launcher does this) to build on the GPU.")
+        notes.append(
+            "An NVIDIA GPU is present but this PyTorch cannot use it (a CPU build, or a driver too old): "
+            "reinstall PyTorch with CUDA (the launcher does this) to build on the GPU."
+        )
     try:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            found.append(Accelerator(kind="Apple MPS", name=f"Apple {platform.machine()} GPU",
-                                     vram_total_bytes=psutil.virtual_memory().total, bf16=True))
+            found.append(
+                Accelerator(
+                    kind="Apple MPS",
+                    name=f"Apple {platform.machine()} GPU",
+                    vram_total_bytes=psutil.virtual_memory().total,
+                    bf16=True,
+                )
+            )
         if hasattr(torch, "xpu") and torch.xpu.is_available():
             for i in range(torch.xpu.device_count()):
                 props = torch.xpu.get_device_properties(i)
-                found.append(Accelerator(kind="Intel XPU", name=props.name, index=i,
-                                         vram_total_bytes=getattr(props, "total_memory", 0), bf16=True))
+                found.append(
+                    Accelerator(
+                        kind="Intel XPU",
+                        name=props.name,
+                        index=i,
+                        vram_total_bytes=getattr(props, "total_memory", 0),
+                        bf16=True,
+                    )
+                )
     except Exception as exc:  # noqa: BLE001
         notes.append(f"Other accelerators could not be queried ({type(exc).__name__}).")
     return found
@@ -165,17 +197,31 @@ def probe(output_dir: Path | None = None, torch_module=None, run: Callable = sub
     accelerators = _torch_accelerators(torch, smi, notes) if torch is not None else []
     if torch is not None and not any(a.kind in ("NVIDIA CUDA", "AMD ROCm") for a in accelerators):
         accelerators += [
-            Accelerator(kind="NVIDIA CUDA", name=g["name"], index=i, capability=g["capability"],
-                        vram_total_bytes=g["total"], vram_free_bytes=g["total"] - g["used"], driver=g["driver"],
-                        bf16=bool(g["capability"] and g["capability"] >= BF16_CAPABILITY),
-                        fp8_compute=bool(g["capability"] and g["capability"] >= FP8_CAPABILITY),
-                        bitsandbytes=True, usable_by_torch=False)
+            Accelerator(
+                kind="NVIDIA CUDA",
+                name=g["name"],
+                index=i,
+                capability=g["capability"],
+                vram_total_bytes=g["total"],
+                vram_free_bytes=g["total"] - g["used"],
+                driver=g["driver"],
+                bf16=bool(g["capability"] and g["capability"] >= BF16_CAPABILITY),
+                fp8_compute=bool(g["capability"] and g["capability"] >= FP8_CAPABILITY),
+                bitsandbytes=True,
+                usable_by_torch=False,
+            )
             for i, g in enumerate(smi)
         ]
     if not accelerators:
         notes.append("No GPU found: FluxStudio can still fuse and quantize on the CPU, for a GPU machine to run.")
     return HardwareInfo(
-        os=f"{platform.system()} {platform.release()}", cpu=_cpu_name(), cpu_cores=os.cpu_count() or 1,
-        ram_total_bytes=vm.total, ram_available_bytes=vm.available, disk_free_bytes=disk_free, disk_path=str(disk_path),
-        accelerators=accelerators, notes=notes,
+        os=f"{platform.system()} {platform.release()}",
+        cpu=_cpu_name(),
+        cpu_cores=os.cpu_count() or 1,
+        ram_total_bytes=vm.total,
+        ram_available_bytes=vm.available,
+        disk_free_bytes=disk_free,
+        disk_path=str(disk_path),
+        accelerators=accelerators,
+        notes=notes,
     )

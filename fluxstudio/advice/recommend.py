@@ -140,30 +140,47 @@ def recommend(card: Card | None, model: ModelSpec) -> Recommendation:
     usable = [p for p in ORDER if blocked[p] is None]
     if "fp8" in usable and card.fp8:
         pick = "fp8"  # the rule: fp8 wherever the card computes it natively and it fits
-        reason = (f"fp8 ({_need(model, 'fp8')}) fits the {card.name}, which computes fp8 natively (compute "
-                  f"{_cap(card)}): half the VRAM of bf16, leaving room for the text encoders and larger batches, and "
-                  "fp8 matmul in ComfyUI and torchao.")
+        reason = (
+            f"fp8 ({_need(model, 'fp8')}) fits the {card.name}, which computes fp8 natively (compute "
+            f"{_cap(card)}): half the VRAM of bf16, leaving room for the text encoders and larger batches, and "
+            "fp8 matmul in ComfyUI and torchao."
+        )
         if blocked["bf16"] is None:
             reason += " bf16 fits too, for full quality."
     elif usable:
         pick = usable[0]
         need = model.need_bytes(pick)
         if pick == "bf16":
-            reason = (f"bf16 fits: {model.label} needs {units.gb(need, approx=True)} and the {card.name} has {card.vram_gb:.0f} GB — "
-                      f"full quality{'' if card.fp8 else f'; fp8 would not compute natively (compute {_cap(card)})'}.")
+            reason = (
+                f"bf16 fits: {model.label} needs {units.gb(need, approx=True)} and the {card.name} has {card.vram_gb:.0f} GB — "
+                f"full quality{'' if card.fp8 else f'; fp8 would not compute natively (compute {_cap(card)})'}."
+            )
         else:
-            better = "; ".join(blocked[p] for p in ORDER[: ORDER.index(pick)])
+            better = "; ".join(blocked[p] or "" for p in ORDER[: ORDER.index(pick)])
             reason = f"{pick} ({units.gb(need, approx=True)}) fits the {card.name}: {better}."
     else:
         pick = "nf4" if card.bitsandbytes else ("fp8" if card.bf16 else "bf16")
-        reason = (f"Even {pick} needs {_need(model, pick)}, more than the {card.name}'s {card.vram_gb:.0f} GB: "
-                  "it will run with CPU offload (pipe.enable_model_cpu_offload()), slowly.")
+        reason = (
+            f"Even {pick} needs {_need(model, pick)}, more than the {card.name}'s {card.vram_gb:.0f} GB: "
+            "it will run with CPU offload (pipe.enable_model_cpu_offload()), slowly."
+        )
     alternatives = tuple(
-        Alternative(p, blocked[p] is None, blocked[p] or (
-            "also fits, at lower quality" if ORDER.index(p) > ORDER.index(pick) else "also fits: full quality, twice the VRAM of fp8"))
-        for p in ORDER if p != pick
+        Alternative(
+            p,
+            blocked[p] is None,
+            blocked[p]
+            or (
+                "also fits, at lower quality"
+                if ORDER.index(p) > ORDER.index(pick)
+                else "also fits: full quality, twice the VRAM of fp8"
+            ),
+        )
+        for p in ORDER
+        if p != pick
     )
-    return Recommendation(pick, reason, alternatives, card.name, _one_file(pick, card, model), _text_encoder(pick, card, model))
+    return Recommendation(
+        pick, reason, alternatives, card.name, _one_file(pick, card, model), _text_encoder(pick, card, model)
+    )
 
 
 def _one_file(pick: str, card: Card, model: ModelSpec) -> Pick:

@@ -14,15 +14,19 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import torch
+from typing_extensions import Self
 
-from fluxstudio.errors import LoraMismatchError, NumericError
 from fluxstudio.engine.lora import LoadedLora
 from fluxstudio.engine.models import BaseModel
-from fluxstudio.progress import ProgressEvent, Run, Stage, running
 from fluxstudio.engine.safefile import TensorInfo, read_tensor
+from fluxstudio.errors import LoraMismatchError, NumericError
+from fluxstudio.progress import ProgressEvent, Run, Stage, running
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,9 @@ class TensorJob:
 
     @property
     def touched(self) -> bool:
-        return bool(self.deltas or self.bias_deltas) or self.replacement is not None or self.out_shape != self.info.shape
+        return (
+            bool(self.deltas or self.bias_deltas) or self.replacement is not None or self.out_shape != self.info.shape
+        )
 
 
 @dataclass
@@ -64,8 +70,52 @@ def _list(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def plan_tensors(base: BaseModel, loras: list[tuple[LoadedLora, float]], ignore_unmatched: bool = False,
-         component: str = "transformer") -> FusePlan:
+def _fit(name: str, module: str, mod, shape: tuple[int, ...], expandable: dict[str, str], hint: str) -> int | None:
+    """The width the base must take at `module` for this LoRA (None: as it is), or one sentence on the misfit."""
+    out_f, in_f = mod.up.shape[0], mod.down.shape[1]
+    if len(shape) != 2 or out_f != shape[0]:
+        raise LoraMismatchError(
+            f"{name} does not fit this base at {module}: the LoRA has {out_f} outputs, the base {shape[0]}.", hint
+        )
+    if in_f <= shape[1]:
+        return None
+    if module not in expandable:
+        raise LoraMismatchError(
+            f"{name} does not fit this base at {module}: the LoRA has {in_f} inputs, the base {shape[1]}.", hint
+        )
+    return in_f
+
+
+def _unmatched(
+    name: str, unmatched: list[str], total: int, ignore: bool, variant: str, hint: str, notes: list[str]
+) -> None:
+    """A LoRA's parts that match nothing: one sentence, unless asked to go on with the rest (a note then)."""
+    if unmatched and (not ignore or len(unmatched) == total):
+        raise LoraMismatchError(
+            f"{len(unmatched)} of {total} parts of {name} match nothing in this {variant} base: {_list(unmatched)}.",
+            hint + ("" if len(unmatched) == total else " To fuse the rest anyway, ignore unmatched modules."),
+        )
+    if unmatched:
+        notes.append(f"{name}: ignored {len(unmatched)} unmatched modules ({_list(unmatched)})")
+
+
+def _widen(base: BaseModel, widths: dict[str, int], expandable: dict[str, str], result: FusePlan) -> None:
+    """The config attributes that size the widened modules, and a note for each."""
+    for m, width in widths.items():
+        attr = expandable[m]
+        result.config_updates[attr] = width
+        if attr == "in_channels" and base.config.get("out_channels") is None:
+            # FLUX derives out_channels from in_channels when it is unset: pin it, or the output layer would widen too
+            result.config_updates["out_channels"] = base.config.get("in_channels", 64)
+        result.notes.append(f"{m} widened {base.tensors[m + '.weight'][1].shape[1]}→{width} ({attr} = {width})")
+
+
+def plan_tensors(
+    base: BaseModel,
+    loras: list[tuple[LoadedLora, float]],
+    ignore_unmatched: bool = False,
+    component: str = "transformer",
+) -> FusePlan:
     """Decide what happens to every tensor of one component (the transformer, or a text encoder). Pure apart from
     reading shapes; raises on any misfit."""
     tensors = base.tensors
@@ -88,19 +138,10 @@ def plan_tensors(base: BaseModel, loras: list[tuple[LoadedLora, float]], ignore_
                 unmatched.append(m)
                 continue
             shape = tensors[key][1].shape
-            out_f, in_f = mod.up.shape[0], mod.down.shape[1]
-            if len(shape) != 2 or out_f != shape[0]:
-                raise LoraMismatchError(
-                    f"{lora.name} does not fit this base at {m}: the LoRA has {out_f} outputs, the base {shape[0]}.", hint
-                )
-            if in_f > shape[1]:
-                if m not in expandable:
-                    raise LoraMismatchError(
-                        f"{lora.name} does not fit this base at {m}: the LoRA has {in_f} inputs, the base {shape[1]}.", hint
-                    )
-                widths[m] = max(widths.get(m, shape[1]), in_f)
-            elif in_f < shape[1]:
-                result.notes.append(f"{lora.name}: {m} LoRA inputs zero-padded {in_f}→{shape[1]}")
+            if (wider := _fit(lora.name, m, mod, shape, expandable, hint)) is not None:
+                widths[m] = max(widths.get(m, shape[1]), wider)
+            elif mod.down.shape[1] < shape[1]:
+                result.notes.append(f"{lora.name}: {m} LoRA inputs zero-padded {mod.down.shape[1]}→{shape[1]}")
             deltas.setdefault(key, []).append(Delta(mod.up, mod.down, scale * mod.factor))
             if mod.up_bias is not None:
                 if f"{m}.bias" not in tensors:  # biases come only in transformer LoRAs
@@ -114,21 +155,9 @@ def plan_tensors(base: BaseModel, loras: list[tuple[LoadedLora, float]], ignore_
             else:
                 replacements[pname] = t
         total = len(modules) + len(lora_replacements)
-        if unmatched and (not ignore_unmatched or len(unmatched) == total):
-            raise LoraMismatchError(
-                f"{len(unmatched)} of {total} parts of {lora.name} match nothing in this {base.variant} base: {_list(unmatched)}.",
-                hint + ("" if len(unmatched) == total else " To fuse the rest anyway, ignore unmatched modules."),
-            )
-        if unmatched:
-            result.notes.append(f"{lora.name}: ignored {len(unmatched)} unmatched modules ({_list(unmatched)})")
+        _unmatched(lora.name, unmatched, total, ignore_unmatched, base.variant, hint, result.notes)
         result.matched[lora.name] = total - len(unmatched)
-    for m, width in widths.items():
-        attr = expandable[m]
-        result.config_updates[attr] = width
-        if attr == "in_channels" and base.config.get("out_channels") is None:
-            # FLUX derives out_channels from in_channels when it is unset: pin it, or the output layer would widen too
-            result.config_updates["out_channels"] = base.config.get("in_channels", 64)
-        result.notes.append(f"{m} widened {tensors[m + '.weight'][1].shape[1]}→{width} ({attr} = {width})")
+    _widen(base, widths, expandable, result)
     for h in base.headers:
         for name, info in h.tensors.items():
             shape = info.shape
@@ -137,7 +166,12 @@ def plan_tensors(base: BaseModel, loras: list[tuple[LoadedLora, float]], ignore_
                 shape = (shape[0], widths[module])
             result.jobs.append(
                 TensorJob(
-                    name, h.path, info, shape, tuple(deltas.get(name, ())), tuple(bias_deltas.get(name, ())),
+                    name,
+                    h.path,
+                    info,
+                    shape,
+                    tuple(deltas.get(name, ())),
+                    tuple(bias_deltas.get(name, ())),
                     replacements.get(name),
                 )
             )
@@ -199,6 +233,7 @@ def execute(
             pending = reader.submit(read, jobs[0]) if jobs else None
             for i, job in enumerate(jobs, start=1):
                 run.check()
+                assert pending is not None
                 tensor = pending.result().to(device)  # on a GPU, untouched tensors are quantized there too
                 pending = reader.submit(read, jobs[i]) if i < total else None
                 fused = fuse_tensor(job, tensor, device)
@@ -210,7 +245,9 @@ def execute(
                 now = time.monotonic()
                 if now - last > 0.1 or i == total:
                     last = now
-                    run.report(ProgressEvent(Stage.FUSE, i, total, done_bytes, bytes_total, item=job.name, message=message))
+                    run.report(
+                        ProgressEvent(Stage.FUSE, i, total, done_bytes, bytes_total, item=job.name, message=message)
+                    )
     finally:
         for f in files.values():
             f.close()
@@ -238,7 +275,7 @@ class _WriteBehind:
             raise self._error
         self._queue.put((key, value))
 
-    def __enter__(self) -> _WriteBehind:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

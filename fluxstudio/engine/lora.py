@@ -17,22 +17,37 @@ from pathlib import Path
 
 import torch
 
-from fluxstudio.errors import BadInputError, LoraMismatchError, NumericError
 from fluxstudio.engine.models import ENCODERS, Family
 from fluxstudio.engine.safefile import load_all, read_header, sha256
+from fluxstudio.errors import BadInputError, LoraMismatchError, NumericError
 
 PREFIX = "transformer."
 # Where a LoRA keeps its text-encoder parts: kohya (sd-scripts, fluxgym: te1 = CLIP-L, te3 = T5-XXL) and diffusers/peft
-ENCODER_PREFIXES = {"lora_te1_": "text_encoder", "lora_te_": "text_encoder", "lora_te3_": "text_encoder_2",
-                    "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
+ENCODER_PREFIXES = {
+    "lora_te1_": "text_encoder",
+    "lora_te_": "text_encoder",
+    "lora_te3_": "text_encoder_2",
+    "text_encoder.": "text_encoder",
+    "text_encoder_2.": "text_encoder_2",
+}
 # kohya's names are module paths with "_" for "."; these are the Linear modules sd-scripts trains in each encoder
 KOHYA_MODULES = {
-    "text_encoder": (re.compile(r"text_model_encoder_layers_(\d+)_(self_attn|mlp)_(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"),
-                     "text_model.encoder.layers.{}.{}.{}"),
-    "text_encoder_2": (re.compile(r"encoder_block_(\d+)_layer_(\d+)_(SelfAttention|DenseReluDense)_(q|k|v|o|wi_0|wi_1|wi|wo)"),
-                       "encoder.block.{}.layer.{}.{}.{}"),
+    "text_encoder": (
+        re.compile(r"text_model_encoder_layers_(\d+)_(self_attn|mlp)_(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"),
+        "text_model.encoder.layers.{}.{}.{}",
+    ),
+    "text_encoder_2": (
+        re.compile(r"encoder_block_(\d+)_layer_(\d+)_(SelfAttention|DenseReluDense)_(q|k|v|o|wi_0|wi_1|wi|wo)"),
+        "encoder.block.{}.layer.{}.{}.{}",
+    ),
 }
-LORA_SUFFIXES = {".lora_down.weight": "A", ".lora_A.weight": "A", ".lora_up.weight": "B", ".lora_B.weight": "B", ".alpha": "alpha"}
+LORA_SUFFIXES = {
+    ".lora_down.weight": "A",
+    ".lora_A.weight": "A",
+    ".lora_up.weight": "B",
+    ".lora_B.weight": "B",
+    ".alpha": "alpha",
+}
 UNSUPPORTED_KINDS = {"lokr_": "LoKr", "hada_": "LoHa", "lora_magnitude_vector": "DoRA"}
 
 
@@ -89,11 +104,13 @@ def _encoder_modules(sd: dict[str, torch.Tensor], meta: dict, name: str) -> dict
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, t in sd.items():
         prefix = next(p for p in ENCODER_PREFIXES if key.startswith(p))
-        component, rest = ENCODER_PREFIXES[prefix], key[len(prefix):]
+        component, rest = ENCODER_PREFIXES[prefix], key[len(prefix) :]
         suffix = next((s for s in LORA_SUFFIXES if rest.endswith(s)), None)
         if suffix is None:
-            raise LoraMismatchError(f"{name} has a text-encoder key FluxStudio does not understand: {key}.",
-                                    "It may be a LoRA variant FluxStudio cannot fuse yet; use a plain LoRA.")
+            raise LoraMismatchError(
+                f"{name} has a text-encoder key FluxStudio does not understand: {key}.",
+                "It may be a LoRA variant FluxStudio cannot fuse yet; use a plain LoRA.",
+            )
         module = rest[: -len(suffix)]
         if prefix.endswith("_"):  # kohya: the module path with "_" for "."
             pattern, template = KOHYA_MODULES[component]
@@ -108,11 +125,15 @@ def _encoder_modules(sd: dict[str, torch.Tensor], meta: dict, name: str) -> dict
     out: dict[str, dict[str, LoraModule]] = {}
     for (component, module), p in sorted(parts.items()):
         if "A" not in p or "B" not in p:
-            raise LoraMismatchError(f"{name} is incomplete: {component}.{module} has only one of its two LoRA matrices.",
-                                    "Get the file again.")
+            raise LoraMismatchError(
+                f"{name} is incomplete: {component}.{module} has only one of its two LoRA matrices.",
+                "Get the file again.",
+            )
         _check_fits(name, f"{component}.{module}", p["A"], p["B"])
         rank = int(p["A"].shape[0])
-        factor = float(p["alpha"]) / rank if "alpha" in p else _alpha_from_metadata(meta.get(component, {}), module, rank)
+        factor = (
+            float(p["alpha"]) / rank if "alpha" in p else _alpha_from_metadata(meta.get(component, {}), module, rank)
+        )
         out.setdefault(component, {})[module] = LoraModule(module, p["A"], p["B"], factor)
     return out
 
@@ -204,6 +225,48 @@ def _adapter_metadata(metadata: dict[str, str]) -> dict[str, dict]:
     return out
 
 
+def _refuse_unusable(raw: dict[str, torch.Tensor], name: str) -> None:
+    for key, t in raw.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NumericError(
+                f"The LoRA {name} contains NaN or Inf values (in {key}).", "The file is broken: get it again."
+            )
+    for needle, kind in UNSUPPORTED_KINDS.items():
+        if any(needle in k for k in raw):
+            raise LoraMismatchError(
+                f"{name} is a {kind} adapter, which FluxStudio cannot fuse yet.", "Use a plain LoRA."
+            )
+
+
+def _by_kind(sd: dict[str, torch.Tensor], alphas: dict, name: str) -> tuple[dict, dict, dict, dict]:
+    """diffusers-keyed transformer tensors as (lora_B, lora_A, lora_B biases, plain replacements) by module; the
+    alphas found go into `alphas`."""
+    ups: dict[str, torch.Tensor] = {}
+    downs: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        if not key.startswith(PREFIX):
+            continue
+        k = key[len(PREFIX) :]
+        if k.endswith(".lora_A.weight"):
+            downs[k[: -len(".lora_A.weight")]] = t
+        elif k.endswith(".lora_B.weight"):
+            ups[k[: -len(".lora_B.weight")]] = t
+        elif k.endswith(".lora_B.bias"):
+            biases[k[: -len(".lora_B.bias")]] = t
+        elif k.endswith(".alpha"):
+            alphas[key] = t
+        elif ".lora_A." in k or ".lora_B." in k:
+            raise LoraMismatchError(
+                f"{name} has a LoRA key FluxStudio does not understand: {key}.",
+                "It may be a LoRA variant FluxStudio cannot fuse yet; use a plain LoRA.",
+            )
+        else:
+            replacements[k] = t
+    return ups, downs, biases, replacements
+
+
 def load_lora(path: str | Path, family: Family) -> LoadedLora:
     """Read one LoRA file and normalize it for `family`. Raises BadInputError subclasses on any problem."""
     path = Path(path).expanduser().resolve()
@@ -211,12 +274,7 @@ def load_lora(path: str | Path, family: Family) -> LoadedLora:
     if not header.tensors:
         raise BadInputError(f"The LoRA file {path.name} holds no tensors.", "Pick another file.")
     raw = load_all(path)
-    for key, t in raw.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise NumericError(f"The LoRA {path.name} contains NaN or Inf values (in {key}).", "The file is broken: get it again.")
-    for needle, kind in UNSUPPORTED_KINDS.items():
-        if any(needle in k for k in raw):
-            raise LoraMismatchError(f"{path.name} is a {kind} adapter, which FluxStudio cannot fuse yet.", "Use a plain LoRA.")
+    _refuse_unusable(raw, path.name)
     fmt = detect_format(list(raw))
     meta = _adapter_metadata(header.metadata)
     encoders = _encoder_modules({k: v for k, v in raw.items() if encoder_component(k)}, meta, path.name)
@@ -228,35 +286,22 @@ def load_lora(path: str | Path, family: Family) -> LoadedLora:
     sd, alphas, notes = _convert(raw, family, path.name) if raw else ({}, {}, [])
     meta = meta.get("transformer", {})
 
-    ups: dict[str, torch.Tensor] = {}
-    downs: dict[str, torch.Tensor] = {}
-    biases: dict[str, torch.Tensor] = {}
-    replacements: dict[str, torch.Tensor] = {}
-    for key, t in sd.items():
-        if not key.startswith(PREFIX):
-            continue
-        k = key[len(PREFIX):]
-        if k.endswith(".lora_A.weight"):
-            downs[k[: -len(".lora_A.weight")]] = t
-        elif k.endswith(".lora_B.weight"):
-            ups[k[: -len(".lora_B.weight")]] = t
-        elif k.endswith(".lora_B.bias"):
-            biases[k[: -len(".lora_B.bias")]] = t
-        elif k.endswith(".alpha"):
-            alphas[key] = t
-        elif ".lora_A." in k or ".lora_B." in k:
-            raise LoraMismatchError(f"{path.name} has a LoRA key FluxStudio does not understand: {key}.",
-                                    "It may be a LoRA variant FluxStudio cannot fuse yet; use a plain LoRA.")
-        else:
-            replacements[k] = t
+    ups, downs, biases, replacements = _by_kind(sd, alphas, path.name)
     if set(ups) != set(downs):
         odd = sorted(set(ups) ^ set(downs))
-        raise LoraMismatchError(f"{path.name} is incomplete: {odd[0]} has only one of its two LoRA matrices.", "Get the file again.")
+        raise LoraMismatchError(
+            f"{path.name} is incomplete: {odd[0]} has only one of its two LoRA matrices.", "Get the file again."
+        )
     if not downs and not replacements and not encoders:
-        raise LoraMismatchError(f"{path.name} has no weights for the {family.label} transformer.", f"Check that it is a {family.label} LoRA.")
+        raise LoraMismatchError(
+            f"{path.name} has no weights for the {family.label} transformer.",
+            f"Check that it is a {family.label} LoRA.",
+        )
     if encoders and family.key != "flux1":
-        raise LoraMismatchError(f"{path.name} has text-encoder parts, which FluxStudio fuses only for FLUX.1 (CLIP-L and T5-XXL).",
-                                "Use a FLUX.1 base, or a LoRA without text-encoder parts.")
+        raise LoraMismatchError(
+            f"{path.name} has text-encoder parts, which FluxStudio fuses only for FLUX.1 (CLIP-L and T5-XXL).",
+            "Use a FLUX.1 base, or a LoRA without text-encoder parts.",
+        )
 
     modules: dict[str, LoraModule] = {}
     for name in sorted(downs):

@@ -5,8 +5,13 @@ from __future__ import annotations
 import sys
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import psutil
+from typing_extensions import Self
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,7 @@ class MemorySampler:
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start(self) -> MemorySampler:
+    def start(self) -> Self:
         self._proc = psutil.Process()
         self._stop.clear()
         self.sample()
@@ -99,7 +104,7 @@ class MemorySampler:
             self._thread = None
         self.sample()
 
-    def __enter__(self) -> MemorySampler:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

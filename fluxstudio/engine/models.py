@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from fluxstudio.errors import BadInputError
 from fluxstudio.engine.safefile import Header, TensorInfo, read_header
+from fluxstudio.errors import BadInputError
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ ENCODERS: dict[str, Family] = {
     "text_encoder_2": Family("t5", "T5-XXL", "T5EncoderModel", "", library="transformers"),
 }
 FULL_PRECISION = (torch.bfloat16, torch.float16, torch.float32)
+INDEX = "model_index.json"  # a diffusers pipeline's
 
 
 def family_named(key: str) -> Family:
@@ -101,7 +102,9 @@ def _weight_files(folder: Path) -> list[Path]:
         return files
     if any(folder.glob("*.bin")) or any(folder.glob("*.ckpt")) or any(folder.glob("*.pt")):
         raise BadInputError(f"The model in {folder.name} is stored as pickle files.", "Use its .safetensors version.")
-    raise BadInputError(f"No .safetensors weights in {folder}.", "The download may be incomplete: download it again.", (folder,))
+    raise BadInputError(
+        f"No .safetensors weights in {folder}.", "The download may be incomplete: download it again.", (folder,)
+    )
 
 
 @dataclass
@@ -130,7 +133,7 @@ class BaseModel:
         counts: dict[torch.dtype, int] = {}
         for _, info in self.tensors.values():
             counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
-        return max(counts, key=counts.get)
+        return max(counts, key=lambda dtype: counts[dtype])
 
     @property
     def variant(self) -> str:
@@ -168,13 +171,27 @@ class BaseModel:
         return name.removeprefix("text_model.") if self.family.key == "clip_l" else name
 
 
+def pipeline_root(base_path: Path) -> Path:
+    """The pipeline folder of a base given as the folder itself or as its transformer/ subfolder."""
+    for folder in (base_path, base_path.parent):
+        if (folder / INDEX).is_file():
+            return folder
+    raise BadInputError(
+        f"{base_path.name} is a transformer alone, without the pipeline around it (model_index.json, text encoders, "
+        "VAE, tokenizers).",
+        "Pick the whole diffusers pipeline folder (or repo) of the base model.",
+        (base_path,),
+    )
+
+
 def open_encoder(root: Path, component: str) -> BaseModel:
     """A pipeline's text encoder (`text_encoder`: CLIP-L, `text_encoder_2`: T5), checked like a base."""
     folder = Path(root) / component
     if not (folder / "config.json").exists():
         raise BadInputError(
             f"The base has no {component}/ folder with config.json, which the LoRA's {ENCODERS[component].label} part needs.",
-            "Pick the whole diffusers pipeline folder (or repo) of the base model.", (folder,),
+            "Pick the whole diffusers pipeline folder (or repo) of the base model.",
+            (folder,),
         )
     return _open(folder, ENCODERS[component])
 
@@ -190,9 +207,11 @@ def _read_config(folder: Path) -> dict:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         if not isinstance(config, dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError):
-        raise BadInputError(f"{folder / 'config.json'} is not valid JSON.", "Download the model again.", (folder / "config.json",)) from None
+            raise TypeError("config.json is not an object")
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise BadInputError(
+            f"{folder / 'config.json'} is not valid JSON.", "Download the model again.", (folder / "config.json",)
+        ) from None
     return config
 
 
@@ -215,8 +234,10 @@ def _check_weights_match(base: BaseModel) -> None:
     try:
         expected = {k: tuple(v.shape) for k, v in base.meta_model.state_dict().items()}
     except Exception as exc:  # noqa: BLE001 - a config diffusers cannot build
-        raise BadInputError(f"config.json does not describe a valid {base.family.label} model ({exc}).",
-                            "Download the model again, or pick its diffusers-format folder.") from None
+        raise BadInputError(
+            f"config.json does not describe a valid {base.family.label} model ({exc}).",
+            "Download the model again, or pick its diffusers-format folder.",
+        ) from None
     for tied in getattr(base.meta_model, "_tied_weights_keys", None) or ():
         expected.pop(tied, None)  # transformers saves a tied weight once (T5: encoder.embed_tokens = shared)
     have = {base.canonical(k): info.shape for k, (_, info) in base.tensors.items() if not k.endswith("position_ids")}

@@ -15,10 +15,15 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
+from typing_extensions import Self
 
 from fluxstudio.errors import OutputError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 OWNER = ".owner"
 PATTERNS = (".*.partial-*", ".*.old-*")
@@ -70,15 +75,17 @@ class Claim:
         self.lock = target.parent / f".{target.name}.lock"
         self._fd: int | None = None
 
-    def __enter__(self) -> Claim:
+    def __enter__(self) -> Self:
         while True:
             fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 _lock(fd)
             except OSError:
                 os.close(fd)
-                raise OutputError(f"Another {self.what} is writing {self.target.name} right now{self._holder()}.",
-                                  "Wait for it to finish, or choose another name.") from None
+                raise OutputError(
+                    f"Another {self.what} is writing {self.target.name} right now{self._holder()}.",
+                    "Wait for it to finish, or choose another name.",
+                ) from None
             if _same_file(self.lock, fd):
                 os.ftruncate(fd, 0)
                 os.write(fd, _me().encode())
@@ -95,8 +102,11 @@ class Claim:
     def covers(self, path: Path) -> bool:
         """The name itself, or a file named after it beside it (`NAME.clip_l.safetensors` beside `NAME.gguf`)."""
         stem = self.target.name.split(".")[0]
-        return self._fd is not None and path.parent == self.target.parent and (
-            path.name == self.target.name or path.name.startswith(stem + "."))
+        return (
+            self._fd is not None
+            and path.parent == self.target.parent
+            and (path.name == self.target.name or path.name.startswith(stem + "."))
+        )
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
@@ -136,8 +146,10 @@ def move_into_place(tmp: Path, out: Path, held: Claim) -> None:
     if not held.covers(out):
         raise OutputError(f"{out.name} is not this {held.what}'s to write.", "Choose another name.")
     if out.is_symlink():
-        raise OutputError(f"{out.name} is a symbolic link; FluxStudio does not write through links.",
-                          "Choose another name, or remove the link.")
+        raise OutputError(
+            f"{out.name} is a symbolic link; FluxStudio does not write through links.",
+            "Choose another name, or remove the link.",
+        )
     if tmp.is_file():
         tmp.replace(out)
         return

@@ -53,21 +53,29 @@ class Retention:
         device = fused.device
         if job.bias_deltas or fused.dim() != 2:  # small tensors: ΔW itself
             e = stored_rows(0, fused.shape[0]).to(device, torch.float32).sub_(fused)
-            dw = sum(b.to(device, torch.float32) * w for b, w in job.bias_deltas)
+            dw = sum((b.to(device, torch.float32) * w for b, w in job.bias_deltas), torch.zeros((), device=device))
             cross, den = float((e * dw).sum()), float((dw * dw).sum())
         else:
             ups = [d.up.to(device, torch.float32) * d.weight for d in job.deltas]
-            downs = [torch.nn.functional.pad(d.down.to(device, torch.float32), (0, fused.shape[1] - d.down.shape[1]))
-                     for d in job.deltas]
+            downs = [
+                torch.nn.functional.pad(d.down.to(device, torch.float32), (0, fused.shape[1] - d.down.shape[1]))
+                for d in job.deltas
+            ]
             ue = [torch.zeros(u.shape[1], fused.shape[1], device=device) for u in ups]  # Σ over chunks of Uᵀ·e
             step = max(1, CHUNK // fused.shape[1])
             for start in range(0, fused.shape[0], step):
                 stop = min(start + step, fused.shape[0])
                 e = stored_rows(start, stop).to(device, torch.float32).sub_(fused[start:stop])
-                for acc, u in zip(ue, ups):
+                for acc, u in zip(ue, ups, strict=False):
                     acc.addmm_(u[start:stop].T, e)
-            cross = float(sum((acc * d).sum() for acc, d in zip(ue, downs)))
-            den = float(sum(((u.T @ u2) * (d @ d2.T)).sum() for u, d in zip(ups, downs) for u2, d2 in zip(ups, downs)))
+            cross = float(sum((acc * d).sum() for acc, d in zip(ue, downs, strict=False)))
+            den = float(
+                sum(
+                    ((u.T @ u2) * (d @ d2.T)).sum()
+                    for u, d in zip(ups, downs, strict=False)
+                    for u2, d2 in zip(ups, downs, strict=False)
+                )
+            )
         if den > 0:
             self.num[name], self.den[name] = den + cross, den
 
@@ -88,5 +96,9 @@ def warnings(score: float | None, worst: list[dict], precision: str) -> list[str
     if score is None or score >= WARN_BELOW:
         return []
     names = ", ".join(w["module"] for w in worst[:3])
-    return [f"Warning: only {100 * score:.1f}% of the LoRA effect was kept (least in {names}): "
-            f"use a higher precision than {precision}, or a base that was not quantized before."]
+    return [
+        (
+            f"Warning: only {100 * score:.1f}% of the LoRA effect was kept (least in {names}): "
+            f"use a higher precision than {precision}, or a base that was not quantized before."
+        )
+    ]

@@ -84,8 +84,11 @@ def read_header(path: str | Path, what: str = "file") -> Header:
         if len(head) < 9:
             raise BadInputError(f"The {what} {path.name} is empty or truncated.", "Download it again.")
         if head[8:9] == b"{" and MAX_HEADER < n < size:
-            raise BadInputError(f"The {what} {path.name} has a header of {n / 2**20:.0f} MB, far more than any model's: "
-                                "it is not a file FluxStudio can read.", "Pick another file.")
+            raise BadInputError(
+                f"The {what} {path.name} has a header of {n / 2**20:.0f} MB, far more than any model's: "
+                "it is not a file FluxStudio can read.",
+                "Pick another file.",
+            )
         if not looks_safetensors or 8 + n > size:
             raise BadInputError(
                 f"The {what} {path.name} is not a valid safetensors file (or is truncated).",
@@ -96,12 +99,12 @@ def read_header(path: str | Path, what: str = "file") -> Header:
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
-            raise ValueError("header is not an object")
+            raise TypeError("header is not an object")
         if len(header) > MAX_TENSORS + 1:
             raise ValueError(f"{len(header):,} entries, more than any model has")
         metadata = header.pop("__metadata__", None) or {}
         if not isinstance(metadata, dict):
-            raise ValueError("metadata is not an object")
+            raise TypeError("metadata is not an object")
         tensors: dict[str, TensorInfo] = {}
         end_max = 0
         for name, entry in header.items():
@@ -114,11 +117,14 @@ def read_header(path: str | Path, what: str = "file") -> Header:
             end_max = max(end_max, end)
             tensors[name] = info
     except RecursionError:
-        raise BadInputError(f"The {what} {path.name} is not a valid safetensors file (its header nests too deeply).",
-                            "Download it again or pick another file.") from None
+        raise BadInputError(
+            f"The {what} {path.name} is not a valid safetensors file (its header nests too deeply).",
+            "Download it again or pick another file.",
+        ) from None
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise BadInputError(
-            f"The {what} {path.name} is not a valid safetensors file ({exc}).", "Download it again or pick another file."
+            f"The {what} {path.name} is not a valid safetensors file ({exc}).",
+            "Download it again or pick another file.",
         ) from None
     if 8 + n + end_max > size:
         raise BadInputError(
@@ -132,8 +138,10 @@ def read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
     """Read one tensor with a plain read (no mmap: memory stays at this tensor, RSS does not grow with the file)."""
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     f.seek(info.offset)
-    if info.nbytes and f.readinto(buf.numpy()) != info.nbytes:
-        raise BadInputError(f"{Path(f.name).name} is truncated.", "The download was probably interrupted: download it again.")
+    if info.nbytes and f.readinto(buf.numpy()) != info.nbytes:  # type: ignore[attr-defined] - a raw file has it
+        raise BadInputError(
+            f"{Path(f.name).name} is truncated.", "The download was probably interrupted: download it again."
+        )
     return buf.view(info.dtype).reshape(info.shape)
 
 

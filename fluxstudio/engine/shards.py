@@ -28,7 +28,7 @@ def header_bound(names: list[str]) -> int:
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous().cpu().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy())
+    return memoryview(t.view(torch.uint8).numpy())  # type: ignore[arg-type] - an ndarray is a buffer
 
 
 class ShardedWriter:
@@ -36,8 +36,13 @@ class ShardedWriter:
     whatever its size."""
 
     def __init__(
-        self, folder: Path, max_shard_bytes: int, header_reserve: int, metadata: dict[str, str] | None = None,
-        single_name: str | None = None, prefix: str = PREFIX,
+        self,
+        folder: Path,
+        max_shard_bytes: int,
+        header_reserve: int,
+        metadata: dict[str, str] | None = None,
+        single_name: str | None = None,
+        prefix: str = PREFIX,
     ) -> None:
         self.folder, self.prefix = folder, prefix
         self.single_name = single_name
@@ -55,13 +60,17 @@ class ShardedWriter:
         if self._header and self._size + nbytes > self.max_shard_bytes:
             self._close_shard()
         if self._file is None:
-            path = self.folder / f".{self.single_name or self.prefix}.shard-{len(self.shards) + 1:05d}"  # writers may share a folder
+            path = (
+                self.folder / f".{self.single_name or self.prefix}.shard-{len(self.shards) + 1:05d}"
+            )  # writers may share a folder
             self._file = path.open("wb")
             self._file.seek(8 + self.header_reserve)
             self._size = 0
         self._file.write(_bytes_view(tensor))
         self._header[name] = {
-            "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self._size, self._size + nbytes],
+            "dtype": DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._size, self._size + nbytes],
         }
         self._size += nbytes
         self.total_bytes += nbytes
@@ -88,13 +97,17 @@ class ShardedWriter:
         files: list[Path] = []
         weight_map: dict[str, str] = {}
         for i, (tmp, names) in enumerate(self.shards, start=1):
-            fname = self.single_name or (f"{self.prefix}.safetensors" if n == 1 else f"{self.prefix}-{i:05d}-of-{n:05d}.safetensors")
+            fname = self.single_name or (
+                f"{self.prefix}.safetensors" if n == 1 else f"{self.prefix}-{i:05d}-of-{n:05d}.safetensors"
+            )
             os.replace(tmp, self.folder / fname)
             files.append(self.folder / fname)
             weight_map.update(dict.fromkeys(names, fname))
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            (self.folder / f"{self.prefix}.safetensors.index.json").write_text(
+                json.dumps(index, indent=2) + "\n", encoding="utf-8"
+            )
         return files
 
     def abort(self) -> None:

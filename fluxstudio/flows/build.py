@@ -50,10 +50,15 @@ def writing(folder: Path):
         yield
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise DiskSpaceError("The disk ran full while writing the output.", "Free some space and try again.") from None
+            raise DiskSpaceError(
+                "The disk ran full while writing the output.", "Free some space and try again."
+            ) from None
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise OutputError(f"FluxStudio may not write in {folder}.",
-                              "Choose another output folder, or allow writing there.", (folder,)) from None
+            raise OutputError(
+                f"FluxStudio may not write in {folder}.",
+                "Choose another output folder, or allow writing there.",
+                (folder,),
+            ) from None
         raise
 
 
@@ -70,16 +75,28 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool, is_file: bool =
                 f"Choose another output {what}.",
             )
     if out.is_symlink():
-        raise OutputError(f"The output name {out.name} is a symbolic link; FluxStudio does not write through links.",
-                          "Choose another name, or remove the link.", (out,))
+        raise OutputError(
+            f"The output name {out.name} is a symbolic link; FluxStudio does not write through links.",
+            "Choose another name, or remove the link.",
+            (out,),
+        )
     if out.exists() and out.is_dir() != (not is_file):
-        raise OutputError(f"{out} exists and is a {'folder' if out.is_dir() else 'file'}.", "Choose another output name.", (out,))
+        raise OutputError(
+            f"{out} exists and is a {'folder' if out.is_dir() else 'file'}.", "Choose another output name.", (out,)
+        )
     if out.exists() and not overwrite:
         raise OutputError(f"The output {what} {out.name} already exists.", "Choose another name, or allow overwriting.")
 
 
-def plan_build(base_path: Path, loras: list[tuple[Path, float]], fmt: Format, precision: str, settings: Settings,
-               ignore_unmatched: bool = False, run: Run | None = None) -> BuildPlan:
+def plan_build(
+    base_path: Path,
+    loras: list[tuple[Path, float]],
+    fmt: Format,
+    precision: str,
+    settings: Settings,
+    ignore_unmatched: bool = False,
+    run: Run | None = None,
+) -> BuildPlan:
     """Open the base, read the LoRAs, and let the format plan every tensor of every component it writes.
 
     The build and the app's estimate both come through here, so the size the app shows is the one the build
@@ -96,8 +113,12 @@ def plan_build(base_path: Path, loras: list[tuple[Path, float]], fmt: Format, pr
     return fmt.plan(base_path, base, loaded, precision, settings, ignore_unmatched)
 
 
-def build(req: BuildRequest, run: Run | None = None, free_bytes: Callable[[Path], int] = units.free_bytes,
-          hub: Hub | None = None) -> BuildResult:
+def build(
+    req: BuildRequest,
+    run: Run | None = None,
+    free_bytes: Callable[[Path], int] = units.free_bytes,
+    hub: Hub | None = None,
+) -> BuildResult:
     run = running(run)
     fmt = get_format(req.format)
     precision = fmt.check(req.precision)  # before any download: the family is checked once the base is here
@@ -120,7 +141,7 @@ def build(req: BuildRequest, run: Run | None = None, free_bytes: Callable[[Path]
         lora_run, base_run = Run(run.progress, run.cancel), Run(run.progress, run.cancel)
         resolved = [resolve(r.ref, "lora", hub, lora_run) for r in req.loras]
         lora_paths = [p for p, _ in resolved]
-        lora_scales = [(p, r.scale) for p, r in zip(lora_paths, req.loras)]
+        lora_scales = [(p, r.scale) for p, r in zip(lora_paths, req.loras, strict=False)]
         touched = {c for path in lora_paths for c in lora_components(path)}
         base_path, base_origin = resolve(req.base, "base", hub, base_run, fmt.base_parts(touched))
         check_output(out, [base_path, *lora_paths], req.overwrite, is_file=fmt.one_file)
@@ -138,7 +159,8 @@ def build(req: BuildRequest, run: Run | None = None, free_bytes: Callable[[Path]
         if free < need:
             raise DiskSpaceError(
                 f"Not enough free disk: this build needs about {units.gb(need)} and {out.parent} has {units.gb(free)} free.",
-                "Free some space or choose another output folder.", (out.parent,),
+                "Free some space or choose another output folder.",
+                (out.parent,),
             )
         stage_done("inspect")
 
@@ -155,9 +177,22 @@ def build(req: BuildRequest, run: Run | None = None, free_bytes: Callable[[Path]
                     for part in planned.parts:
                         folder = tmp / part.where
                         folder.mkdir(exist_ok=True)
-                        part.writer.open(folder, manifest.embedded(inputs, manifest.SLACK) if part.writer is main else {})
-                        label = "the transformer" if part.component == "transformer" else f"the {part.model.family.label} text encoder"
-                        execute(part.writer.jobs, part.writer.encode, part.writer.write, device, run, message=f"Fusing {label}")
+                        part.writer.open(
+                            folder, manifest.embedded(inputs, manifest.SLACK) if part.writer is main else {}
+                        )
+                        label = (
+                            "the transformer"
+                            if part.component == "transformer"
+                            else f"the {part.model.family.label} text encoder"
+                        )
+                        execute(
+                            part.writer.jobs,
+                            part.writer.encode,
+                            part.writer.write,
+                            device,
+                            run,
+                            message=f"Fusing {label}",
+                        )
                     stage_done("fuse")
                     kept = {"lora_retained": main.retention.score, "lora_retained_worst": main.retention.worst()}
                     run.report(ProgressEvent(Stage.FINALIZE, message="Writing the output"))
@@ -184,7 +219,11 @@ def build(req: BuildRequest, run: Run | None = None, free_bytes: Callable[[Path]
                     fused_per_component=planned.fused(),
                     family=planned.base.family.key,
                     **kept,
-                    notes=base_run.notes + lora_run.notes + planned.plan.notes + planned.notes + main.notes
+                    notes=base_run.notes
+                    + lora_run.notes
+                    + planned.plan.notes
+                    + planned.notes
+                    + main.notes
                     + [f"{lora.name}: {n}" for lora, _ in planned.loras for n in lora.notes]
                     + retention.warnings(kept["lora_retained"], kept["lora_retained_worst"], precision),
                 )
@@ -206,8 +245,14 @@ def _fingerprint(base: BaseModel) -> str:
     return h.hexdigest()
 
 
-def _inputs(base_origin: dict, lora_origins: list[dict], req: BuildRequest, precision: str, planned: BuildPlan,
-            companions: list[str]) -> dict:
+def _inputs(
+    base_origin: dict,
+    lora_origins: list[dict],
+    req: BuildRequest,
+    precision: str,
+    planned: BuildPlan,
+    companions: list[str],
+) -> dict:
     """What went into the output: known before the first byte is written, so one-file formats embed it."""
     from fluxstudio.advice.hardware import library_versions
 
@@ -235,7 +280,7 @@ def _inputs(base_origin: dict, lora_origins: list[dict], req: BuildRequest, prec
                 "modules_matched": fplan.matched.get(lora.name, 0),
                 "components": lora.components,
             }
-            for (lora, scale), origin in zip(loras, lora_origins)
+            for (lora, scale), origin in zip(loras, lora_origins, strict=False)
         ],
         "format": planned.format.key,
         "precision": precision,

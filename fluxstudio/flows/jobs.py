@@ -80,7 +80,9 @@ class JobRunner:
         """Start a build (or, with `run`, another job taking the same arguments: a preview); one at a time."""
         job = Job(uuid.uuid4().hex, request)
         self._jobs[job.id] = job
-        job._thread = threading.Thread(target=self._work, args=(job, run or self._run), name=f"job-{job.id[:8]}", daemon=True)
+        job._thread = threading.Thread(
+            target=self._work, args=(job, run or self._run), name=f"job-{job.id[:8]}", daemon=True
+        )
         job._thread.start()
         return job
 
@@ -105,7 +107,9 @@ class JobRunner:
                 job.error, job.status = exc, Status.CANCELLED
             except FluxStudioError as exc:
                 job.error, job.status = exc, Status.FAILED
-            except Exception as exc:  # noqa: BLE001 - shown as one sentence; details go to the log
+            except Exception as exc:
                 logging.getLogger(__name__).exception("job failed")
-                job.error = FluxStudioError(f"Something unexpected went wrong ({type(exc).__name__}).", "Details are in the log.")
+                job.error = FluxStudioError(
+                    f"Something unexpected went wrong ({type(exc).__name__}).", "Details are in the log."
+                )
                 job.status = Status.FAILED

@@ -26,20 +26,22 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fluxstudio.engine import manifest, partials
 from fluxstudio import paths
+from fluxstudio.engine import manifest, partials
 from fluxstudio.errors import BadInputError, FluxStudioError
+from fluxstudio.flows.request import BuildRequest
 from fluxstudio.formats import Format, get_format
 from fluxstudio.formats.base import Runtime
 from fluxstudio.progress import CancelToken, ProgressEvent, Run, Stage, check, running
-from fluxstudio.flows.request import BuildRequest
 
 SUFFIX = ".preview"
 FILE = "preview.json"
 PARTS = ["transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"]
 HEADROOM = 3 << 30  # activations at 1024², the VAE decode and CUDA's own: what a card needs beyond the weights
-NO_GPU = ("This machine has no CUDA GPU, and the preview renders FLUX models on an NVIDIA GPU "
-          "(on the CPU one image would take hours).")
+NO_GPU = (
+    "This machine has no CUDA GPU, and the preview renders FLUX models on an NVIDIA GPU "
+    "(on the CPU one image would take hours)."
+)
 DEMO_ONLY = "The demo preview runs on the CPU in seconds: build from the built-in demo base to try it."
 
 
@@ -83,13 +85,20 @@ def whole(value: object, what: str, low: int, high: int) -> int:
     return int(number)
 
 
-def make_request(build: BuildRequest, output: Path, prompt: str, seed: object, steps: object, size: object,
-                 shared: bool = False) -> PreviewRequest:
+def make_request(
+    build: BuildRequest, output: Path, prompt: str, seed: object, steps: object, size: object, shared: bool = False
+) -> PreviewRequest:
     """A checked preview request; 0 steps or size take the base's defaults."""
     limits = SHARED if shared else LOCAL
-    return PreviewRequest(build, output, prompt.strip() or DEFAULT_PROMPT, whole(seed, "seed", 0, MAX_SEED),
-                          whole(steps, "number of steps", 0, limits.steps), whole(size, "image size", 0, limits.size),
-                          limits=limits)
+    return PreviewRequest(
+        build,
+        output,
+        prompt.strip() or DEFAULT_PROMPT,
+        whole(seed, "seed", 0, MAX_SEED),
+        whole(steps, "number of steps", 0, limits.steps),
+        whole(size, "image size", 0, limits.size),
+        limits=limits,
+    )
 
 
 @dataclass(frozen=True)
@@ -154,19 +163,29 @@ def _check(req: PreviewRequest, data: dict | None) -> tuple[Format, str, str, st
     import torch
 
     if data is None:
-        raise BadInputError(f"{req.output.name} is not a FluxStudio output.", "Pick an output from the library.", (req.output,))
-    fmt, precision, variant = get_format(data.get("format", "diffusers")), data["precision"], data["base"].get("variant", "")
+        raise BadInputError(
+            f"{req.output.name} is not a FluxStudio output.", "Pick an output from the library.", (req.output,)
+        )
+    fmt, precision, variant = (
+        get_format(data.get("format", "diffusers")),
+        data["precision"],
+        data["base"].get("variant", ""),
+    )
     if not variant.startswith("FLUX.1"):
-        raise BadInputError(f"The preview renders FLUX.1 models; {req.output.name} is {variant or 'another family'}.",
-                            "Load it with the snippet shown with the result.")
+        raise BadInputError(
+            f"The preview renders FLUX.1 models; {req.output.name} is {variant or 'another family'}.",
+            "Load it with the snippet shown with the result.",
+        )
     if why := fmt.preview_problem(precision):
         raise BadInputError(why.message, why.hint)
     if req.device == "auto" and unavailable(req.build.base):
         raise BadInputError(NO_GPU, DEMO_ONLY)
     device = "cuda" if req.device == "auto" and torch.cuda.is_available() else "cpu"
     if device == "cpu" and fmt.preview_runtime(precision) == "nf4":
-        raise BadInputError("NF4 models run on a CUDA GPU only (diffusers' bitsandbytes layers need one).",
-                            "Build the demo at bf16, fp8 or a GGUF type to preview it on the CPU.")
+        raise BadInputError(
+            "NF4 models run on a CUDA GPU only (diffusers' bitsandbytes layers need one).",
+            "Build the demo at bf16, fp8 or a GGUF type to preview it on the CPU.",
+        )
     return fmt, precision, variant, device
 
 
@@ -176,14 +195,26 @@ def _settings(req: PreviewRequest, fmt: Format, precision: str, variant: str, de
     steps, size = req.steps or steps, req.size or size
     top = req.limits.demo_size if demo else req.limits.size
     if not 1 <= steps <= req.limits.steps:
-        raise BadInputError(f"{steps} steps is out of range.",
-                            f"Use 1 to {req.limits.steps} steps (4 for schnell, 20-30 for dev).")
+        raise BadInputError(
+            f"{steps} steps is out of range.", f"Use 1 to {req.limits.steps} steps (4 for schnell, 20-30 for dev)."
+        )
     if not 32 <= size <= top or size % 16:
-        raise BadInputError(f"An image size of {size} does not work{' for the demo' if demo else ''}.",
-                            f"Use a multiple of 16 from 32 to {top} ({64 if demo else 512} is quick).")
-    return {"prompt": req.prompt, "seed": req.seed, "steps": steps, "width": size, "height": size,
-            "guidance": 0.0 if "schnell" in variant else 3.5, "device": device, "format": fmt.key, "precision": precision,
-            "output": req.output.name}
+        raise BadInputError(
+            f"An image size of {size} does not work{' for the demo' if demo else ''}.",
+            f"Use a multiple of 16 from 32 to {top} ({64 if demo else 512} is quick).",
+        )
+    return {
+        "prompt": req.prompt,
+        "seed": req.seed,
+        "steps": steps,
+        "width": size,
+        "height": size,
+        "guidance": 0.0 if "schnell" in variant else 3.5,
+        "device": device,
+        "format": fmt.key,
+        "precision": precision,
+        "output": req.output.name,
+    }
 
 
 def _check_width(root: Path, fmt: Format) -> None:
@@ -195,13 +226,14 @@ def _check_width(root: Path, fmt: Format) -> None:
 def run(req: PreviewRequest, run: Run | None = None, hub=None) -> PreviewResult:
     import torch
 
-    from fluxstudio.formats.pipeline import pipeline_root
+    from fluxstudio.engine.models import pipeline_root
     from fluxstudio.sources.hub import Hub
     from fluxstudio.sources.resolve import resolve
 
     run = running(run)
     data = manifest.read(req.output)
     fmt, precision, variant, device = _check(req, data)
+    assert data is not None  # _check says why not otherwise
     settings = _settings(req, fmt, precision, variant, device)
     stop = Stop(run.cancel, req.limits.seconds)
     hub = hub or Hub()
@@ -223,7 +255,8 @@ def run(req: PreviewRequest, run: Run | None = None, hub=None) -> PreviewResult:
     runtime = fmt.preview_runtime(precision)
     variants: list[tuple[str, str, str, Runtime, bool]] = [
         ("a", f"base {precision} + LoRA (unfused)", "base", runtime, True),
-        ("b", f"fused {precision} (FluxStudio)", "output", runtime, False)]
+        ("b", f"fused {precision} (FluxStudio)", "output", runtime, False),
+    ]
     bf16_bytes = sum(p.stat().st_size for p in (root / "transformer").glob("*.safetensors"))
     if precision != "bf16" and (device == "cpu" or bf16_bytes + HEADROOM <= total_vram):
         variants.append(("c", "base bf16 + LoRA (unfused)", "base", "bf16", True))
@@ -241,12 +274,28 @@ def run(req: PreviewRequest, run: Run | None = None, hub=None) -> PreviewResult:
                     model = fmt.load_transformer(req.output, root / "transformer")
                 else:
                     model = _base(how, fmt, precision, root, run, hub, req.build.base)
-                renders.append(_render(key, label, model, loras if with_loras else [], how, shared, embeds, settings,
-                                       total_vram, tmp, run, stop))
+                renders.append(
+                    _render(
+                        key,
+                        label,
+                        model,
+                        loras if with_loras else [],
+                        how,
+                        shared,
+                        embeds,
+                        settings,
+                        total_vram,
+                        tmp,
+                        run,
+                        stop,
+                    )
+                )
                 del model
                 _free(device)
             result = PreviewResult(str(folder), settings, renders, notes)
-            (tmp / FILE).write_text(manifest.dumps(result.to_json() | {"created": _now()}, indent=2) + "\n", encoding="utf-8")
+            (tmp / FILE).write_text(
+                manifest.dumps(result.to_json() | {"created": _now()}, indent=2) + "\n", encoding="utf-8"
+            )
             partials.move_into_place(tmp, folder, held)
             return result
         except BaseException:
@@ -267,8 +316,10 @@ class Stop:
     def __call__(self, *_: object) -> None:
         check(self.cancel)
         if time.monotonic() > self.deadline:
-            raise BadInputError(f"The preview ran past the {self.seconds / 60:g} minutes a shared session allows.",
-                                "Try fewer steps or a smaller image.")
+            raise BadInputError(
+                f"The preview ran past the {self.seconds / 60:g} minutes a shared session allows.",
+                "Try fewer steps or a smaller image.",
+            )
 
     @contextmanager
     def inside(self, model):
@@ -305,15 +356,16 @@ def _encode(root: Path, prompt: str, device: str, t5_nf4: bool, max_len: int) ->
         from transformers import BitsAndBytesConfig, T5EncoderModel
 
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-        extra["text_encoder_2"] = T5EncoderModel.from_pretrained(root / "text_encoder_2", quantization_config=q,
-                                                                 dtype=torch.bfloat16, device_map=device)
+        extra["text_encoder_2"] = T5EncoderModel.from_pretrained(
+            root / "text_encoder_2", quantization_config=q, dtype=torch.bfloat16, device_map=device
+        )
     pipe = FluxPipeline.from_pretrained(root, transformer=None, vae=None, dtype=torch.bfloat16, **extra)
     if device == "cuda" and t5_nf4:
         pipe.text_encoder.to(device)
     else:
         pipe.to(device)
     with torch.no_grad():
-        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device=device, max_sequence_length=max_len)
+        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device=device, max_sequence_length=max_len)  # type: ignore[arg-type] - a device name works
     del pipe, extra
     _free(device)
     return embeds, pooled
@@ -323,8 +375,10 @@ def _shared(root: Path) -> dict:
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
-    return {"vae": AutoencoderKL.from_pretrained(root / "vae", dtype=torch.bfloat16),
-            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")}
+    return {
+        "vae": AutoencoderKL.from_pretrained(root / "vae", dtype=torch.bfloat16),
+        "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
+    }
 
 
 def _base(how: Runtime, fmt: Format, precision: str, root: Path, run: Run, hub, base_ref: str):
@@ -341,7 +395,9 @@ def _base(how: Runtime, fmt: Format, precision: str, root: Path, run: Run, hub, 
 
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
         return FluxTransformer2DModel.from_pretrained(config, quantization_config=q, dtype=torch.bfloat16)
-    return FluxTransformer2DModel.from_pretrained(config, dtype=torch.bfloat16)  # fp8 is cast layer by layer once the LoRAs are in
+    return FluxTransformer2DModel.from_pretrained(
+        config, dtype=torch.bfloat16
+    )  # fp8 is cast layer by layer once the LoRAs are in
 
 
 def _base_file(base_ref: str, fmt: Format, precision: str, run: Run, hub) -> Path:
@@ -362,27 +418,48 @@ def _enough_vram(label: str, settings: dict):
     try:
         yield
     except torch.cuda.OutOfMemoryError:
-        raise FluxStudioError(f"The GPU ran out of memory rendering {label} at {settings['width']}x{settings['height']}.",
-                              "Try a smaller size, or a lower precision for this card.") from None
+        raise FluxStudioError(
+            f"The GPU ran out of memory rendering {label} at {settings['width']}x{settings['height']}.",
+            "Try a smaller size, or a lower precision for this card.",
+        ) from None
 
 
-def _render(key: str, label: str, model, loras: list[tuple[Path, float]], how: Runtime, shared: dict, embeds: tuple,
-            settings: dict, total_vram: int, folder: Path, run: Run, stop: Stop) -> Render:
+def _render(
+    key: str,
+    label: str,
+    model,
+    loras: list[tuple[Path, float]],
+    how: Runtime,
+    shared: dict,
+    embeds: tuple,
+    settings: dict,
+    total_vram: int,
+    folder: Path,
+    run: Run,
+    stop: Stop,
+) -> Render:
     import torch
     from diffusers import FluxPipeline
 
     device = settings["device"]
-    pipe = FluxPipeline(transformer=model, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                        **shared)
+    none = {
+        "text_encoder": None,
+        "tokenizer": None,
+        "text_encoder_2": None,
+        "tokenizer_2": None,
+    }  # the prompt comes encoded
+    pipe = FluxPipeline(transformer=model, **none, **shared)
     try:
-        for i, (path, scale) in enumerate(loras):
+        for i, (path, _) in enumerate(loras):
             pipe.load_lora_weights(str(path), adapter_name=f"lora{i}")
         if loras:
             pipe.set_adapters([f"lora{i}" for i in range(len(loras))], [s for _, s in loras])
     except (ValueError, KeyError, RuntimeError) as exc:
         logging.getLogger(__name__).exception("unfused LoRAs failed to load")
-        raise FluxStudioError(f"diffusers could not apply the LoRAs unfused to the base ({type(exc).__name__}; details in the log).",
-                              "The fused output is unaffected; the preview needs the unfused LoRAs for its comparison.") from None
+        raise FluxStudioError(
+            f"diffusers could not apply the LoRAs unfused to the base ({type(exc).__name__}; details in the log).",
+            "The fused output is unaffected; the preview needs the unfused LoRAs for its comparison.",
+        ) from None
     if how == "fp8":
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     with _enough_vram(label, settings):
@@ -408,10 +485,16 @@ def _render(key: str, label: str, model, loras: list[tuple[Path, float]], how: R
     run.report(ProgressEvent(Stage.PREVIEW, 0, steps, item=label, message=f"Rendering {label}"))
     t0 = time.perf_counter()
     with torch.no_grad(), _enough_vram(label, settings), stop.inside(model):
-        image = pipe(prompt_embeds=embeds_, pooled_prompt_embeds=pooled, num_inference_steps=steps,
-                     width=settings["width"], height=settings["height"], guidance_scale=settings["guidance"],
-                     generator=torch.Generator("cpu").manual_seed(settings["seed"]), callback_on_step_end=on_step,
-                     ).images[0]
+        image = pipe(  # type: ignore[call-arg] - diffusers' hints miss its own step-end callback's signature
+            prompt_embeds=embeds_,
+            pooled_prompt_embeds=pooled,
+            num_inference_steps=steps,
+            width=settings["width"],
+            height=settings["height"],
+            guidance_scale=settings["guidance"],
+            generator=torch.Generator("cpu").manual_seed(settings["seed"]),
+            callback_on_step_end=on_step,  # type: ignore[arg-type]
+        ).images[0]  # type: ignore[attr-defined] - a pipeline output, not a tuple, without return_dict=False
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

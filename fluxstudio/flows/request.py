@@ -20,8 +20,10 @@ class LoraRef:
 
     def __post_init__(self) -> None:
         if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or abs(self.scale) > MAX_SCALE:
-            raise BadInputError(f"The LoRA scale {self.scale!r} is not a usable number.",
-                                f"Use a scale from {-MAX_SCALE:g} to {MAX_SCALE:g} (1.0 is the LoRA as trained).")
+            raise BadInputError(
+                f"The LoRA scale {self.scale!r} is not a usable number.",
+                f"Use a scale from {-MAX_SCALE:g} to {MAX_SCALE:g} (1.0 is the LoRA as trained).",
+            )
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class BuildRequest:
     ignore_unmatched: bool = False
     double_quant: bool = False
     t5_precision: str = ""  # T5-XXL's, where the format writes it on its own (a pipeline): "" as the transformer
+
 
 @dataclass(frozen=True)
 class BuildResult:

@@ -17,8 +17,19 @@ from fluxstudio.formats.gguf import GgufFormat
 from fluxstudio.formats.pipeline import PipelineFormat
 from fluxstudio.formats.single_file import SingleFileFormat
 
-__all__ = ["FORMATS", "BuildPlan", "Format", "Option", "Part", "Settings", "Why", "Writer", "get_format", "option",
-           "output_path"]
+__all__ = [
+    "FORMATS",
+    "BuildPlan",
+    "Format",
+    "Option",
+    "Part",
+    "Settings",
+    "Why",
+    "Writer",
+    "get_format",
+    "option",
+    "output_path",
+]
 
 FORMATS: dict[str, Format] = {f.key: f for f in (DiffusersFormat(), PipelineFormat(), SingleFileFormat(), GgufFormat())}
 EXTENSIONS = tuple(f.extension for f in FORMATS.values() if f.extension)

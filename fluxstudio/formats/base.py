@@ -18,14 +18,17 @@ import torch
 
 from fluxstudio.engine import partials
 from fluxstudio.engine.fuse import FusePlan, TensorJob
-from fluxstudio.engine.models import ENCODERS, BaseModel, Family, open_encoder
+from fluxstudio.engine.models import ENCODERS, BaseModel, Family, open_encoder, pipeline_root
 from fluxstudio.engine.retention import Retention
 from fluxstudio.errors import BadInputError, OutputError
 
 if TYPE_CHECKING:
     from fluxstudio.engine.lora import LoadedLora
 
-PIPELINES = {"flux1": ("FluxPipeline", "black-forest-labs/FLUX.1-dev"), "flux2": ("Flux2Pipeline", "black-forest-labs/FLUX.2-dev")}
+PIPELINES = {
+    "flux1": ("FluxPipeline", "black-forest-labs/FLUX.1-dev"),
+    "flux2": ("Flux2Pipeline", "black-forest-labs/FLUX.2-dev"),
+}
 # How the preview runs a base at an output's precision, beside the fused output: as diffusers loads it, or from a
 # file of the same kind built from the base alone ("own-file": GGUF, where the type is the point)
 Runtime = Literal["bf16", "fp8", "nf4", "own-file"]
@@ -41,11 +44,14 @@ class Why(NamedTuple):
 class Option(Protocol):
     """A precision as a format offers it: what the person picks, and how the preview runs a base at it."""
 
-    key: str
-    note: str
-    runtime: Runtime
-    double_quant: bool | None  # NF4's option (None where it does not apply)
-
+    @property
+    def key(self) -> str: ...
+    @property
+    def note(self) -> str: ...
+    @property
+    def runtime(self) -> Runtime: ...
+    @property
+    def double_quant(self) -> bool | None: ...  # NF4's option (None where it does not apply)
     @property
     def bytes_per_param(self) -> float: ...
 
@@ -149,7 +155,9 @@ class Format(ABC):
         for o in self.options:
             if o.key.lower() == key.strip().lower():
                 return o
-        raise BadInputError(f"The {self.key} format has no precision {key!r}.", f"It offers {', '.join(self.precisions)}.")
+        raise BadInputError(
+            f"The {self.key} format has no precision {key!r}.", f"It offers {', '.join(self.precisions)}."
+        )
 
     def check(self, precision: str, family: str | None = None) -> str:
         """The precision's own spelling, once sure this format offers it and its consumers load `family`."""
@@ -164,7 +172,9 @@ class Format(ABC):
             return ""
         t5 = (t5 or precision).strip()
         if t5.lower() not in self.encoder_options:
-            raise BadInputError(f"The T5 text encoder has no precision {t5!r}.", f"Use one of {', '.join(self.encoder_options)}.")
+            raise BadInputError(
+                f"The T5 text encoder has no precision {t5!r}.", f"Use one of {', '.join(self.encoder_options)}."
+            )
         return t5.lower()
 
     # -- where it goes ------------------------------------------------------------------------------------------
@@ -195,8 +205,10 @@ class Format(ABC):
         encoders = [f for f in files if f.rsplit(".", 2)[-2] in ENCODER_PLACES] if self.one_file else []
         if not encoders:
             return self.where
-        return self.where + (" The fused text encoders (" + ", ".join(encoders) + ") go to ComfyUI's "
-                             "models/text_encoders/ (DualCLIPLoader, type flux) or Forge's models/text_encoder/.")
+        return self.where + (
+            " The fused text encoders (" + ", ".join(encoders) + ") go to ComfyUI's "
+            "models/text_encoders/ (DualCLIPLoader, type flux) or Forge's models/text_encoder/."
+        )
 
     @abstractmethod
     def snippet(self, path: str, precision: str, family: Family, t5: str = "") -> str:
@@ -222,44 +234,63 @@ class Format(ABC):
         """Text encoders written even when no LoRA changes them (a pipeline's T5 at its own precision)."""
         return set()
 
-    def plan(self, base_path: Path, base: BaseModel, loras: list[tuple[LoadedLora, float]], precision: str,
-             settings: Settings, ignore_unmatched: bool = False) -> BuildPlan:
+    def plan(
+        self,
+        base_path: Path,
+        base: BaseModel,
+        loras: list[tuple[LoadedLora, float]],
+        precision: str,
+        settings: Settings,
+        ignore_unmatched: bool = False,
+    ) -> BuildPlan:
         """Every part this format writes for a base and its LoRAs, with their writers."""
         from fluxstudio.engine.fuse import plan_tensors
 
         fplan = plan_tensors(base, loras, ignore_unmatched)
-        main = Part("transformer", base, fplan, self.main_writer(precision, base, fplan, settings), self.subfolder("transformer"))
+        main = Part(
+            "transformer",
+            base,
+            fplan,
+            self.main_writer(precision, base, fplan, settings),
+            self.subfolder("transformer"),
+        )
         planned = BuildPlan(self, base, loras, [main])
         touched = sorted({c for lora, _ in loras for c in lora.encoders})
         if touched and not self.writes_encoders:
             labels = " and ".join(ENCODERS[c].label for c in touched)
-            planned.notes.append(f"The LoRAs' {labels} parts were not fused: the {self.key} format holds the transformer "
-                                 "only (the pipeline format includes the text encoders)")
+            planned.notes.append(
+                f"The LoRAs' {labels} parts were not fused: the {self.key} format holds the transformer "
+                "only (the pipeline format includes the text encoders)"
+            )
             touched = []
         wanted = set(touched) | self.forced_encoders(settings)
         if wanted or self.links_base:
-            planned.root = self.pipeline_root(base_path)
+            planned.root = pipeline_root(base_path)
         for component in ENCODERS if base.family.key == "flux1" else ():
             if component in wanted:
+                assert planned.root is not None
                 encoder = open_encoder(planned.root, component)
                 eplan = plan_tensors(encoder, loras, ignore_unmatched, component)
-                planned.parts.append(Part(component, encoder, eplan, self.encoder_writer(component, encoder, eplan, settings),
-                                          self.subfolder(component)))
+                planned.parts.append(
+                    Part(
+                        component,
+                        encoder,
+                        eplan,
+                        self.encoder_writer(component, encoder, eplan, settings),
+                        self.subfolder(component),
+                    )
+                )
         return planned
 
-    @staticmethod
-    def pipeline_root(base_path: Path) -> Path:
-        from fluxstudio.formats.pipeline import pipeline_root
-
-        return pipeline_root(base_path)
-
-    def link(self, planned: BuildPlan, folder: Path) -> None:
+    def link(self, planned: BuildPlan, folder: Path) -> None:  # noqa: B027 - a hook: most formats take nothing
         """Bring in what the format takes from the base unchanged (a pipeline's other components)."""
 
     def linked_bytes(self, planned: BuildPlan, target: Path) -> int:
         return 0
 
-    def finish(self, tmp: Path, out: Path, files: list[Path], report: dict, family: Family, held: partials.Claim) -> None:
+    def finish(
+        self, tmp: Path, out: Path, files: list[Path], report: dict, family: Family, held: partials.Claim
+    ) -> None:
         """Put the finished output in place: the files, one by one, beside where they go."""
         for f in files:
             partials.move_into_place(f, out if f.name == out.name else out.parent / f.name, held)
@@ -293,11 +324,11 @@ def pipeline_lines(option: Option, family: Family, imports: str, load: str) -> s
     pipe_cls, repo = PIPELINES[family.key]
     lines = ["import torch", imports, "", load]
     if option.runtime == "fp8":
-        lines.append("transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)")
+        lines.append(
+            "transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)"
+        )
     lines += [
         f'pipe = {pipe_cls}.from_pretrained("{repo}", transformer=transformer, torch_dtype=torch.bfloat16)',
-        "pipe.enable_model_cpu_offload()  # or pipe.to(\"cuda\") on a large card",
+        'pipe.enable_model_cpu_offload()  # or pipe.to("cuda") on a large card',
     ]
     return "\n".join(lines)
-
-

@@ -145,8 +145,8 @@ class Assembler:
         self.dtype = dtype
         self._buffers: dict[str, tuple[torch.Tensor, int]] = {}  # group -> (buffer, parts copied)
 
-    def add(self, name: str, tensor: torch.Tensor, rows: list[int] | None = None) -> tuple[str, torch.Tensor] | None:
-        """Take one part; `rows` are the row counts of all of the group's parts (needed for its first part)."""
+    def add(self, name: str, tensor: torch.Tensor, rows: list[int]) -> tuple[str, torch.Tensor] | None:
+        """Take one part; `rows` are the row counts of all of the group's parts."""
         group, index = self._where[name]
         if len(group.parts) == 1:
             return group.name, swap_halves(tensor) if group.swapped else tensor

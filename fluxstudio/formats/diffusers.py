@@ -43,9 +43,13 @@ class DiffusersFormat(Format):
         return ["transformer"]
 
     def main_writer(self, precision: str, base: BaseModel, plan: FusePlan, settings: Settings) -> Writer:
-        return DiffusersWriter(self.codec(precision, settings), base, plan.jobs, plan.config_updates, settings.shard_bytes)
+        return DiffusersWriter(
+            self.codec(precision, settings), base, plan.jobs, plan.config_updates, settings.shard_bytes
+        )
 
-    def finish(self, tmp: Path, out: Path, files: list[Path], report: dict, family: Family, held: partials.Claim) -> None:
+    def finish(
+        self, tmp: Path, out: Path, files: list[Path], report: dict, family: Family, held: partials.Claim
+    ) -> None:
         """The manifest and a README beside the weights, then the folder into place."""
         manifest.write_folder(tmp, report)
         (tmp / "README.md").write_text(self.readme(out.name, report, family), encoding="utf-8")
@@ -67,8 +71,12 @@ class DiffusersFormat(Format):
     def snippet(self, path: str, precision: str, family: Family, t5: str = "") -> str:
         cls = family.class_name
         pipe_cls, _ = PIPELINES[family.key]
-        return pipeline_lines(self.option(precision), family, f"from diffusers import {cls}, {pipe_cls}",
-                              f'transformer = {cls}.from_pretrained(r"{path}", torch_dtype=torch.bfloat16)')
+        return pipeline_lines(
+            self.option(precision),
+            family,
+            f"from diffusers import {cls}, {pipe_cls}",
+            f'transformer = {cls}.from_pretrained(r"{path}", torch_dtype=torch.bfloat16)',
+        )
 
     def load_transformer(self, path: Path, config: Path):
         from diffusers import FluxTransformer2DModel

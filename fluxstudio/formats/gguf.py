@@ -68,8 +68,10 @@ class GgufWriter(BflWriter):
         fallback = [n for n, t in self.types.items() if t.key == "F16" and self._wanted(n) not in ("F16", "F32")]
         if fallback:
             block = get(preset.weights).block  # type: ignore[attr-defined]
-            self.notes.append(f"{len(fallback)} tensors have rows that are not a multiple of {block} "
-                              f"({', '.join(fallback[:3])}{' …' if len(fallback) > 3 else ''}): stored as F16 instead")
+            self.notes.append(
+                f"{len(fallback)} tensors have rows that are not a multiple of {block} "
+                f"({', '.join(fallback[:3])}{' …' if len(fallback) > 3 else ''}): stored as F16 instead"
+            )
         self.gguf = None  # the gguf package's writer, once open
         self.path: Path | None = None
         self.metadata: dict[str, str] = {}
@@ -103,7 +105,9 @@ class GgufWriter(BflWriter):
         for name, shape in self.shapes.items():
             t = self.types[name]
             raw = None if t.key in ("F32", "F16") else gguf.GGMLQuantizationType[t.key]
-            w.add_tensor_info(name, shape, np.float16 if t.key == "F16" else np.float32, t.nbytes(shape), raw_dtype=raw)
+            w.add_tensor_info(
+                name, shape, np.dtype(np.float16 if t.key == "F16" else np.float32), t.nbytes(shape), raw_dtype=raw
+            )
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -151,8 +155,10 @@ class GgufFormat(BflFormat):
     extension = ".gguf"
     options: tuple[Option, ...] = PRESETS
     default = "Q8_0"
-    where = ("ComfyUI: put it in models/unet/ and use the Unet Loader (GGUF) node from ComfyUI-GGUF. "
-             "Forge: models/Stable-diffusion/. stable-diffusion.cpp: --diffusion-model FILE.")
+    where = (
+        "ComfyUI: put it in models/unet/ and use the Unet Loader (GGUF) node from ComfyUI-GGUF. "
+        "Forge: models/Stable-diffusion/. stable-diffusion.cpp: --diffusion-model FILE."
+    )
 
     def main_writer(self, precision: str, base: BaseModel, plan: FusePlan, settings: Settings) -> Writer:
         preset = self.option(precision)
@@ -162,12 +168,20 @@ class GgufFormat(BflFormat):
     def snippet(self, path: str, precision: str, family: Family, t5: str = "") -> str:
         cls = family.class_name
         pipe_cls, repo = PIPELINES[family.key]
-        return pipeline_lines(self.option(precision), family, f"from diffusers import {cls}, {pipe_cls}, GGUFQuantizationConfig",
-                              f'transformer = {cls}.from_single_file(\n    r"{path}", config="{repo}", subfolder="transformer",\n'
-                              "    quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16), torch_dtype=torch.bfloat16,\n)")
+        return pipeline_lines(
+            self.option(precision),
+            family,
+            f"from diffusers import {cls}, {pipe_cls}, GGUFQuantizationConfig",
+            f'transformer = {cls}.from_single_file(\n    r"{path}", config="{repo}", subfolder="transformer",\n'
+            "    quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16), torch_dtype=torch.bfloat16,\n)",
+        )
 
     def load_transformer(self, path: Path, config: Path):
         from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
-        return FluxTransformer2DModel.from_single_file(str(path), config=str(config), dtype=torch.bfloat16,
-                                                       quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16))
+        return FluxTransformer2DModel.from_single_file(
+            str(path),
+            config=str(config),
+            dtype=torch.bfloat16,
+            quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16),
+        )

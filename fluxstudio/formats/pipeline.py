@@ -13,13 +13,12 @@ import shutil
 from pathlib import Path
 
 from fluxstudio.engine.fuse import FusePlan
-from fluxstudio.engine.models import BaseModel, Family
+from fluxstudio.engine.models import INDEX, BaseModel, Family
 from fluxstudio.errors import BadInputError
 from fluxstudio.formats.base import PIPELINES, BuildPlan, Settings, Writer
 from fluxstudio.formats.diffusers import DiffusersFormat, DiffusersWriter
 from fluxstudio.quant import get
 
-INDEX = "model_index.json"
 T5 = "text_encoder_2"
 
 
@@ -62,26 +61,22 @@ class PipelineFormat(DiffusersFormat):
 
     def snippet(self, path: str, precision: str, family: Family, t5: str = "") -> str:
         pipe_cls, _ = PIPELINES[family.key]
-        lines = ["import torch", f"from diffusers import {pipe_cls}", "",
-                 f'pipe = {pipe_cls}.from_pretrained(r"{path}", torch_dtype=torch.bfloat16)']
+        lines = [
+            "import torch",
+            f"from diffusers import {pipe_cls}",
+            "",
+            f'pipe = {pipe_cls}.from_pretrained(r"{path}", torch_dtype=torch.bfloat16)',
+        ]
         fp8 = [c for c, p in (("transformer", precision), (T5, t5)) if p and get(p).runtime == "fp8"]
-        lines += [f"pipe.{c}.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)"
-                  if c == "transformer" else
-                  f"apply_layerwise_casting(pipe.{c}, storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)" for c in fp8]
+        lines += [
+            f"pipe.{c}.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)"
+            if c == "transformer"
+            else f"apply_layerwise_casting(pipe.{c}, storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)"
+            for c in fp8
+        ]
         if T5 in fp8:
             lines.insert(2, "from diffusers.hooks import apply_layerwise_casting")
-        return "\n".join(lines + ["pipe.enable_model_cpu_offload()  # or pipe.to(\"cuda\") on a large card"])
-
-
-def pipeline_root(base_path: Path) -> Path:
-    """The pipeline folder of a base given as the folder itself or as its transformer/ subfolder."""
-    for folder in (base_path, base_path.parent):
-        if (folder / INDEX).is_file():
-            return folder
-    raise BadInputError(
-        f"{base_path.name} is a transformer alone, without the pipeline around it (model_index.json, text encoders, "
-        "VAE, tokenizers).", "Pick the whole diffusers pipeline folder (or repo) of the base model.", (base_path,),
-    )
+        return "\n".join(lines + ['pipe.enable_model_cpu_offload()  # or pipe.to("cuda") on a large card'])
 
 
 def components(root: Path) -> list[str]:
@@ -89,13 +84,16 @@ def components(root: Path) -> list[str]:
     try:
         index = json.loads((root / INDEX).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise BadInputError(f"{root / INDEX} is not valid JSON.", "Download the model again.", (root / INDEX,)) from None
+        raise BadInputError(
+            f"{root / INDEX} is not valid JSON.", "Download the model again.", (root / INDEX,)
+        ) from None
     names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]]
     missing = [n for n in names if not (root / n).is_dir()]
     if missing:
         raise BadInputError(
             f"The base pipeline lacks its {', '.join(missing)} folder{'s' if len(missing) > 1 else ''}.",
-            "Download the whole model (FluxStudio fetches it when the output is a pipeline).", (root,),
+            "Download the whole model (FluxStudio fetches it when the output is a pipeline).",
+            (root,),
         )
     return sorted(names)
 

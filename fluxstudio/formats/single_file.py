@@ -8,6 +8,7 @@ the one-file formats share (GGUF too): the width diffusers' single-file loader n
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -34,9 +35,12 @@ class BflFormat(Format):
     def width_problem(self, width: int) -> Why | None:
         if width == FLUX1_WIDTH:
             return None
-        return Why("diffusers reads single files and GGUF only at FLUX.1's real width (its converter assumes 3072), and "
-                   "this base is narrower.", "Build the demo in the diffusers or pipeline format to preview it; real FLUX "
-                   "models preview in every format diffusers loads.")
+        return Why(
+            "diffusers reads single files and GGUF only at FLUX.1's real width (its converter assumes 3072), and "
+            "this base is narrower.",
+            "Build the demo in the diffusers or pipeline format to preview it; real FLUX "
+            "models preview in every format diffusers loads.",
+        )
 
 
 class SingleFileWriter(BflWriter, SafetensorsWriter):
@@ -77,9 +81,14 @@ class SingleFileFormat(BflFormat):
     extension = ".safetensors"
     options: tuple[Option, ...] = (BF16, FP8, SCALED_FP8, NF4)
     default = "fp8-scaled"
-    where = ("ComfyUI: put it in models/diffusion_models/ and use the Load Diffusion Model node. "
-             "Forge: put it in models/Stable-diffusion/. SwarmUI: models/diffusion_models/.")
-    NOT_IN_DIFFUSERS = {"nf4": "Forge", "fp8-scaled": "ComfyUI and Forge"}  # and who reads them instead
+    where = (
+        "ComfyUI: put it in models/diffusion_models/ and use the Load Diffusion Model node. "
+        "Forge: put it in models/Stable-diffusion/. SwarmUI: models/diffusion_models/."
+    )
+    NOT_IN_DIFFUSERS: ClassVar[dict[str, str]] = {
+        "nf4": "Forge",
+        "fp8-scaled": "ComfyUI and Forge",
+    }  # and who reads them instead
 
     def main_writer(self, precision: str, base: BaseModel, plan: FusePlan, settings: Settings) -> Writer:
         option = self.option(precision)
@@ -89,16 +98,24 @@ class SingleFileFormat(BflFormat):
     def snippet(self, path: str, precision: str, family: Family, t5: str = "") -> str:
         if reader := self.NOT_IN_DIFFUSERS.get(precision):
             readers = f"{reader} read" if " and " in reader else f"{reader} reads"
-            return (f"# diffusers does not read {precision} single files ({readers} them).\n"
-                    "# For diffusers, build the diffusers format or a GGUF file instead.")
+            return (
+                f"# diffusers does not read {precision} single files ({readers} them).\n"
+                "# For diffusers, build the diffusers format or a GGUF file instead."
+            )
         cls = family.class_name
         pipe_cls, repo = PIPELINES[family.key]
-        return pipeline_lines(self.option(precision), family, f"from diffusers import {cls}, {pipe_cls}",
-                              f'transformer = {cls}.from_single_file(\n    r"{path}", config="{repo}", subfolder="transformer", '
-                              "torch_dtype=torch.bfloat16,\n)")
+        return pipeline_lines(
+            self.option(precision),
+            family,
+            f"from diffusers import {cls}, {pipe_cls}",
+            f'transformer = {cls}.from_single_file(\n    r"{path}", config="{repo}", subfolder="transformer", '
+            "torch_dtype=torch.bfloat16,\n)",
+        )
 
     def preview_problem(self, precision: str) -> Why | None:
         if reader := self.NOT_IN_DIFFUSERS.get(precision):
-            return Why(f"diffusers cannot load a {precision} single file ({reader} read it), so it has no preview.",
-                       "Build the diffusers format or a GGUF file to preview the same weights.")
+            return Why(
+                f"diffusers cannot load a {precision} single file ({reader} read it), so it has no preview.",
+                "Build the diffusers format or a GGUF file to preview the same weights.",
+            )
         return None

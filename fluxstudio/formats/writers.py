@@ -46,14 +46,23 @@ class SafetensorsWriter:
 def layerwise_skip_patterns(model_cls: type) -> tuple[str, ...]:
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
-    return tuple(DEFAULT_SKIP_MODULES_PATTERN) + tuple(getattr(model_cls, "_skip_layerwise_casting_patterns", None) or ())
+    return tuple(DEFAULT_SKIP_MODULES_PATTERN) + tuple(
+        getattr(model_cls, "_skip_layerwise_casting_patterns", None) or ()
+    )
 
 
 class DiffusersWriter(SafetensorsWriter):
     """A diffusers (or transformers) model folder: shards, config.json (+ quantization_config)."""
 
-    def __init__(self, precision: Precision, base: BaseModel, jobs: list[TensorJob], config_updates: dict,
-                 shard_bytes: int, score: bool = True) -> None:
+    def __init__(
+        self,
+        precision: Precision,
+        base: BaseModel,
+        jobs: list[TensorJob],
+        config_updates: dict,
+        shard_bytes: int,
+        score: bool = True,
+    ) -> None:
         super().__init__()
         self.codec, self.precision = precision, precision.key
         self.base, self.jobs, self.config_updates, self.shard_bytes = base, jobs, config_updates, shard_bytes
@@ -67,7 +76,9 @@ class DiffusersWriter(SafetensorsWriter):
             skip = layerwise_skip_patterns(model_cls)
             modules = frozenset(m for m in modules if not any(re.search(p, m) for p in skip))
         self.quantized_modules = modules
-        self.retention = Retention.of(jobs if score else [])  # a text encoder's writer does not score (nothing reads it)
+        self.retention = Retention.of(
+            jobs if score else []
+        )  # a text encoder's writer does not score (nothing reads it)
         self.folder: Path | None = None
 
     def is_quantized(self, name: str) -> bool:
@@ -98,7 +109,8 @@ class DiffusersWriter(SafetensorsWriter):
         config = dict(self.base.config) | self.config_updates
         if qconfig := self.codec.config():
             config["quantization_config"] = qconfig | (
-                {"llm_int8_skip_modules": sorted(self.kept)} if self.base.family.library == "transformers" else {})
+                {"llm_int8_skip_modules": sorted(self.kept)} if self.base.family.library == "transformers" else {}
+            )
         (self.folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return files + [self.folder / "config.json"]
 
@@ -108,15 +120,23 @@ class EncoderFile(DiffusersWriter):
     `text_model.` keys ComfyUI's CLIP loaders read, T5-XXL with fp8 Linear weights (the t5xxl_fp8_e4m3fn layout)."""
 
     def __init__(self, base: BaseModel, jobs: list[TensorJob], filename: str) -> None:
-        super().__init__(FP8 if base.family.key == "t5" else BF16, base,
-                         [j for j in jobs if not j.name.endswith("position_ids")], {}, 0, score=False)  # a buffer older files carry
+        super().__init__(
+            FP8 if base.family.key == "t5" else BF16,
+            base,
+            [j for j in jobs if not j.name.endswith("position_ids")],
+            {},
+            0,
+            score=False,
+        )  # a buffer older files carry
         self.filename = filename
 
     def key(self, name: str) -> str:
         return "text_model." + self.base.canonical(name) if self.base.family.key == "clip_l" else name
 
     def open(self, folder: Path, metadata: dict[str, str]) -> None:
-        self.shards = ShardedWriter(folder, 0, header_bound([self.key(j.name) for j in self.jobs]), single_name=self.filename)
+        self.shards = ShardedWriter(
+            folder, 0, header_bound([self.key(j.name) for j in self.jobs]), single_name=self.filename
+        )
 
     def encode(self, name: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
         return {self.key(name): self._codec(name).encode(name, fused)[name]}
@@ -164,18 +184,16 @@ class BflWriter:
         raise NotImplementedError
 
     def _score(self, group, t: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
-        rows_of = self.stored_rows(group.name, out)
+        rows_of: Rows = self.stored_rows(group.name, out)
         if group.swapped:  # the final modulation (small): decoded whole and swapped back
             stored, t = swap_halves(rows_of(0, t.shape[0])), swap_halves(t)
+            rows_of = lambda start, stop: stored[start:stop]
 
-            def rows_of(a: int, b: int) -> torch.Tensor:
-                return stored[a:b]
         start = 0
-        for part, rows in zip(group.parts, self.rows[group.parts[0]]):
+        for part, rows in zip(group.parts, self.rows[group.parts[0]], strict=False):
             self.retention.add(part, t[start : start + rows], lambda a, b, at=start: rows_of(at + a, at + b))
             start += rows
 
     def quantized(self, name: str) -> bool:
         """Whether a BFL tensor gets the output's precision: the Linear weights, but the small in/out layers."""
         return name.endswith(".weight") and len(self.shapes[name]) == 2 and not name.startswith(KEEP_HIGH)
-

@@ -13,58 +13,11 @@ how diffusers computes with it (bf16, fp8 by layerwise casting, or bitsandbytes'
 
 from __future__ import annotations
 
-import math
-from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Literal
-import torch
+from fluxstudio.quant import ggml, nf4, plain  # noqa: F401 - each registers its precisions
+from fluxstudio.quant.base import PRECISIONS, Precision, Rows, register
 
-Rows = Callable[[int, int], torch.Tensor]
-
-
-class Precision(ABC):
-    key: str
-    note: str = ""
-    from_fp32: bool = False
-    runtime: Literal["bf16", "fp8", "nf4", "own-file"] = "bf16"
-    double_quant: bool | None = None  # NF4's option (None where it does not apply)
-
-    @property
-    @abstractmethod
-    def bytes_per_param(self) -> float: ...
-
-    def nbytes(self, shape: tuple[int, ...]) -> int:
-        return math.ceil(math.prod(shape) * self.bytes_per_param)
-
-    def names(self, key: str) -> list[str]:
-        return [key]
-
-    @abstractmethod
-    def encode(self, key: str, weight: torch.Tensor) -> dict[str, torch.Tensor]: ...
-
-    def rows(self, key: str, stored: dict[str, torch.Tensor]) -> Rows:
-        t = stored[key]
-        return lambda start, stop: t[start:stop].to(torch.float32, copy=True)
-
-    def config(self) -> dict | None:
-        """The `quantization_config` a loader needs to read these weights (None: plain tensors)."""
-        return None
-
-    def file_markers(self) -> dict[str, torch.Tensor]:
-        """Tensors a one-file output carries once to say that its weights are stored this way."""
-        return {}
-
-
-PRECISIONS: dict[str, Precision] = {}
-
-
-def register(precision: Precision) -> Precision:
-    PRECISIONS[precision.key] = precision
-    return precision
+__all__ = ["PRECISIONS", "Precision", "Rows", "get", "register"]
 
 
 def get(key: str) -> Precision:
-    if not PRECISIONS:
-        from fluxstudio.quant import ggml, nf4, plain  # noqa: F401 - each registers its precisions
-
     return PRECISIONS[key]

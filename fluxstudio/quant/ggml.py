@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from fluxstudio.quant import Precision, Rows, register
+from fluxstudio.quant.base import Precision, Rows, register
 
 QK_K = 256
 CHUNK = 1 << 18  # values per step: bounds the temporaries (about 60 bytes a value); larger is slower here
@@ -113,7 +113,7 @@ def _cpu_scripted(fn):
     def call(x: torch.Tensor, *args):
         return (compiled() if x.device.type == "cpu" else fn)(x, *args)
 
-    call.compiled = compiled
+    call.compiled = compiled  # type: ignore[attr-defined] - the test reaches the compiled function through it
     return call
 
 
@@ -215,8 +215,14 @@ def _row_by_row_sum(t: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def _levels(x: torch.Tensor, shift: Optional[torch.Tensor], iscale: torch.Tensor, lo: int, hi: int,
-            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _levels(
+    x: torch.Tensor,
+    shift: Optional[torch.Tensor],
+    iscale: torch.Tensor,
+    lo: int,
+    hi: int,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """clamp(nearest_int(iscale * (x - shift)), lo, hi), written into `out` (round_ rounds halves to even, as
     ggml's nearest_int does for these magnitudes)."""
     if out is None:
@@ -228,8 +234,9 @@ def _levels(x: torch.Tensor, shift: Optional[torch.Tensor], iscale: torch.Tensor
     return out.round_().clamp_(lo, hi)
 
 
-def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
-               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _make_qkx2(
+    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's make_qkx2_quants over columns of 32 values ([32, M]) -> (scale, -min, iscale, shift, flat) per
     column: its levels are clamp(nearest_int(iscale * (x - shift)), 0, nmax), or 0 where the column is flat."""
     mx = x.amax(0)
@@ -246,7 +253,12 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     state = torch.stack([iscale, mn, best, scale, mn])
     best_iscale, best_shift, best, scale, mn = state.unbind(0)
     # C's float32 `rmin + rdelta*is + nmax` for each step
-    nums = torch.arange(nstep + 1, dtype=torch.float32, device=x.device).mul_(torch.tensor(rdelta, dtype=torch.float32)).add_(rmin).add_(nmax)
+    nums = (
+        torch.arange(nstep + 1, dtype=torch.float32, device=x.device)
+        .mul_(torch.tensor(rdelta, dtype=torch.float32))
+        .add_(rmin)
+        .add_(nmax)
+    )
     live = (~flat).float()
     won = torch.empty_like(live)
     for step in range(nstep + 1):
@@ -295,11 +307,18 @@ def _k_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int) -> Tuple[torc
     levels = torch.round((sub + dm[:, None]) / d.masked_fill(d == 0, 1.0)[:, None]).clamp_(0, nmax)
     kept = (d == 0).nonzero().squeeze(1)  # ggml leaves make_qkx2_quants' levels where the sub-block's scale is 0
     if kept.numel() > 0:
-        levels[kept] = _levels(sub[kept], shift[kept, None], iscale[kept, None], 0, nmax).masked_fill_(flat[kept, None], 0.0)
+        levels[kept] = _levels(sub[kept], shift[kept, None], iscale[kept, None], 0, nmax).masked_fill_(
+            flat[kept, None], 0.0
+        )
     levels = levels.to(torch.uint8).reshape(nb, 4, 2, 32)
-    packed = torch.cat([
-        (ls[:, :4] | ((ls[:, 4:] >> 4) << 6)), (lm[:, :4] | ((lm[:, 4:] >> 4) << 6)), (ls[:, 4:] & 15) | ((lm[:, 4:] & 15) << 4),
-    ], 1).to(torch.uint8)
+    packed = torch.cat(
+        [
+            (ls[:, :4] | ((ls[:, 4:] >> 4) << 6)),
+            (lm[:, :4] | ((lm[:, 4:] >> 4) << 6)),
+            (ls[:, 4:] & 15) | ((lm[:, 4:] & 15) << 4),
+        ],
+        1,
+    ).to(torch.uint8)
     return torch.stack([d16, dmin16], 1), packed, levels
 
 
@@ -462,10 +481,7 @@ class GgmlType(Precision):
     def __init__(self, qtype: str) -> None:
         self.key = qtype
         self.block, self.type_size = sizes(qtype)
-
-    @property
-    def bytes_per_param(self) -> float:
-        return self.type_size / self.block
+        self.bytes_per_param = self.type_size / self.block
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
         return math.prod(shape[:-1]) * row_bytes(self.key, shape[-1])
@@ -476,9 +492,11 @@ class GgmlType(Precision):
     def encode(self, key: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         return {key: quantize(weight.to(torch.bfloat16), self.key)}
 
-    def rows(self, key: str, stored: dict[str, torch.Tensor]) -> Rows:
+    def rows(self, key: str, stored: dict[str, torch.Tensor], shape: tuple[int, ...] | None = None) -> Rows:
         data = stored[key]  # 2-D: one row of blocks per weight row
-        return lambda start, stop: dequantize(data[start:stop], self.key, (stop - start, data.shape[1] // self.type_size * self.block))
+        return lambda start, stop: dequantize(
+            data[start:stop], self.key, (stop - start, data.shape[1] // self.type_size * self.block)
+        )
 
 
 class GgmlFloat(Precision):
@@ -487,10 +505,7 @@ class GgmlFloat(Precision):
     def __init__(self, qtype: str, dtype: torch.dtype) -> None:
         self.key, self.dtype = qtype, dtype
         self.block, self.type_size = sizes(qtype)
-
-    @property
-    def bytes_per_param(self) -> float:
-        return self.type_size
+        self.bytes_per_param = self.type_size
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         return True
@@ -499,7 +514,7 @@ class GgmlFloat(Precision):
         x = weight.to(torch.bfloat16).to(self.dtype).cpu()
         return {key: x.view(torch.int16) if self.dtype == torch.bfloat16 else x}
 
-    def rows(self, key: str, stored: dict[str, torch.Tensor]) -> Rows:
+    def rows(self, key: str, stored: dict[str, torch.Tensor], shape: tuple[int, ...] | None = None) -> Rows:
         data = stored[key].view(self.dtype)
         return lambda start, stop: data[start:stop].to(torch.float32, copy=True)
 

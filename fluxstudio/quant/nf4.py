@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from fluxstudio.errors import NumericError
-from fluxstudio.quant import Precision, Rows, register
+from fluxstudio.quant.base import Precision, Rows, register
 
 NF4_BLOCK = 64
 
@@ -27,9 +27,7 @@ class Nf4(Precision):
     def __init__(self, double_quant: bool = False) -> None:
         self.double_quant = double_quant
 
-    @property
-    def bytes_per_param(self) -> float:
-        return 0.5 + 4 / NF4_BLOCK
+    bytes_per_param = 0.5 + 4 / NF4_BLOCK
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
         numel = math.prod(shape)
@@ -42,9 +40,9 @@ class Nf4(Precision):
         return [key] + [f"{key}.{s}" for s in suffixes]
 
     def encode(self, key: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        return nf4_encode(key, weight.to(torch.bfloat16), self.double_quant)
+        return nf4_encode(key, weight.to(torch.bfloat16), bool(self.double_quant))
 
-    def rows(self, key: str, stored: dict[str, torch.Tensor]) -> Rows:
+    def rows(self, key: str, stored: dict[str, torch.Tensor], shape: tuple[int, ...] | None = None) -> Rows:
         return nf4_rows(key, stored)
 
     def config(self) -> dict | None:
@@ -87,14 +85,22 @@ def nf4_encode(name: str, weight: torch.Tensor, double_quant: bool = False) -> d
     else:
         packed, absmax = nf4_cpu(weight)
     if not torch.isfinite(absmax).all():
-        raise NumericError(f"The weight {name} contains NaN or Inf values.", "The base model file is broken: get it again.")
+        raise NumericError(
+            f"The weight {name} contains NaN or Inf values.", "The base model file is broken: get it again."
+        )
     code = F.get_4bit_type("nf4", device=weight.device)
     if double_quant:  # the same steps as bitsandbytes.functional.quantize_4bit(compress_statistics=True)
         offset = absmax.mean()
         qabsmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=256)
         state = F.QuantState(
-            absmax=qabsmax, shape=weight.shape, dtype=weight.dtype, blocksize=NF4_BLOCK, code=code,
-            quant_type="nf4", offset=offset, state2=state2,
+            absmax=qabsmax,
+            shape=weight.shape,
+            dtype=weight.dtype,
+            blocksize=NF4_BLOCK,
+            code=code,
+            quant_type="nf4",
+            offset=offset,
+            state2=state2,
         )
     else:
         state = F.QuantState(
@@ -109,9 +115,13 @@ def nf4_rows(name: str, out: dict[str, torch.Tensor]) -> Callable[[int, int], to
     """Rows [start, stop) of an NF4 weight as `nf4_encode` serialized it, in fp32: bitsandbytes' own kernel on just
     the blocks those rows span (a chunk that stays in cache decodes about three times faster than a whole weight)."""
     F = _bnb()
-    state = F.QuantState.from_dict({k[len(name) + 1:]: v for k, v in out.items() if k != name}, device=out[name].device)
+    state = F.QuantState.from_dict(
+        {k[len(name) + 1 :]: v for k, v in out.items() if k != name}, device=out[name].device
+    )
     absmax = state.absmax
+    assert state.shape is not None
     if state.nested:  # as bitsandbytes.functional.dequantize_4bit does
+        assert state.offset is not None
         absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
     absmax, packed = absmax.float(), out[name].reshape(-1)
     shape = tuple(state.shape)
@@ -123,7 +133,8 @@ def nf4_rows(name: str, out: dict[str, torch.Tensor]) -> Callable[[int, int], to
         n = min(b1 * NF4_BLOCK, total) - b0 * NF4_BLOCK
         begin = b0 * NF4_BLOCK // 2
         values = torch.ops.bitsandbytes.dequantize_4bit.default(
-            packed[begin : begin + (n + 1) // 2].reshape(-1, 1), absmax[b0:b1], NF4_BLOCK, "nf4", [n], torch.float32)
+            packed[begin : begin + (n + 1) // 2].reshape(-1, 1), absmax[b0:b1], NF4_BLOCK, "nf4", [n], torch.float32
+        )
         return values[first - b0 * NF4_BLOCK : last - b0 * NF4_BLOCK].view(stop - start, *shape[1:])
 
     return rows
@@ -204,6 +215,7 @@ def _cpu_kernel():
     global _KERNEL
     if _KERNEL is None:
         _bnb()
+
         def reference(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return torch.ops.bitsandbytes.quantize_4bit.default(a, NF4_BLOCK, "nf4", torch.uint8)
 
@@ -218,7 +230,7 @@ def _cpu_kernel():
             ok = all(
                 torch.equal(x, y) and x.dtype == y.dtype
                 for p in (probe, probe[:-7])
-                for x, y in zip(fast(p), reference(p))
+                for x, y in zip(fast(p), reference(p), strict=False)
             )
         except (ValueError, RuntimeError, ImportError):
             ok = False
@@ -236,7 +248,9 @@ def _probe() -> torch.Tensor:
     every = torch.cat([every, torch.zeros(-every.numel() % 63, dtype=torch.bfloat16)]).view(-1, 63)
     exact = torch.cat([torch.ones(every.shape[0], 1, dtype=torch.bfloat16), every], dim=1).reshape(-1)
     g = torch.Generator().manual_seed(0)
-    return torch.cat([exact, torch.zeros(64, dtype=torch.bfloat16), (torch.randn(1 << 16, generator=g) * 0.02).bfloat16()])
+    return torch.cat(
+        [exact, torch.zeros(64, dtype=torch.bfloat16), (torch.randn(1 << 16, generator=g) * 0.02).bfloat16()]
+    )
 
 
 NF4 = register(Nf4())

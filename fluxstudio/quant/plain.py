@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fluxstudio.quant import Precision, Rows, register
+from fluxstudio.quant.base import Precision, Rows, register
 
 FP8_MAX = 448.0
 
@@ -33,8 +33,10 @@ class ScaledFp8(Precision):
     """The older scaled-fp8 spelling (Forge, ComfyUI's `convert_old_quants`): `L.scale_weight` beside `L.weight`."""
 
     key = "fp8-scaled"
-    note = ("Linear weights as float8_e4m3fn with a float32 scale per tensor (weight = fp8 × scale): less error than a "
-            "plain fp8 cast.")
+    note = (
+        "Linear weights as float8_e4m3fn with a float32 scale per tensor (weight = fp8 × scale): less error than a "
+        "plain fp8 cast."
+    )
     bytes_per_param = 1
     from_fp32 = True
     runtime = "fp8"
@@ -55,7 +57,7 @@ class ScaledFp8(Precision):
         scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
         return {key: fp8_encode(weight, scale), self.scale_key(key): scale.reshape(()).cpu()}
 
-    def rows(self, key: str, stored: dict[str, torch.Tensor]) -> Rows:
+    def rows(self, key: str, stored: dict[str, torch.Tensor], shape: tuple[int, ...] | None = None) -> Rows:
         t, scale = stored[key], stored[self.scale_key(key)]
         return lambda start, stop: t[start:stop].float() * scale
 

@@ -57,7 +57,9 @@ class HubRef:
 Ref = DemoRef | LocalRef | HubRef
 
 _NAME = r"[A-Za-z0-9][\w.-]*"
-_URL = re.compile(rf"^https?://[^/]+/(?P<repo>{_NAME}/{_NAME})(?:/(?:blob|resolve|tree)/(?P<rev>[^/]+)(?:/(?P<path>.+))?)?/?$")
+_URL = re.compile(
+    rf"^https?://[^/]+/(?P<repo>{_NAME}/{_NAME})(?:/(?:blob|resolve|tree)/(?P<rev>[^/]+)(?:/(?P<path>.+))?)?/?$"
+)
 _REPO = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?:@(?P<rev>[^/]+))?(?:/(?P<path>.+))?$")
 
 
@@ -68,7 +70,9 @@ def parse_ref(text: str, local: bool = True) -> Ref:
     same sentence whether or not it exists, so that messages never tell a visitor what is there."""
     text = text.strip()
     if not text:
-        raise BadInputError("No model or LoRA given.", "Enter a Hub repo id (owner/name), a Hub URL, a local path or 'demo'.")
+        raise BadInputError(
+            "No model or LoRA given.", "Enter a Hub repo id (owner/name), a Hub URL, a local path or 'demo'."
+        )
     if text == "demo":
         return DemoRef()
     if m := _URL.match(text):
@@ -84,12 +88,19 @@ def parse_ref(text: str, local: bool = True) -> Ref:
         return _hub_ref(text, m)
     if not local:
         raise BadInputError(f"'{text}' is not a Hub repo id.", "Use owner/name or a Hub URL, or upload a file.")
-    raise BadInputError(f"'{text}' is neither an existing path nor a Hub repo id.", "Use owner/name, a Hub URL or a local path.")
+    raise BadInputError(
+        f"'{text}' is neither an existing path nor a Hub repo id.", "Use owner/name, a Hub URL or a local path."
+    )
 
 
 def _hub_ref(text: str, m: re.Match) -> HubRef:
     repo, revision, subpath = m["repo"], m["rev"] or "main", (m["path"] or "").strip("/")
     # the Hub's own rules for repo ids, and no step out of the repo in a file path
-    if ".." in repo or "--" in repo or ".." in revision or any(p in ("", ".", "..") for p in subpath.split("/") if subpath):
+    if (
+        ".." in repo
+        or "--" in repo
+        or ".." in revision
+        or any(p in ("", ".", "..") for p in subpath.split("/") if subpath)
+    ):
         raise BadInputError(f"'{text}' is not a valid Hub reference.", "Use owner/name[@revision][/file.safetensors].")
     return HubRef(text, repo, revision, subpath)

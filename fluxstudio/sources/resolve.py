@@ -11,8 +11,9 @@ from fluxstudio.sources.hub import Hub
 from fluxstudio.sources.refs import parse_ref
 
 
-def resolve(text: str, kind: Literal["base", "lora"], hub: Hub, run: Run | None = None,
-            parts: list[str] | None = None) -> tuple[Path, dict]:
+def resolve(
+    text: str, kind: Literal["base", "lora"], hub: Hub, run: Run | None = None, parts: list[str] | None = None
+) -> tuple[Path, dict]:
     """A local path for a base or LoRA reference, downloading from the Hub if need be, and its origin for the
     manifest (with `notes` the person should see). For a base from the Hub, `parts` are the components to download
     (None: the whole pipeline)."""

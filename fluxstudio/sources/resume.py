@@ -24,10 +24,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
+
+from typing_extensions import Self
 
 from fluxstudio.errors import CancelledError, HubError
 from fluxstudio.units import human_bytes
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 PARTIAL = ".partial"
 STALE_DAYS = 14  # a partial download no one resumed for this long is removed at the next start
@@ -157,11 +163,11 @@ class _ByteSink:
         self.n = 0
         self._sink = sink
 
-    def update(self, n: int | float | None = 1) -> None:
+    def update(self, n: float | None = 1) -> None:
         self.n += int(n or 0)
         self._sink(int(n or 0))
 
-    def __enter__(self) -> _ByteSink:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -183,8 +189,16 @@ def _hash_present(path: Path, hasher: _Hasher, have: int, check: Callable[[], No
             check()
 
 
-def fetch(remote: RemoteFile, cache: Path, *, endpoint: str | None, token: str | bool | None,
-          sink: Callable[[int], None], check: Callable[[], None], note: Callable[[str], None]) -> None:
+def fetch(
+    remote: RemoteFile,
+    cache: Path,
+    *,
+    endpoint: str | None,
+    token: str | bool | None,
+    sink: Callable[[int], None],
+    check: Callable[[], None],
+    note: Callable[[str], None],
+) -> None:
     """Download one file into the HF cache's blobs/, resuming a partial download of it; then link it (snapshots/).
 
     `sink(n)` gets each new byte count (negative when a server forces a restart), `check()` is called after each
@@ -199,6 +213,8 @@ def fetch(remote: RemoteFile, cache: Path, *, endpoint: str | None, token: str |
 
     url = hf_hub_url(remote.repo_id, remote.filename, revision=remote.commit, endpoint=endpoint)
     meta = get_hf_file_metadata(url, token=token, endpoint=endpoint)
+    if not meta.etag:
+        raise OSError(f"the Hub gave no ETag for {remote.filename}")  # as the client itself refuses
     blob = repo_dir(cache, remote.repo_id) / "blobs" / meta.etag
     partial = partial_path(cache, remote)
     headers = build_hf_headers(token=token)
@@ -207,7 +223,9 @@ def fetch(remote: RemoteFile, cache: Path, *, endpoint: str | None, token: str |
         headers.pop("authorization", None)  # a signed CDN address: it must not get the token
     with _locked(_lock_path(cache, blob.parent.parent.name, meta.etag), check):
         for stale in blob.parent.glob(f"{meta.etag}.*.incomplete"):
-            stale.unlink(missing_ok=True)  # huggingface_hub's, from a killed process: we hold the lock, no one writes it
+            stale.unlink(
+                missing_ok=True
+            )  # huggingface_hub's, from a killed process: we hold the lock, no one writes it
         while not blob.exists():
             blob.parent.mkdir(parents=True, exist_ok=True)
             have = present(cache, remote)
@@ -215,21 +233,33 @@ def fetch(remote: RemoteFile, cache: Path, *, endpoint: str | None, token: str |
             if have:
                 _hash_present(partial, hasher, have, check)
             with partial.open("ab" if have else "wb") as f:
-                http_get(source, _HashingFile(f, hasher, check), resume_size=have, headers=headers, expected_size=remote.size,
-                         displayed_filename=remote.filename, tqdm_class=lambda *a, **k: _ByteSink(sink))
+                http_get(  # a file-like object and a tqdm-like class, used as it uses them
+                    source,
+                    _HashingFile(f, hasher, check),  # type: ignore[arg-type]
+                    resume_size=have,
+                    headers=headers,
+                    expected_size=remote.size,
+                    displayed_filename=remote.filename,
+                    tqdm_class=lambda *a, **k: _ByteSink(sink),  # type: ignore[arg-type]
+                )
             if hasher.matches():
                 os.replace(partial, blob)
                 break
             partial.unlink()
             sink(-remote.size)
             if not have:
-                raise HubError(f"The download of {remote.filename} from {remote.repo_id} does not match the Hub's checksum.",
-                               "It was deleted. Try again; if it keeps failing, something on the network alters downloads.")
-            note(f"The partly downloaded {remote.filename} was damaged (its checksum did not match), so it was "
-                 "deleted and downloaded again from the start.")
+                raise HubError(
+                    f"The download of {remote.filename} from {remote.repo_id} does not match the Hub's checksum.",
+                    "It was deleted. Try again; if it keeps failing, something on the network alters downloads.",
+                )
+            note(
+                f"The partly downloaded {remote.filename} was damaged (its checksum did not match), so it was "
+                "deleted and downloaded again from the start."
+            )
     # huggingface_hub finds the blob in place and only links it into snapshots/ (and writes refs/): no bytes move
-    hf_hub_download(remote.repo_id, remote.filename, revision=remote.commit, endpoint=endpoint, token=token,
-                    cache_dir=str(cache))
+    hf_hub_download(
+        remote.repo_id, remote.filename, revision=remote.commit, endpoint=endpoint, token=token, cache_dir=str(cache)
+    )
 
 
 def reclaim(cache: Path, repo_ids: list[str] | None = None) -> int:
@@ -249,8 +279,11 @@ def reclaim(cache: Path, repo_ids: list[str] | None = None) -> int:
             etag = path.name.split(".")[0]
             try:
                 stat = path.stat()
-                resumable = path.suffix == PARTIAL and not (blobs / etag).exists() and \
-                    time.time() - stat.st_mtime < STALE_DAYS * 86400
+                resumable = (
+                    path.suffix == PARTIAL
+                    and not (blobs / etag).exists()
+                    and time.time() - stat.st_mtime < STALE_DAYS * 86400
+                )
                 if resumable or not _unowned(_lock_path(cache, folder.name, etag)):
                     continue  # a partial download to resume, or one in progress
                 path.unlink()
@@ -274,5 +307,7 @@ def discard(cache: Path, remotes: list[RemoteFile]) -> int:
 def cancelled(kept: int) -> CancelledError:
     if not kept:
         return CancelledError("Download cancelled.", "Nothing was kept.")
-    return CancelledError(f"Download cancelled: {human_bytes(kept)} kept; starting again resumes from there.",
-                          "Or discard it under Base model.")
+    return CancelledError(
+        f"Download cancelled: {human_bytes(kept)} kept; starting again resumes from there.",
+        "Or discard it under Base model.",
+    )

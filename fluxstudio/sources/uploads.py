@@ -32,14 +32,18 @@ def keep(src: Path, folder: Path) -> Path:
                 raise
             size = src.stat().st_size
             if free_bytes(folder) < size + MARGIN:
-                raise DiskSpaceError(f"Not enough free disk to keep this {human_bytes(size)} upload.",
-                                     "Free some space and upload it again.") from None
+                raise DiskSpaceError(
+                    f"Not enough free disk to keep this {human_bytes(size)} upload.",
+                    "Free some space and upload it again.",
+                ) from None
             shutil.copyfile(src, part)
         part.replace(dest)
     except OSError as exc:
         part.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
-            raise DiskSpaceError("The disk ran full while keeping the upload.", "Free some space and upload it again.") from None
+            raise DiskSpaceError(
+                "The disk ran full while keeping the upload.", "Free some space and upload it again."
+            ) from None
         raise
     return dest
 

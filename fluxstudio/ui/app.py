@@ -15,17 +15,19 @@ from starlette.middleware import Middleware
 from fluxstudio.studio import __version__, human_bytes
 from fluxstudio.ui.context import Context
 from fluxstudio.ui.panels import base, library, loras, machine, output, preview, run
-from fluxstudio.ui.settings import MAX_UPLOAD, Settings, blocked_paths, generated_auth
 from fluxstudio.ui.server import LoginGuard, UploadGuard
+from fluxstudio.ui.settings import MAX_UPLOAD, Settings, blocked_paths, generated_auth
 
-ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def _header() -> str:
     icon = base64.b64encode((ASSETS / "icon.png").read_bytes()).decode()
-    return (f'<div id="fs-header"><img src="data:image/png;base64,{icon}" alt="">'
-            f"<div><h1>FluxStudio</h1><p>Fuse LoRAs into FLUX at full precision, then quantize — "
-            f"one tensor at a time. v{__version__}</p></div></div>")
+    return (
+        f'<div id="fs-header"><img src="data:image/png;base64,{icon}" alt="">'
+        f"<div><h1>FluxStudio</h1><p>Fuse LoRAs into FLUX at full precision, then quantize — "
+        f"one tensor at a time. v{__version__}</p></div></div>"
+    )
 
 
 def _step(title: str) -> None:
@@ -59,9 +61,23 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
 
         for trigger in (m.target.change, b.model_key.change):
             trigger(advise, [m.target, b.model_key, o.format], [m.advice, o.precision])
-        run.wire(ctx, r, b.choice, b.custom, lo.items, o.format, o.precision, o.name, o.shard, o.t5,
-                 on_done=[(lambda: library.updates(ctx, lib), None, library.outputs(lib)), refresh_base,
-                          (lambda last: preview.on_build(ctx, last), r.last, [p.box, p.why, p.steps, p.size, p.go])])
+        run.wire(
+            ctx,
+            r,
+            b.choice,
+            b.custom,
+            lo.items,
+            o.format,
+            o.precision,
+            o.name,
+            o.shard,
+            o.t5,
+            on_done=[
+                (lambda: library.updates(ctx, lib), None, library.outputs(lib)),
+                refresh_base,
+                (lambda last: preview.on_build(ctx, last), r.last, [p.box, p.why, p.steps, p.size, p.go]),
+            ],
+        )
         preview.wire(ctx, p, r.last, on_done=(lambda: library.updates(ctx, lib), None, library.outputs(lib)))
         library.wire(ctx, lib)
 
@@ -72,9 +88,12 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
             extra = [gr.update(visible=need_token), gr.update(visible=need_token)] if b.token is not None else []
             return [status, key, text, precision, est, gr.update(visible=kept > 0), *extra]
 
-        blocks.load(first_load, [b.choice, b.custom, m.target, o.format],
-                    [b.status, b.model_key, m.advice, o.precision, o.estimate, b.discard]
-                    + ([b.token, b.save_token] if b.token is not None else []))
+        blocks.load(
+            first_load,
+            [b.choice, b.custom, m.target, o.format],
+            [b.status, b.model_key, m.advice, o.precision, o.estimate, b.discard]
+            + ([b.token, b.save_token] if b.token is not None else []),
+        )
     return blocks
 
 
@@ -94,20 +113,40 @@ def launch(settings: Settings) -> gr.Blocks:
     blocks = build_ui(settings, ctx)
     blocks.queue(default_concurrency_limit=4)
     blocks.launch(
-        server_name=settings.host, server_port=settings.port, share=settings.share, auth=auth,
-        inbrowser=settings.inbrowser, max_file_size=MAX_UPLOAD, allowed_paths=[], blocked_paths=blocked_paths(),
-        favicon_path=str(ASSETS / "favicon.png"), footer_links=[], show_error=False, quiet=False,
-        css_paths=[str(ASSETS / "style.css")], theme=gr.themes.Soft(primary_hue="violet"), prevent_thread_lock=True,
+        server_name=settings.host,
+        server_port=settings.port,
+        share=settings.share,
+        auth=auth,
+        inbrowser=settings.inbrowser,
+        max_file_size=MAX_UPLOAD,
+        allowed_paths=[],
+        blocked_paths=blocked_paths(),
+        favicon_path=str(ASSETS / "favicon.png"),
+        footer_links=[],
+        show_error=False,
+        quiet=False,
+        css_paths=[str(ASSETS / "style.css")],
+        theme=gr.themes.Soft(primary_hue="violet"),
+        prevent_thread_lock=True,
         auth_message="FluxStudio is shared with a login: ask its owner for the user and password.",
         # Gradio features FluxStudio does not use are off: run history (its routes skip the login and act with the
         # owner's Hugging Face token), monitoring, the MCP server
-        run_history=False, enable_monitoring=False, mcp_server=False,
-        app_kwargs={"openapi_url": None, "docs_url": None, "redoc_url": None,
-                    "middleware": [Middleware(UploadGuard, folder=web_tmp, limit=MAX_UPLOAD)]
-                    + ([Middleware(LoginGuard)] if auth else [])},
+        run_history=False,
+        enable_monitoring=False,
+        mcp_server=False,
+        app_kwargs={
+            "openapi_url": None,
+            "docs_url": None,
+            "redoc_url": None,
+            "middleware": [Middleware(UploadGuard, folder=web_tmp, limit=MAX_UPLOAD)]
+            + ([Middleware(LoginGuard)] if auth else []),
+        },
     )
     if settings.share and not blocks.share_url:
-        print("Could not create a public share link (no internet, or the tunnel is blocked). "
-              f"FluxStudio still runs locally at {blocks.local_url}", file=sys.stderr, flush=True)
+        print(
+            "Could not create a public share link (no internet, or the tunnel is blocked). "
+            f"FluxStudio still runs locally at {blocks.local_url}",
+            file=sys.stderr,
+            flush=True,
+        )
     return blocks
-

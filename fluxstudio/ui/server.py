@@ -23,8 +23,18 @@ from fluxstudio.studio import free_bytes, human_bytes
 MARGIN = 64 << 20  # what the disk keeps free beside an upload
 # What the login page itself needs before anyone has logged in, and the call Gradio's launch makes to itself (it
 # runs the app's start-up events once, and answers true or false)
-PUBLIC = {"/", "/login", "/login/", "/logout", "/favicon.ico", "/manifest.json", "/robots.txt", "/theme.css",
-          "/gradio_api/theme.css", "/gradio_api/startup-events"}
+PUBLIC = {
+    "/",
+    "/login",
+    "/login/",
+    "/logout",
+    "/favicon.ico",
+    "/manifest.json",
+    "/robots.txt",
+    "/theme.css",
+    "/gradio_api/theme.css",
+    "/gradio_api/startup-events",
+}
 PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
 
 
@@ -67,12 +77,20 @@ class UploadGuard:
         if length is None:
             return await _refuse(send, 411, "An upload needs its size (Content-Length).")
         if length > self.limit:
-            return await _refuse(send, 413, f"This file is {human_bytes(length)}; uploads are limited to "
-                                 f"{human_bytes(self.limit)} (a LoRA is a few hundred MB at most).")
+            return await _refuse(
+                send,
+                413,
+                f"This file is {human_bytes(length)}; uploads are limited to "
+                f"{human_bytes(self.limit)} (a LoRA is a few hundred MB at most).",
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.free(self.folder) < length + MARGIN:
-            return await _refuse(send, 507, f"Not enough free disk for this {human_bytes(length)} upload: "
-                                 f"{human_bytes(self.free(self.folder))} free. Free some space and try again.")
+            return await _refuse(
+                send,
+                507,
+                f"Not enough free disk for this {human_bytes(length)} upload: "
+                f"{human_bytes(self.free(self.folder))} free. Free some space and try again.",
+            )
         async with self._one_at_a_time:
             before = set(self.folder.iterdir())
             try:
@@ -95,6 +113,11 @@ class UploadGuard:
 
 async def _refuse(send, status: int, text: str) -> None:
     body = text.encode("utf-8")
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -43,7 +43,12 @@ def describe(ctx: Context, choice: str, custom: str) -> tuple[str, str, bool, in
     """(status html, model key, whether a token is needed, bytes kept from an interrupted download). Never raises."""
     shared = not ctx.settings.local
     if choice == CUSTOM and not custom.strip():
-        return ok_html("Enter a Hub repo id (owner/name), a Hub URL" + ("" if shared else " or a local folder") + "."), "flux1", False, 0
+        return (
+            ok_html("Enter a Hub repo id (owner/name), a Hub URL" + ("" if shared else " or a local folder") + "."),
+            "flux1",
+            False,
+            0,
+        )
     base = reference(choice, custom)
     try:
         s = ctx.studio.describe_base(base)
@@ -57,23 +62,36 @@ def render(ctx: Context) -> Handles:
     with gr.Column(elem_id="base", elem_classes="fs-card"):
         with gr.Row():
             choice = gr.Dropdown(choices(), value=default, label="Base model", scale=2, elem_id="base-choice")
-            custom = gr.Textbox(label="Hub repo id, Hub URL" + ("" if not ctx.settings.local else " or local folder"),
-                                placeholder="owner/name", visible=False, scale=2, elem_id="base-custom")
+            custom = gr.Textbox(
+                label="Hub repo id, Hub URL" + ("" if not ctx.settings.local else " or local folder"),
+                placeholder="owner/name",
+                visible=False,
+                scale=2,
+                elem_id="base-custom",
+            )
         with gr.Row(equal_height=True):
             status = gr.HTML(elem_id="base-status")
-            discard = gr.Button("Discard the partial download", visible=False, size="sm", scale=0, min_width=220,
-                                elem_id="base-discard")
+            discard = gr.Button(
+                "Discard the partial download", visible=False, size="sm", scale=0, min_width=220, elem_id="base-discard"
+            )
         token = save = None
         if ctx.settings.local:  # never in a shared session
             with gr.Row():
-                token = gr.Textbox(label="Hugging Face token (saved with huggingface_hub's login)", type="password",
-                                   value="", visible=False, scale=3, elem_id="hf-token")
+                token = gr.Textbox(
+                    label="Hugging Face token (saved with huggingface_hub's login)",
+                    type="password",
+                    value="",
+                    visible=False,
+                    scale=3,
+                    elem_id="hf-token",
+                )
                 save = gr.Button("Save token", visible=False, scale=1)
     return Handles(choice, custom, status, gr.State("flux1"), token, save, discard)
 
 
 def wire(ctx: Context, h: Handles):
     """Wire the panel; returns (function, inputs, outputs) that refresh it (after a build: what it downloaded)."""
+
     def update(choice, custom, prefix=""):
         status, key, need_token, kept = describe(ctx, choice, custom or "")
         updates = [gr.update(visible=choice == CUSTOM), prefix + status, key, gr.update(visible=kept > 0)]
@@ -94,13 +112,18 @@ def wire(ctx: Context, h: Handles):
     h.custom.blur(update, [h.choice, h.custom], outputs)
     h.discard.click(discard, [h.choice, h.custom], outputs)
     if h.token is not None:
+
         def store(token, choice, custom):
             try:
                 user = ctx.studio.save_token(token or "")
             except FluxStudioError as exc:
                 return gr.update(value=""), error_html(user_message(exc, False)), gr.update()
             status, _, need, _ = describe(ctx, choice, custom or "")
-            return gr.update(value="", visible=need), ok_html(f"Token saved for {user}.") + status, gr.update(visible=need)
+            return (
+                gr.update(value="", visible=need),
+                ok_html(f"Token saved for {user}.") + status,
+                gr.update(visible=need),
+            )
 
         h.save_token.click(store, [h.token, h.choice, h.custom], [h.token, h.status, h.save_token])
     return update, [h.choice, h.custom], outputs

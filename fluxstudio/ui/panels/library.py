@@ -26,8 +26,16 @@ class Handles:
 
 def rows(ctx: Context) -> list[list[str]]:
     return [
-        [e.name, e.base, ", ".join(f"{n} ({s:g})" for n, s in e.loras) or "—", e.format, e.precision,
-         human_bytes(e.size_bytes), e.created.replace("T", " ")[:16], e.preview or "—"]
+        [
+            e.name,
+            e.base,
+            ", ".join(f"{n} ({s:g})" for n, s in e.loras) or "—",
+            e.format,
+            e.precision,
+            human_bytes(e.size_bytes),
+            e.created.replace("T", " ")[:16],
+            e.preview or "—",
+        ]
         for e in ctx.studio.outputs()
     ]
 
@@ -42,11 +50,18 @@ def render(ctx: Context) -> Handles:
                 pick = gr.Dropdown(names, label="Saved output", scale=3, elem_id="library-pick")
                 delete = gr.Button("Delete", variant="stop", scale=1, min_width=100, elem_id="library-delete")
             refresh = gr.Button("Refresh", scale=1, min_width=100)
-        gallery = gr.Gallery(label="Saved preview", columns=3, height="auto", visible=False, elem_id="library-preview") \
-            if ctx.settings.local else None
+        gallery = (
+            gr.Gallery(label="Saved preview", columns=3, height="auto", visible=False, elem_id="library-preview")
+            if ctx.settings.local
+            else None
+        )
         freed = ctx.studio.reclaimed_bytes
-        message = gr.HTML(ok_html(f"Reclaimed {human_bytes(freed)} left by interrupted builds, downloads and uploads.") if freed else "",
-                          elem_id="library-message")
+        message = gr.HTML(
+            ok_html(f"Reclaimed {human_bytes(freed)} left by interrupted builds, downloads and uploads.")
+            if freed
+            else "",
+            elem_id="library-message",
+        )
         if ctx.settings.local:
             gr.Markdown(f"Outputs are saved in `{ctx.settings.output_dir}`.", elem_classes="fs-muted")
     return Handles(table, refresh, pick, delete, message, gallery)
@@ -74,7 +89,9 @@ def saved_preview(ctx: Context, name: str | None):
     if not items:
         return gr.update(value=None, visible=False)
     s = result.settings
-    return gr.update(value=items, visible=True, label=f"Saved preview · seed {s['seed']} · {s['steps']} steps · {s['prompt']}")
+    return gr.update(
+        value=items, visible=True, label=f"Saved preview · seed {s['seed']} · {s['steps']} steps · {s['prompt']}"
+    )
 
 
 def wire(ctx: Context, h: Handles) -> None:
@@ -82,6 +99,7 @@ def wire(ctx: Context, h: Handles) -> None:
     if h.pick is not None:
         h.pick.change(lambda name: saved_preview(ctx, name), h.pick, h.gallery)
     if h.delete is not None:
+
         def remove(name):
             try:
                 ctx.studio.delete(name or "")

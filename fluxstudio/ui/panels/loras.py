@@ -28,12 +28,22 @@ def render(ctx: Context) -> Handles:
     items = gr.State([])
     with gr.Column(elem_id="loras", elem_classes="fs-card"):
         with gr.Row(equal_height=True):
-            ref = gr.Textbox(label="Add a LoRA", scale=4, elem_id="lora-ref",
-                             placeholder="owner/name, owner/name/file.safetensors, a Hub URL"
-                             + (", a local .safetensors path" if ctx.settings.local else "") + " or demo")
+            ref = gr.Textbox(
+                label="Add a LoRA",
+                scale=4,
+                elem_id="lora-ref",
+                placeholder="owner/name, owner/name/file.safetensors, a Hub URL"
+                + (", a local .safetensors path" if ctx.settings.local else "")
+                + " or demo",
+            )
             add = gr.Button("Add", scale=1, elem_id="lora-add")
-            upload = gr.File(label="…or upload a .safetensors", file_types=[".safetensors"], scale=2,
-                             elem_id="lora-upload", height=90)
+            upload = gr.File(
+                label="…or upload a .safetensors",
+                file_types=[".safetensors"],
+                scale=2,
+                elem_id="lora-upload",
+                height=90,
+            )
         message = gr.HTML(elem_id="lora-message")
 
         @gr.render(inputs=items)
@@ -43,8 +53,17 @@ def render(ctx: Context) -> Handles:
             for item in current:
                 with gr.Row(equal_height=True, elem_classes="fs-lora-row"):
                     gr.Markdown(f"**{item['name']}**  \n{item['info']}", elem_classes="fs-lora-info")
-                    scale = gr.Slider(-2, 2, value=item["scale"], step=0.05, label="Scale", scale=1, interactive=True,
-                                      key=f"scale-{item['id']}", elem_classes="fs-lora-scale")
+                    scale = gr.Slider(
+                        -2,
+                        2,
+                        value=item["scale"],
+                        step=0.05,
+                        label="Scale",
+                        scale=1,
+                        interactive=True,
+                        key=f"scale-{item['id']}",
+                        elem_classes="fs-lora-scale",
+                    )
                     remove = gr.Button("Remove", size="sm", scale=0, key=f"rm-{item['id']}")
 
                 def set_scale(value, state, item_id=item["id"]):
@@ -53,7 +72,9 @@ def render(ctx: Context) -> Handles:
                             it["scale"] = float(value)
 
                 scale.change(set_scale, [scale, items], None)  # in place: no re-render while dragging
-                remove.click(lambda state, item_id=item["id"]: [it for it in state if it["id"] != item_id], items, items)
+                remove.click(
+                    lambda state, item_id=item["id"]: [it for it in state if it["id"] != item_id], items, items
+                )
 
     return Handles(items, ref, add, upload, message, gr.State(0))
 
@@ -64,7 +85,9 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key) -> None:
     def add_item(state, ref_text, name, path, info):
         if any(it["ref"] == ref_text for it in state):
             raise BadInputError(f"{name} is in the list already.", "Change its scale in the list instead.")
-        return state + [{"id": uuid.uuid4().hex[:8], "ref": ref_text, "path": str(path), "name": name, "scale": 1.0, "info": info}]
+        return state + [
+            {"id": uuid.uuid4().hex[:8], "ref": ref_text, "path": str(path), "name": name, "scale": 1.0, "info": info}
+        ]
 
     def add_typed(state, text, choice, custom, key):
         try:
@@ -90,5 +113,9 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key) -> None:
     inputs = [h.items, h.ref, base_choice, base_custom, model_key]
     h.add.click(add_typed, inputs, [h.items, h.ref, h.message])
     h.ref.submit(add_typed, inputs, [h.items, h.ref, h.message])
-    h.upload.upload(add_uploaded, [h.items, h.upload, base_choice, base_custom, model_key, h.uploaded],
-                    [h.items, h.upload, h.message, h.uploaded], preprocess=False)
+    h.upload.upload(
+        add_uploaded,
+        [h.items, h.upload, base_choice, base_custom, model_key, h.uploaded],
+        [h.items, h.upload, h.message, h.uploaded],
+        preprocess=False,
+    )

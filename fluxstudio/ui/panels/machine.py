@@ -18,13 +18,17 @@ class Handles:
 
 def summary(hw, shared: bool) -> str:
     gpus = [
-        f"**{a.name}** · {a.kind}" + (f" · compute {a.capability[0]}.{a.capability[1]}" if a.capability else "")
-        + f" · {human_bytes(a.vram_total_bytes)} VRAM" + ("" if a.usable_by_torch else " · *not usable by this PyTorch*")
+        f"**{a.name}** · {a.kind}"
+        + (f" · compute {a.capability[0]}.{a.capability[1]}" if a.capability else "")
+        + f" · {human_bytes(a.vram_total_bytes)} VRAM"
+        + ("" if a.usable_by_torch else " · *not usable by this PyTorch*")
         for a in hw.accelerators
     ]
     lines = gpus or ["**No GPU** — FluxStudio builds on the CPU; the result is meant for a GPU machine."]
-    lines.append(f"RAM {human_bytes(hw.ram_total_bytes)} ({human_bytes(hw.ram_available_bytes)} free) · "
-                 f"disk {human_bytes(hw.disk_free_bytes)} free" + ("" if shared else f" at `{hw.disk_path}`"))
+    lines.append(
+        f"RAM {human_bytes(hw.ram_total_bytes)} ({human_bytes(hw.ram_available_bytes)} free) · "
+        f"disk {human_bytes(hw.disk_free_bytes)} free" + ("" if shared else f" at `{hw.disk_path}`")
+    )
     lines += [f"*{n}*" for n in hw.notes if gpus]
     return "  \n".join(lines)
 
@@ -41,7 +45,8 @@ def render(ctx: Context) -> Handles:
     with gr.Column(elem_id="machine", elem_classes="fs-card"):
         gr.Markdown(summary(ctx.studio.hw, not ctx.settings.local), elem_id="machine-summary")
         with gr.Row():
-            target = gr.Dropdown([THIS_MACHINE, *advice.CARDS], value=THIS_MACHINE, label="I will run it on",
-                                 scale=1, elem_id="target")
+            target = gr.Dropdown(
+                [THIS_MACHINE, *advice.CARDS], value=THIS_MACHINE, label="I will run it on", scale=1, elem_id="target"
+            )
             text = gr.Markdown(elem_id="advice")
     return Handles(target, text)

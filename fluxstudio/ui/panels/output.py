@@ -47,13 +47,16 @@ def precision_update(format: str, model_key: str, rec) -> dict:
     return gr.update(choices=precision_choices(format, model_key), value=value)
 
 
-def estimate(ctx: Context, choice: str, custom: str, items: list, format: str, precision: str, model_key: str,
-             t5: str = "") -> str:
+def estimate(
+    ctx: Context, choice: str, custom: str, items: list, format: str, precision: str, model_key: str, t5: str = ""
+) -> str:
     """The size the build will check the disk against (exact once the base is here), and the free disk."""
     fmt = FORMATS[format]
     if precision not in fmt.precisions:
         return ""
-    est = ctx.studio.estimate(reference(choice, custom), [it["path"] for it in items or []], format, precision, model_key, t5)
+    est = ctx.studio.estimate(
+        reference(choice, custom), [it["path"] for it in items or []], format, precision, model_key, t5
+    )
     warn = " — **not enough space**" if not est.fits else ""
     size = human_bytes(est.bytes) if est.exact else f"~{human_bytes(est.bytes)}"
     return f"Output about **{size}** · {human_bytes(est.free)} free{warn}  \n{fmt.option(precision).note}"
@@ -61,16 +64,31 @@ def estimate(ctx: Context, choice: str, custom: str, items: list, format: str, p
 
 def render(ctx: Context) -> Handles:
     with gr.Column(elem_id="output", elem_classes="fs-card"):
-        fmt = gr.Radio([(f.label, f.key) for f in FORMATS.values()], value="diffusers", label="What is the model for?",
-                       elem_id="format")
+        fmt = gr.Radio(
+            [(f.label, f.key) for f in FORMATS.values()],
+            value="diffusers",
+            label="What is the model for?",
+            elem_id="format",
+        )
         with gr.Row():
-            precision = gr.Radio(precision_choices("diffusers", "flux1"), value="bf16", label="Precision",
-                                 elem_id="precision", scale=3)
-            name = gr.Textbox(value=f"flux-fused-{datetime.now():%Y%m%d-%H%M}", label="Output name", max_lines=1,
-                              elem_id="out-name", scale=2)
+            precision = gr.Radio(
+                precision_choices("diffusers", "flux1"), value="bf16", label="Precision", elem_id="precision", scale=3
+            )
+            name = gr.Textbox(
+                value=f"flux-fused-{datetime.now():%Y%m%d-%H%M}",
+                label="Output name",
+                max_lines=1,
+                elem_id="out-name",
+                scale=2,
+            )
             shard = gr.Dropdown(SHARD_SIZES, value="5GB", label="Shard size", scale=1, elem_id="shard")
-        t5 = gr.Radio(ENCODER_PRECISIONS, value="bf16", label="T5-XXL text encoder precision", visible=False,
-                      elem_id="t5-precision")
+        t5 = gr.Radio(
+            ENCODER_PRECISIONS,
+            value="bf16",
+            label="T5-XXL text encoder precision",
+            visible=False,
+            elem_id="t5-precision",
+        )
         text = gr.Markdown(elem_id="estimate")
     return Handles(fmt, precision, name, shard, text, t5)
 
@@ -84,8 +102,11 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key, loras, t
     def on_format(format, key, target_card):
         rec = ctx.studio.advise(target_card, key)
         fmt = FORMATS[format]
-        return (precision_update(format, key, rec), gr.update(visible=not fmt.one_file),
-                gr.update(visible=bool(fmt.encoder_options), value=rec.text_encoder))
+        return (
+            precision_update(format, key, rec),
+            gr.update(visible=not fmt.one_file),
+            gr.update(visible=bool(fmt.encoder_options), value=rec.text_encoder),
+        )
 
     h.format.change(on_format, [h.format, model_key, target], [h.precision, h.shard, h.t5])
     for trigger in (h.precision.change, model_key.change, loras.change, h.t5.change):

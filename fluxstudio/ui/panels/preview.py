@@ -13,9 +13,11 @@ from fluxstudio.ui.context import Context
 from fluxstudio.ui.handlers import error_html, ok_html, user_message
 from fluxstudio.ui.panels.run import memory_text, progress_text
 
-INTRO = ("The same seed, twice: **(a)** the base at the output's precision with the LoRAs applied unfused, as people "
-         "run them today, and **(b)** the fused model just built; **(c)** adds the bf16 base with the LoRAs when it fits "
-         "the card.")
+INTRO = (
+    "The same seed, twice: **(a)** the base at the output's precision with the LoRAs applied unfused, as people "
+    "run them today, and **(b)** the fused model just built; **(c)** adds the bf16 base with the LoRAs when it fits "
+    "the card."
+)
 
 
 @dataclass
@@ -41,20 +43,31 @@ def render() -> Handles:
         gr.Markdown(INTRO)
         why = gr.Markdown(elem_id="preview-why")
         with gr.Row(equal_height=True):
-            prompt = gr.Textbox("a red fox in fresh snow, detailed fur, golden hour", label="Prompt", scale=4,
-                                elem_id="preview-prompt")
+            prompt = gr.Textbox(
+                "a red fox in fresh snow, detailed fur, golden hour", label="Prompt", scale=4, elem_id="preview-prompt"
+            )
             seed = gr.Number(0, label="Seed", precision=0, minimum=0, scale=1, elem_id="preview-seed")
             steps = gr.Number(20, label="Steps", precision=0, minimum=1, maximum=100, scale=1, elem_id="preview-steps")
-            size = gr.Number(512, label="Size (px, square)", precision=0, minimum=32, maximum=2048, step=16, scale=1,
-                             elem_id="preview-size")
+            size = gr.Number(
+                512,
+                label="Size (px, square)",
+                precision=0,
+                minimum=32,
+                maximum=2048,
+                step=16,
+                scale=1,
+                elem_id="preview-size",
+            )
         with gr.Row():
             go = gr.Button("Try it", variant="primary", scale=3, elem_id="try")
             cancel = gr.Button("Cancel", variant="stop", scale=1, interactive=False, elem_id="preview-cancel")
         status = gr.HTML(elem_id="preview-status")
         progress = gr.Markdown(elem_id="preview-progress")
         with gr.Row():
-            images = [gr.Image(label=f"({k})", type="pil", interactive=False, visible=False, elem_id=f"preview-{k}")
-                      for k in "abc"]
+            images = [
+                gr.Image(label=f"({k})", type="pil", interactive=False, visible=False, elem_id=f"preview-{k}")
+                for k in "abc"
+            ]
         figures = gr.Markdown(elem_id="preview-figures")
     return Handles(box, why, prompt, seed, steps, size, go, cancel, gr.State(None), status, progress, images, figures)
 
@@ -72,8 +85,10 @@ def figures_table(result) -> str:
     for r in result.renders:
         rows.append(f"| ({r.key}) {r.label} | {r.it_per_s:.2f} | {r.seconds:.2f} | {vram_text(r)} |")
     s = result.settings
-    rows.append(f"\nSeed {s['seed']} · {s['steps']} steps · {s['width']}×{s['height']} · guidance {s['guidance']:g} "
-                f"· {s['device']}. Saved beside the model (preview.json and the images); the library shows them.")
+    rows.append(
+        f"\nSeed {s['seed']} · {s['steps']} steps · {s['width']}×{s['height']} · guidance {s['guidance']:g} "
+        f"· {s['device']}. Saved beside the model (preview.json and the images); the library shows them."
+    )
     return "\n".join(rows + [f"*{n}*" for n in result.notes])
 
 
@@ -97,8 +112,12 @@ def pictures(result) -> dict[str, tuple]:
 
 def image_updates(result) -> list:
     shown = pictures(result)
-    return [gr.update(value=shown[k][0], label=shown[k][1], visible=True) if k in shown else gr.update(value=None, visible=False)
-            for k in "abc"]
+    return [
+        gr.update(value=shown[k][0], label=shown[k][1], visible=True)
+        if k in shown
+        else gr.update(value=None, visible=False)
+        for k in "abc"
+    ]
 
 
 def on_build(ctx: Context, last) -> list:
@@ -132,6 +151,7 @@ def wire(ctx: Context, h: Handles, last: gr.State, on_done: tuple) -> None:
             yield (None, ok_html("Cancelled: nothing new was saved."), "", *hidden, "", *idle)
 
     outputs = [h.job_id, h.status, h.progress, *h.images, h.figures, h.go, h.cancel]
-    h.go.click(run, [last, h.prompt, h.seed, h.steps, h.size], outputs, concurrency_limit=1,
-               concurrency_id="build").then(*on_done)
+    h.go.click(
+        run, [last, h.prompt, h.seed, h.steps, h.size], outputs, concurrency_limit=1, concurrency_id="build"
+    ).then(*on_done)
     h.cancel.click(lambda job_id: ctx.studio.cancel(job_id), h.job_id, None, queue=False)

@@ -14,8 +14,13 @@ from fluxstudio.ui.context import Context
 from fluxstudio.ui.handlers import error_html, ok_html, user_message
 from fluxstudio.ui.panels.base import reference
 
-STAGES = {Stage.PREPARE: "Preparing", Stage.DOWNLOAD: "Downloading", Stage.INSPECT: "Checking inputs",
-          Stage.FUSE: "Fusing and quantizing", Stage.FINALIZE: "Writing"}
+STAGES = {
+    Stage.PREPARE: "Preparing",
+    Stage.DOWNLOAD: "Downloading",
+    Stage.INSPECT: "Checking inputs",
+    Stage.FUSE: "Fusing and quantizing",
+    Stage.FINALIZE: "Writing",
+}
 
 
 @dataclass
@@ -60,13 +65,15 @@ def result_text(ctx: Context, job: Job, shared: bool) -> str:
     r = job.result
     where = r.output_dir.replace("\\", "/").rsplit("/", 1)[-1] if shared else r.output_dir
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in r.stage_seconds.items())
-    lines = [f"### Saved `{where}`",
-             f"{r.format} · {r.precision} · **{human_bytes(r.output_bytes)}** in {len(r.files)} file(s) · "
-             f"{r.tensors_fused} tensors fused"
-             + (f" · LoRA effect kept: **{100 * r.lora_retained:.1f}%**" if r.lora_retained is not None else ""),
-             f"Time **{r.seconds:.1f} s** ({stages})",
-             f"Peak RAM **{human_bytes(r.peak_anon_bytes)}** (RSS {human_bytes(r.peak_ram_bytes)})"
-             + (f" · peak VRAM **{human_bytes(r.peak_vram_bytes)}**" if r.peak_vram_bytes else "")]
+    lines = [
+        f"### Saved `{where}`",
+        f"{r.format} · {r.precision} · **{human_bytes(r.output_bytes)}** in {len(r.files)} file(s) · "
+        f"{r.tensors_fused} tensors fused"
+        + (f" · LoRA effect kept: **{100 * r.lora_retained:.1f}%**" if r.lora_retained is not None else ""),
+        f"Time **{r.seconds:.1f} s** ({stages})",
+        f"Peak RAM **{human_bytes(r.peak_anon_bytes)}** (RSS {human_bytes(r.peak_ram_bytes)})"
+        + (f" · peak VRAM **{human_bytes(r.peak_vram_bytes)}**" if r.peak_vram_bytes else ""),
+    ]
     if place := ctx.studio.placement(r):
         lines.append(f"**Where it goes:** {place}")
     if len(r.fused_per_component) > 1:
@@ -88,14 +95,23 @@ def render() -> Handles:
     return Handles(go, cancel, gr.State(None), status, progress, memory, result, snippet, gr.State(None))
 
 
-def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, format, precision, name, shard, t5, on_done) -> None:
+def wire(
+    ctx: Context, h: Handles, base_choice, base_custom, loras, format, precision, name, shard, t5, on_done
+) -> None:
     shared = not ctx.settings.local
 
     def run(choice, custom, items, fmt, prec, out_name, shard_size, t5_precision):
         idle = gr.update(interactive=True), gr.update(interactive=False)
         try:
-            req = ctx.studio.request(reference(choice, custom), [(it["ref"], it["scale"]) for it in items], fmt, prec,
-                                     out_name or "", shard_size, t5_precision)
+            req = ctx.studio.request(
+                reference(choice, custom),
+                [(it["ref"], it["scale"]) for it in items],
+                fmt,
+                prec,
+                out_name or "",
+                shard_size,
+                t5_precision,
+            )
         except Exception as exc:  # noqa: BLE001 - shown as one sentence
             yield (None, error_html(user_message(exc, shared)), "", "", "", gr.update(visible=False), *idle, None)
             return
@@ -107,8 +123,16 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, format, prec
         if job.status == Status.DONE:
             r = job.result
             snippet = ctx.studio.snippet(r, req, None if not shared else f"path/to/{req.out_dir.name}")
-            yield (None, ok_html("Done."), progress_text(job), memory_text(job), result_text(ctx, job, shared),
-                   gr.update(value=snippet, visible=True), *idle, {"request": req, "output": Path(r.output_dir)})
+            yield (
+                None,
+                ok_html("Done."),
+                progress_text(job),
+                memory_text(job),
+                result_text(ctx, job, shared),
+                gr.update(value=snippet, visible=True),
+                *idle,
+                {"request": req, "output": Path(r.output_dir)},
+            )
         else:
             if job.status == Status.FAILED:
                 status = error_html(user_message(job.error, shared))
@@ -117,8 +141,13 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, loras, format, prec
             yield (None, status, "", memory_text(job), "", gr.update(visible=False), *idle, None)
 
     outputs = [h.job_id, h.status, h.progress, h.memory, h.result, h.snippet, h.go, h.cancel, h.last]
-    event = h.go.click(run, [base_choice, base_custom, loras, format, precision, name, shard, t5], outputs,
-                       concurrency_limit=1, concurrency_id="build")
+    event = h.go.click(
+        run,
+        [base_choice, base_custom, loras, format, precision, name, shard, t5],
+        outputs,
+        concurrency_limit=1,
+        concurrency_id="build",
+    )
     for then in on_done:
         event = event.then(*then)
 
