@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fluxstudio.errors import BadInputError
 from fluxstudio.formats.base import BuildPlan, Format, Option, Part, Settings, Why, Writer
+from fluxstudio.formats.comfyui import ComfyFormat
 from fluxstudio.formats.diffusers import DiffusersFormat
 from fluxstudio.formats.gguf import GgufFormat
 from fluxstudio.formats.pipeline import PipelineFormat
@@ -31,7 +32,9 @@ __all__ = [
     "output_path",
 ]
 
-FORMATS: dict[str, Format] = {f.key: f for f in (DiffusersFormat(), PipelineFormat(), SingleFileFormat(), GgufFormat())}
+FORMATS: dict[str, Format] = {
+    f.key: f for f in (DiffusersFormat(), PipelineFormat(), SingleFileFormat(), ComfyFormat(), GgufFormat())
+}
 EXTENSIONS = tuple(f.extension for f in FORMATS.values() if f.extension)
 
 
@@ -42,7 +45,8 @@ def get_format(key: str) -> Format:
 
 
 def option(key: str) -> Option:
-    """A precision by its key, whichever format offers it (the same key means the same storage everywhere)."""
+    """A precision by its key, whichever format offers it first (a key means the same bytes per weight everywhere:
+    ComfyUI's fp8 and the plain cast share one)."""
     for fmt in FORMATS.values():
         for o in fmt.options:
             if o.key == key:

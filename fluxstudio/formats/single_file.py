@@ -44,6 +44,8 @@ class BflFormat(Format):
 
 
 class SingleFileWriter(BflWriter, SafetensorsWriter):
+    """One BFL-keyed .safetensors: the Linear weights at one precision, the rest in bf16."""
+
     def __init__(self, codec: Precision, base: BaseModel, jobs, filename: str) -> None:
         SafetensorsWriter.__init__(self)
         BflWriter.__init__(self, codec.key, codec.from_fp32, base, jobs, filename)
@@ -52,13 +54,17 @@ class SingleFileWriter(BflWriter, SafetensorsWriter):
     def _codec(self, name: str) -> Precision:
         return self.codec if self.quantized(name) else BF16
 
+    def header(self) -> dict[str, str]:
+        """What the header's metadata says of the weights, beside the manifest."""
+        return {}
+
     def need_bytes(self) -> int:
         return sum(self._codec(n).nbytes(s) for n, s in self.shapes.items())
 
     def open(self, folder: Path, metadata: dict[str, str]) -> None:
         markers = self.codec.file_markers()
         keys = [k for name in self.shapes for k in self._codec(name).names(name)] + list(markers)
-        self.shards = ShardedWriter(folder, 0, header_bound(keys), metadata, single_name=self.filename)
+        self.shards = ShardedWriter(folder, 0, header_bound(keys), self.header() | metadata, single_name=self.filename)
         for key, value in markers.items():
             self.shards.add(key, value)
 
@@ -66,7 +72,7 @@ class SingleFileWriter(BflWriter, SafetensorsWriter):
         return self._codec(name).encode(name, t)
 
     def stored_rows(self, name: str, out: dict[str, torch.Tensor]) -> Rows:
-        return self._codec(name).rows(name, out)
+        return self._codec(name).rows(name, out, self.shapes[name])
 
     def close(self, final: dict | None = None) -> list[Path]:
         assert self.shards is not None, "open() first"
