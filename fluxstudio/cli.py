@@ -196,7 +196,9 @@ def cmd_env(args: argparse.Namespace) -> int:
         print(f"note  {note}")
     print(f"\nAdvice for {model.label}{' on ' + rec.target if rec.target else ''}: {rec.precision}\n  {rec.reason}")
     if rec.one_file:
-        print(f"  For ComfyUI / Forge: {rec.one_file}")
+        print(f"  For ComfyUI / Forge: {rec.one_file} — {rec.one_file_why}")
+        for also in rec.one_file_also:
+            print(f"  Also offered: {also}")
     for alt in rec.alternatives:
         print(f"  {alt.precision}: {alt.why}")
     print("\nLibraries  " + ", ".join(f"{k} {v}" for k, v in data["libraries"].items()))

@@ -8,6 +8,7 @@ import pytest
 
 from fluxstudio.advice.hardware import probe
 from fluxstudio.advice.recommend import CARDS, MODELS, Card, Pick, recommend, recommend_here
+from fluxstudio.formats import FORMATS
 
 FLUX1, FLUX2 = MODELS["flux1"], MODELS["flux2-dev"]
 
@@ -65,12 +66,42 @@ def test_fp8_native_cards_get_fp8_and_hear_what_it_buys():
         rec = recommend(CARDS[card], FLUX1)
         assert rec.precision == "fp8" and "natively" in rec.reason and "half the VRAM" in rec.reason
         assert "text encoders" in rec.reason and "ComfyUI and torchao" in rec.reason
-        assert rec.one_file == Pick("single-file", "fp8-scaled")
     h100 = recommend(CARDS["H100 80 GB"], FLUX1)
     assert "bf16 fits too" in h100.reason
     bf16 = next(a for a in h100.alternatives if a.precision == "bf16")
     assert bf16.fits and "full quality" in bf16.why
     assert "bf16 fits too" not in recommend(CARDS["RTX 4090 24 GB"], FLUX1).reason  # 27 GB does not fit 24
+
+
+ONE_FILE = [
+    # card, model, the one-file pick, what is offered beside it, facts its reason must name
+    ("RTX 4090 24 GB", FLUX1, "comfyui fp8", ["single-file fp8-scaled"], ["multiplies it in fp8", "8.9", "Forge"]),
+    ("H100 80 GB", FLUX1, "comfyui fp8", ["single-file fp8-scaled"], ["multiplies it in fp8", "9.0"]),
+    ("L40S 48 GB", FLUX1, "comfyui fp8", ["single-file fp8-scaled"], ["8.9"]),
+    ("L4 24 GB", FLUX1, "comfyui fp8", ["single-file fp8-scaled"], ["8.9"]),
+    ("RTX 5090 32 GB", FLUX1, "comfyui nvfp4", ["comfyui fp8"], ["quarter", "12.0", "CUDA 13", "slower than fp8"]),
+    ("B200 180 GB", FLUX2, "comfyui nvfp4", ["comfyui fp8"], ["10.0", "CUDA 13"]),
+    ("RTX 5080 16 GB", FLUX1, "comfyui nvfp4", [], ["~9.7 GB", "CUDA 13"]),  # fp8 does not fit; NVFP4 does
+    ("RTX 5070 12 GB", FLUX1, "comfyui nvfp4", [], ["~9.7 GB"]),
+    ("RTX 5060 8 GB", MODELS["flux2-klein-4b"], "comfyui nvfp4", ["comfyui fp8"], ["12.0"]),
+    ("RTX 5060 8 GB", FLUX1, "gguf Q4_K_S", [], ["fits the RTX 5060"]),  # NVFP4 needs ~9.7 GB
+    ("A100 80 GB", FLUX1, "single-file bf16", ["comfyui int8"], ["full quality", "INT8", "8.0", "30% faster"]),
+    ("A100 40 GB", FLUX1, "single-file bf16", ["comfyui int8"], ["INT8"]),
+    ("RTX 3090 24 GB", FLUX1, "gguf Q5_K_S", ["comfyui int8"], ["INT8", "8.6"]),
+    ("RTX 3060 12 GB", FLUX1, "gguf Q5_K_S", [], ["GGUF"]),  # INT8's ~15 GB does not fit
+    ("RTX 4080 16 GB", FLUX1, "gguf Q5_K_S", [], ["GGUF"]),  # Ada: no NVFP4, no INT8 path, fp8 does not fit
+    ("RTX 2080 Ti 11 GB", FLUX1, "gguf Q4_K_S", [], ["GGUF"]),
+]
+
+
+@pytest.mark.parametrize("card,model,pick,also,facts", ONE_FILE, ids=[f"{c}-{m.key}" for c, m, *_ in ONE_FILE])
+def test_the_one_file_pick_is_what_the_card_multiplies_fastest_in_comfyui(card, model, pick, also, facts):
+    rec = recommend(CARDS[card], model)
+    assert str(rec.one_file) == pick and [str(p) for p in rec.one_file_also] == also, rec.one_file_why
+    for fact in facts:
+        assert fact in rec.one_file_why, rec.one_file_why
+    for p in rec.one_file_picks:  # every pick is one the format offers
+        assert p.precision in FORMATS[p.format].precisions
 
 
 def test_a100_gets_bf16_and_small_cards_nf4_with_a_gguf_for_one_file_users():

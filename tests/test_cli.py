@@ -131,23 +131,28 @@ def test_env_json(cli, isolated_home):
     assert data["recommendation"]["precision"] in ("bf16", "fp8", "nf4") and data["recommendation"]["reason"]
     assert data["libraries"]["torch"] and data["libraries"]["diffusers"]
     assert data["folders"]["home"] == str(isolated_home)
-    for card, precision, fact in (
-        ("H100 80 GB", "fp8", "compute 9.0"),
-        ("RTX 4090 24 GB", "fp8", "compute 8.9"),
-        ("RTX 5090 32 GB", "fp8", "compute 12.0"),
-        ("A100 80 GB", "bf16", "compute 8.0"),
-        ("RTX 3080 10 GB", "nf4", "10 GB"),
-        ("RTX 4070 12 GB", "nf4", "12 GB"),
+    comfy = {"format": "comfyui"}
+    for card, precision, fact, one_file, also in (
+        ("H100 80 GB", "fp8", "compute 9.0", comfy | {"precision": "fp8"}, ["fp8-scaled"]),
+        ("RTX 4090 24 GB", "fp8", "compute 8.9", comfy | {"precision": "fp8"}, ["fp8-scaled"]),
+        ("RTX 5090 32 GB", "fp8", "compute 12.0", comfy | {"precision": "nvfp4"}, ["fp8"]),
+        ("A100 80 GB", "bf16", "compute 8.0", {"format": "single-file", "precision": "bf16"}, ["int8"]),
+        ("RTX 3080 10 GB", "nf4", "10 GB", {"format": "gguf", "precision": "Q4_K_S"}, []),
+        ("RTX 4070 12 GB", "nf4", "12 GB", {"format": "gguf", "precision": "Q5_K_S"}, []),
     ):
         proc = cli("env", "--json", "--target", card)
         rec = json.loads(proc.stdout)["recommendation"]
         assert (rec["precision"], rec["target"]) == (precision, card) and fact in rec["reason"], rec
-        assert rec["model"].startswith("FLUX.1") and rec["one_file"]
+        assert rec["model"].startswith("FLUX.1") and rec["one_file"] == one_file and rec["one_file_why"], rec
+        assert [p["precision"] for p in rec["one_file_also"]] == also
 
 
 def test_env_text(cli):
     proc = cli("env")
     assert proc.returncode == 0 and "Advice for FLUX.1" in proc.stdout and "Libraries" in proc.stdout
+    text = cli("env", "--target", "RTX 5090 32 GB").stdout
+    assert "For ComfyUI / Forge: comfyui nvfp4 — NVFP4" in text and "CUDA 13" in text
+    assert "Also offered: comfyui fp8" in text
 
 
 @pytest.mark.parametrize(

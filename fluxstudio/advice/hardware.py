@@ -21,6 +21,7 @@ from fluxstudio.units import existing_parent, free_bytes
 GB = 10**9
 FP8_CAPABILITY = (8, 9)
 BF16_CAPABILITY = (8, 0)
+NVFP4_CAPABILITY = (10, 0)  # Blackwell: RTX 50, B200
 
 
 @dataclass(frozen=True)

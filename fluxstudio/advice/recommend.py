@@ -3,6 +3,10 @@
 Pure and table-driven. The rule: fp8 on cards that compute it natively (compute capability 8.9+: RTX 40/50, L4,
 L40S, H100 and newer) wherever it fits; otherwise the highest precision whose weights plus working headroom fit
 the card, within what it computes well (bf16 needs 8.0, so A100-class cards get bf16); NF4 on small cards.
+
+The one-file pick, for ComfyUI and Forge users, follows what each card multiplies fastest in ComfyUI: its native
+fp8 on RTX 40 and H100-class cards, NVFP4 on RTX 50 and B200 (fp8 beside it), bf16 on A100 with INT8 offered
+beside it (RTX 30 too), else the largest GGUF that fits.
 """
 
 from __future__ import annotations
@@ -11,7 +15,14 @@ from dataclasses import dataclass
 
 from fluxstudio import units
 from fluxstudio.advice.catalogue import MODELS, ModelSpec  # noqa: F401 - the advice reads the catalogue
-from fluxstudio.advice.hardware import BF16_CAPABILITY, FP8_CAPABILITY, GB, Accelerator, HardwareInfo
+from fluxstudio.advice.hardware import (
+    BF16_CAPABILITY,
+    FP8_CAPABILITY,
+    GB,
+    NVFP4_CAPABILITY,
+    Accelerator,
+    HardwareInfo,
+)
 
 ORDER = ("bf16", "fp8", "nf4")  # best quality first
 
@@ -28,9 +39,22 @@ class Card:
     def bf16(self) -> bool:
         return self.kind in ("Apple MPS", "AMD ROCm") or bool(self.capability and self.capability >= BF16_CAPABILITY)
 
+    def computes(self, capability: tuple[int, int]) -> bool:
+        """Whether this is an NVIDIA card of at least this compute capability."""
+        return self.kind == "NVIDIA CUDA" and bool(self.capability and self.capability >= capability)
+
     @property
     def fp8(self) -> bool:
-        return self.kind == "NVIDIA CUDA" and bool(self.capability and self.capability >= FP8_CAPABILITY)
+        return self.computes(FP8_CAPABILITY)
+
+    @property
+    def nvfp4(self) -> bool:
+        return self.computes(NVFP4_CAPABILITY)
+
+    @property
+    def int8(self) -> bool:
+        """Ampere (RTX 30, A100): ComfyUI's INT8 matmul is its fast path there, fp8 is not native."""
+        return self.computes(BF16_CAPABILITY) and not self.fp8
 
 
 CARDS: dict[str, Card] = {
@@ -44,8 +68,11 @@ CARDS: dict[str, Card] = {
         Card("RTX 4070 12 GB", "NVIDIA CUDA", (8, 9), 12),
         Card("RTX 4080 16 GB", "NVIDIA CUDA", (8, 9), 16),
         Card("RTX 4090 24 GB", "NVIDIA CUDA", (8, 9), 24),
+        Card("RTX 5060 8 GB", "NVIDIA CUDA", (12, 0), 8),
+        Card("RTX 5070 12 GB", "NVIDIA CUDA", (12, 0), 12),
         Card("RTX 5080 16 GB", "NVIDIA CUDA", (12, 0), 16),
         Card("RTX 5090 32 GB", "NVIDIA CUDA", (12, 0), 32),
+        Card("RTX PRO 6000 96 GB", "NVIDIA CUDA", (12, 0), 96),
         Card("T4 16 GB", "NVIDIA CUDA", (7, 5), 16),
         Card("L4 24 GB", "NVIDIA CUDA", (8, 9), 24),
         Card("A10G 24 GB", "NVIDIA CUDA", (8, 6), 24),
@@ -90,8 +117,14 @@ class Recommendation:
     reason: str
     alternatives: tuple[Alternative, ...] = ()
     target: str = ""
-    one_file: Pick | None = None  # the single-file or GGUF pick for ComfyUI and Forge users
+    one_file: Pick | None = None  # the one-file pick for ComfyUI and Forge users
     text_encoder: str = "bf16"  # T5-XXL's precision in a pipeline export
+    one_file_why: str = ""
+    one_file_also: tuple[Pick, ...] = ()  # offered beside it
+
+    @property
+    def one_file_picks(self) -> tuple[Pick, ...]:
+        return ((self.one_file,) if self.one_file else ()) + self.one_file_also
 
 
 # T5-XXL's weights (4.76 B parameters) at each precision a pipeline export offers
@@ -178,20 +211,39 @@ def recommend(card: Card | None, model: ModelSpec) -> Recommendation:
         for p in ORDER
         if p != pick
     )
-    return Recommendation(
-        pick, reason, alternatives, card.name, _one_file(pick, card, model), _text_encoder(pick, card, model)
-    )
+    one_file, why, also = _one_file(pick, card, model)
+    return Recommendation(pick, reason, alternatives, card.name, one_file, _text_encoder(pick, card, model), why, also)
 
 
-def _one_file(pick: str, card: Card, model: ModelSpec) -> Pick:
-    """The single-file or GGUF output for ComfyUI / Forge users of this card: scaled fp8 where fp8 is native,
-    bf16 where it fits, else the largest 5- or 4-bit GGUF that fits."""
+def _one_file(pick: str, card: Card, model: ModelSpec) -> tuple[Pick, str, tuple[Pick, ...]]:
+    """The one-file output for ComfyUI / Forge users of this card, why, and what is offered beside it."""
+    fits = [p for p in ("nvfp4", "int8", "Q8_0", "Q6_K", "Q5_K_S") if model.need_bytes(p) <= card.vram_gb * GB]
+    if card.nvfp4 and "nvfp4" in fits:
+        also = (Pick("comfyui", "fp8"),) if pick == "fp8" else ()
+        why = (
+            f"NVFP4 ({_need(model, 'nvfp4')}): about a quarter of bf16's size, and the {card.name} multiplies it "
+            f"natively (compute {_cap(card)}), near twice fp8's speed in ComfyUI. It needs a PyTorch built for "
+            "CUDA 13 (cu130): with an older one ComfyUI runs NVFP4 slower than fp8"
+        )
+        return Pick("comfyui", "nvfp4"), why + (", so ComfyUI's fp8 file is offered beside it." if also else "."), also
     if pick == "fp8" and card.fp8:
-        return Pick("single-file", "fp8-scaled")
+        why = (
+            f"ComfyUI's own fp8 (comfy_quant): ComfyUI multiplies it in fp8 on the {card.name} (compute "
+            f"{_cap(card)}). The older scaled-fp8 single file is for Forge and older ComfyUI, which compute it in bf16."
+        )
+        return Pick("comfyui", "fp8"), why, (Pick("single-file", "fp8-scaled"),)
+    int8 = (Pick("comfyui", "int8"),) if card.int8 and "int8" in fits else ()
+    why = (
+        f" INT8 for ComfyUI ({_need(model, 'int8')}) is offered beside it: fp8's size, and the {card.name} "
+        f"multiplies INT8 natively (compute {_cap(card)}), about 30% faster than bf16 in ComfyUI."
+        if int8
+        else ""
+    )
     if pick == "bf16":
-        return Pick("single-file", "bf16")
-    fits = [p for p in ("Q8_0", "Q6_K", "Q5_K_S") if model.need_bytes(p) <= card.vram_gb * GB]
-    return Pick("gguf", fits[0] if fits and pick != "nf4" else ("Q5_K_S" if "Q5_K_S" in fits else "Q4_K_S"))
+        return Pick("single-file", "bf16"), "bf16 in one file: full quality." + why, int8
+    gguf = [p for p in fits if p.startswith("Q")]
+    q = gguf[0] if gguf and pick != "nf4" else ("Q5_K_S" if "Q5_K_S" in gguf else "Q4_K_S")
+    return Pick("gguf", q), f"GGUF {q}: the largest type that fits the {card.name} with its headroom." + why, int8
 
 
 def recommend_here(hw: HardwareInfo, model: ModelSpec) -> Recommendation:

@@ -37,7 +37,10 @@ def advice_text(ctx: Context, target: str, model_key: str) -> tuple[str, advice.
     """(markdown, the recommendation) for the target card and model."""
     rec = ctx.studio.advise(target, model_key)
     alts = "  \n".join(f"· **{a.precision}**: {a.why}" for a in rec.alternatives)
-    one_file = f"  \nFor ComfyUI / Forge: **{rec.one_file}**." if rec.one_file else ""
+    one_file = ""
+    if rec.one_file:
+        also = "".join(f" Also offered: **{p}**." for p in rec.one_file_also)
+        one_file = f"  \nFor ComfyUI / Forge: **{rec.one_file}** — {rec.one_file_why}{also}"
     return f"**Recommended: {rec.precision}** — {rec.reason}  \n{alts}{one_file}", rec
 
 

@@ -32,18 +32,18 @@ def precision_choices(format: str, model_key: str) -> list[tuple[str, str]]:
     return [(f"{p} · ~{human_bytes(model.weight_bytes(p))}", p) for p in FORMATS[format].precisions]
 
 
-def default_precision(format: str, advised: str, one_file: Pick | None) -> str:
-    """The advice's pick where the format offers it (for the Python formats), else the advice for one-file users,
-    else the format's default."""
+def default_precision(format: str, advised: str, one_file: tuple[Pick, ...]) -> str:
+    """The advice's pick where the format offers it (for the Python formats), else the advice for one-file users
+    (its pick, then what it offers beside it), else the format's default."""
     fmt = FORMATS[format]
     if advised in fmt.precisions and not fmt.one_file:
         return advised
-    return one_file.precision if one_file and one_file.format == format else fmt.default
+    return next((p.precision for p in one_file if p.format == format), fmt.default)
 
 
 def precision_update(format: str, model_key: str, rec) -> dict:
     """The precision choices for a format, with the advice's pick (`rec`, a Recommendation) selected."""
-    value = default_precision(format, rec.precision, rec.one_file)
+    value = default_precision(format, rec.precision, rec.one_file_picks)
     return gr.update(choices=precision_choices(format, model_key), value=value)
 
 
