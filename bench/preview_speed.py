@@ -6,12 +6,15 @@ LoRA application, fp8 layerwise casting and timing). For each precision: the bas
 and the output FluxStudio fused. Goal: fused runs at the base's speed; unfused shows the drop people see.
 Needs a CUDA GPU and about 45 GB of disk (the bf16 model and the fused outputs).
 
-    python bench/preview_speed.py [--workdir DIR] [--double 19 --single 38] [--size 1024 --steps 20] [--precisions nf4,fp8]
+    python bench/preview_speed.py [--workdir DIR] [--double 19 --single 38] [--size 1024 --steps 20]
+        [--precisions diffusers:nf4,diffusers:fp8,comfyui:fp8,comfyui:nvfp4]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -46,6 +49,8 @@ def main() -> None:
     from fluxstudio.flows import preview
     from fluxstudio.flows.build import build
     from fluxstudio.flows.request import BuildRequest, LoraRef
+    from fluxstudio.formats import get_format
+    from fluxstudio.progress import Run
     from fluxstudio.sources import demo
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,9 +59,14 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=38)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--precisions", default="nf4,fp8")
+    ap.add_argument(
+        "--precisions",
+        default="diffusers:nf4,diffusers:fp8,comfyui:fp8,comfyui:nvfp4",
+        help="FORMAT:PRECISION pairs (a bare precision is the diffusers format's)",
+    )
     ap.add_argument("--device", default="cuda", help="cuda (cpu only to check the script on small shapes)")
     args = ap.parse_args()
+    os.environ.setdefault("FLUXSTUDIO_HOME", str(args.workdir / "home"))  # the unfused bases' own files go there
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("This benchmark measures GPU speed: no CUDA GPU here.")
     tag = f"{args.double}x{args.single}"
@@ -88,27 +98,34 @@ def main() -> None:
     images = args.workdir / f"preview-speed-{tag}"
     images.mkdir(exist_ok=True)
     rows: dict[str, dict[str, preview.Render]] = {}
-    for precision in args.precisions.split(","):
-        out = args.workdir / f"fused-{tag}-{precision}"
+    run, stop = Run(), preview.Stop(None, math.inf)
+    for pair in args.precisions.split(","):
+        fmt_key, precision = pair.split(":") if ":" in pair else ("diffusers", pair)
+        fmt = get_format(fmt_key)
+        out = fmt.output_path(args.workdir / f"fused-{tag}-{fmt_key}-{precision}")
         if not out.exists():
-            print(f"fusing {precision}...", flush=True)
-            build(BuildRequest(str(root), (LoraRef(str(lora), 1.0),), precision, out, device=args.device))
-        rows[precision] = {}
-        for key, source, loras in (
-            ("base", "base", []),
-            ("base + LoRA unfused", "base", [(lora, 1.0)]),
-            ("fused (FluxStudio)", "output", []),
+            print(f"fusing {pair}...", flush=True)
+            loras = (LoraRef(str(lora), 1.0),)
+            build(BuildRequest(str(root), loras, precision, out, format=fmt_key, device=args.device))
+        how = fmt.preview_runtime(precision)
+        rows[pair] = {}
+        for key, source, with_lora in (
+            ("base", "base", False),
+            ("base + LoRA unfused", "base", True),
+            ("fused (FluxStudio)", "output", False),
         ):
-            model = preview._transformer(source, precision, "diffusers", root, out, None, None, None, str(root))
-            r = preview._render(
-                key, key, model, loras, precision, shared, embeds, settings, total_vram, images, None, None
-            )
+            if source == "output":
+                model = fmt.load_transformer(out, root / "transformer")
+            else:
+                model = preview._base(how, fmt, precision, root, run, None, str(root))
+            loras = [(lora, 1.0)] if with_lora else []
+            r = preview._render(key, key, model, loras, how, shared, embeds, settings, total_vram, images, run, stop)
             del model
             preview._free(args.device)
-            rows[precision][key] = r
+            rows[pair][key] = r
             vram = f"{r.peak_vram_bytes / 2**30:.2f} GiB" if r.peak_vram_bytes is not None else "-"
             print(
-                f"  {precision:>4} {key:<22} {r.it_per_s:6.3f} it/s  {r.seconds:7.1f} s/image  peak VRAM {vram}",
+                f"  {pair:>14} {key:<22} {r.it_per_s:6.3f} it/s  {r.seconds:7.1f} s/image  peak VRAM {vram}",
                 flush=True,
             )
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"

@@ -346,3 +346,67 @@ def test_the_diffusers_preview_reads_comfy_fp8_as_bfl_fp8r_and_the_rest_dequanti
     seen = comfy_weights(builds["nvfp4"].output_dir)["double_blocks.0.img_attn.qkv.weight"]
     q = nvfp4.transformer_blocks[0].attn.to_q.weight
     assert torch.equal(q, seen[: q.shape[0]].to(torch.bfloat16))
+
+
+def test_the_legacy_scaled_fp8_file_asks_comfyui_for_full_precision_because_it_has_no_input_scales(tmp_path):
+    """Why the older scaled-fp8 file keeps its 2-element `scaled_fp8` marker while the comfy_quant fp8 file asks for
+    nothing, from the loaders' own code:
+    - comfy/utils.py, convert_old_quants: a marker of 2 elements -> `"full_precision_matrix_mult": true` on every
+      layer; any other size -> fp8 matmul allowed;
+    - ComfyUI's mixed-precision Linear (comfy/ops.py, forward) quantizes a layer's input with
+      `QuantizedTensor.from_float(input, layout, scale=input_scale)`, and comfy-kitchen's TensorCoreFP8Layout.quantize
+      takes amax/448 of the activation itself when that scale is None: a dynamic scale, right without input scales;
+    - ComfyUI before its mixed-precision ops (comfy/ops.py, scaled_fp8_ops' fp8_linear) and Forge
+      (backend/operations.py, fp8_linear) cast an input without `scale_input` to fp8 with scale 1 after clamping it
+      to ±448: FLUX's large activations would be cut off. The legacy file is for those runtimes, so it keeps the
+      marker that turns their fp8 matmul off; ComfyUI's own fp8 file is the one that multiplies in fp8."""
+    from comfy_kitchen.tensor import TensorCoreFP8Layout
+
+    from fluxstudio.quant.plain import SCALED_FP8
+
+    assert SCALED_FP8.file_markers()["scaled_fp8"].numel() == 2
+    assert FORMATS["comfyui"].option("fp8").config == {"format": "float8_e4m3fn"}  # no full-precision flag
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 512, generator=g) * 0.02
+    x = torch.randn(64, 512, generator=g)
+    x[3] *= 900  # one token with FLUX-sized activations (thousands)
+    exact = x @ w.T
+    q, params = TensorCoreFP8Layout.quantize(w)
+    wq = TensorCoreFP8Layout.dequantize(q, params)
+
+    def error(xq: torch.Tensor) -> float:
+        return float((xq @ wq.T - exact).norm() / exact.norm())
+
+    xq, xparams = TensorCoreFP8Layout.quantize(x)  # ComfyUI's mixed-precision path: scale from the activation
+    dynamic = error(TensorCoreFP8Layout.dequantize(xq, xparams))
+    clamped = error(x.clamp(-448, 448).to(torch.float8_e4m3fn).float())  # scale 1, clamped: the older fp8 matmul
+    assert dynamic < 0.05 and clamped > 0.5, (dynamic, clamped)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_on_cuda_the_bytes_are_comfy_kitchens_cuda_quantization_and_the_cpus(precision):
+    """A build on a GPU quantizes with comfy-kitchen's CUDA backend: chunked as on the CPU, bit for bit its
+    quantization of the whole tensor, and the same bytes as the CPU's eager backend in at least 99.9% of values."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(3072, 4096, generator=g) * 0.02
+    w[11, 7] = 0.7
+    codec = FORMATS["comfyui"].option(precision)
+    cuda = codec.encode("L.weight", w.cuda())
+    ref = ck_reference(precision, w.cuda(), "L.weight")
+    assert all(same(cuda[k], v.cpu()) for k, v in ref.items()), precision
+    cpu = codec.encode("L.weight", w)
+    assert set(cpu) == set(cuda)
+    for k in cpu:
+        a, b = cpu[k].reshape(-1).view(U8), cuda[k].reshape(-1).view(U8)
+        assert a.shape == b.shape and (a == b).float().mean().item() >= 0.999, (precision, k)
+
+
+@pytest.mark.gpu
+def test_a_build_on_cuda_keeps_the_lora(typical, wide_base, tmp_path):
+    lora, builds, _ = typical
+    for precision in PRECISIONS:
+        loras = (LoraRef(str(lora), 1.0),)
+        result = build(BuildRequest(str(wide_base), loras, precision, tmp_path / precision, "comfyui", device="cuda"))
+        assert abs(result.lora_retained - builds[precision].lora_retained) < 0.01, precision

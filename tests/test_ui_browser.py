@@ -256,6 +256,29 @@ def test_gguf_for_comfyui_with_placement_hint_and_library_file(browser, app, tmp
     assert not [p for p in app.outputs.iterdir() if p.name.startswith(".")]
 
 
+def test_comfyui_native_nvfp4_with_placement_hint_retention_and_library_entry(browser, app, tmp_path):
+    page = open_page(browser, app)
+    add_demo_lora(page)
+    page.get_by_label("ComfyUI native (comfy_quant)", exact=False).check()
+    page.wait_for_selector("#precision label:has-text('nvfp4')", timeout=30_000)
+    page.locator("#precision label:has-text('nvfp4 ·')").click()
+    page.wait_for_selector("#estimate:has-text('NVFP4')", timeout=30_000)
+    page.fill("#out-name textarea, #out-name input", "demo-comfy")
+    page.click("#fuse")
+    page.wait_for_selector("#result:has-text('Saved')", timeout=180_000)
+    page.screenshot(path=str(tmp_path / "comfyui-result.png"), full_page=True)
+    result = page.inner_text("#result")
+    assert "comfyui · nvfp4" in result and "models/diffusion_models/" in result and "Load Diffusion Model" in result
+    kept = float(result.split("LoRA effect kept: ")[1].split("%")[0])
+    assert 90 <= kept <= 110
+    page.wait_for_selector("#library-table:has-text('demo-comfy.safetensors')", timeout=30_000)
+    from safetensors import safe_open
+
+    with safe_open(str(app.outputs / "demo-comfy.safetensors"), "pt") as f:
+        layers = json.loads(f.metadata()["_quantization_metadata"])["layers"]
+    assert layers and all(conf == {"format": "nvfp4"} for conf in layers.values())
+
+
 def test_try_it_renders_both_demo_images_with_figures_and_the_library_shows_them(browser, app, tmp_path):
     page = open_page(browser, app)
     add_demo_lora(page)

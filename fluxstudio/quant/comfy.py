@@ -6,8 +6,9 @@ construction; beside it goes `L.comfy_quant`, the layer's JSON config as ComfyUI
 writes it (`json.dumps`, uint8). Read in ComfyUI's `comfy/quant_ops.py` (`QUANT_ALGOS`) and `comfy/ops.py`
 (`_load_quantized_module`):
 
-- fp8: F8_E4M3 `weight`, F32 `weight_scale` = amax / 448 (no input scale: ComfyUI then quantizes the activations
-  with scale 1, and multiplies in fp8 on compute capability 8.9+);
+- fp8: F8_E4M3 `weight`, F32 `weight_scale` = amax / 448, no input scale: ComfyUI's Linear then quantizes each
+  input with its own amax / 448 (comfy-kitchen's `TensorCoreFP8Layout.quantize` with no scale) and multiplies in fp8
+  by `torch._scaled_mm` on compute capability 8.9+ (RTX 40/50, H100); older cards dequantize to bf16;
 - nvfp4: U8 `weight` (two E2M1 values a byte, padded to 16 × 16), F8_E4M3 `weight_scale` (one per 16 values, in
   cuBLAS's swizzled tiles of 128 rows), F32 `weight_scale_2` = amax / (448 · 6);
 - mxfp8: F8_E4M3 `weight` (padded to 32 × 32), E8M0 `weight_scale` (one per 32 values, swizzled; stored as U8);
@@ -128,7 +129,8 @@ class ComfyFp8(ComfyPrecision):
     key = "fp8"
     note = (
         "Linear weights as float8_e4m3fn with a float32 scale per tensor, in ComfyUI's own comfy_quant layout: "
-        "ComfyUI multiplies them in fp8 on RTX 40/50 and H100-class cards."
+        "ComfyUI (2026 and newer) multiplies them in fp8 on RTX 40/50 and H100-class cards, scaling each layer's "
+        "input from its own largest value. Forge and older ComfyUI: pick the scaled-fp8 single file."
     )
     bytes_per_param = 1
     layout = "TensorCoreFP8Layout"

@@ -35,7 +35,8 @@ class ScaledFp8(Precision):
     key = "fp8-scaled"
     note = (
         "Linear weights as float8_e4m3fn with a float32 scale per tensor (weight = fp8 × scale): less error than a "
-        "plain fp8 cast."
+        "plain fp8 cast. For Forge and ComfyUI before 2026, which multiply it in bf16; for today's ComfyUI pick "
+        "ComfyUI native fp8, which it multiplies in fp8."
     )
     bytes_per_param = 1
     from_fp32 = True
@@ -62,8 +63,9 @@ class ScaledFp8(Precision):
         return lambda start, stop: t[start:stop].float() * scale
 
     def file_markers(self) -> dict[str, torch.Tensor]:
-        # ComfyUI and Forge recognise scaled fp8 by this marker; two elements ask ComfyUI to compute the matmul in
-        # full precision, since the file carries no input scales (comfy/utils.py::convert_old_quants).
+        # ComfyUI recognises scaled fp8 by this marker; two elements ask it to compute the matmul in full precision
+        # (comfy/utils.py::convert_old_quants). The file carries no input scales, and ComfyUI's older fp8 matmul (as
+        # Forge's) casts an unscaled input clamped to ±448: tests/test_comfy_native.py shows what that costs.
         return {"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}
 
 
