@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from fluxstudio.errors import (
     FluxStudioError,
     HubError,
     OutputError,
+    OutputExistsError,
 )
 from fluxstudio.progress import CancelToken, ProgressEvent, Stage
 from fluxstudio.studio import FORMATS, Run, __version__, advice, human_bytes, paths
@@ -23,6 +25,10 @@ from fluxstudio.studio import FORMATS, Run, __version__, advice, human_bytes, pa
 ENCODER_PRECISIONS = sorted({p for f in FORMATS.values() for p in f.encoder_options})
 
 log = logging.getLogger("fluxstudio")
+# What the CLI says instead of the core's hint, where a flag is the answer
+CLI_HINTS: dict[type[FluxStudioError], str] = {
+    OutputExistsError: "Choose another --out, or add --overwrite to replace it once the new one is complete.",
+}
 # Exit codes by error class, most specific first; 1 for anything else.
 EXIT_CODES: tuple[tuple[type[FluxStudioError], int], ...] = (
     (CancelledError, 130),
@@ -271,9 +277,11 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         ignore_unmatched=args.ignore_unmatched,
         double_quant=args.double_quant,
     )
+    front = studio.Studio(local=True)
+    if args.preview and (why := front.preview_problem(req)):
+        raise BadInputError(f"--preview cannot run for this output: {why}", "Leave out --preview, or change the above.")
     bar = _ProgressBar(args.quiet)
     try:
-        front = studio.Studio(local=True)
         result = front.build(req, Run(bar, CancelToken()))
     finally:
         bar.close()
@@ -296,7 +304,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         )
     )
     if result.lora_retained is not None:
-        print(f"  LoRA effect kept: {100 * result.lora_retained:.1f}%")
+        print(f"  {studio.describe_retention(result.lora_retained)}")
     for note in result.notes:
         print(f"  note       {note}")
     if place := front.placement(result):
@@ -352,6 +360,9 @@ def setup_logging() -> None:
     root.setLevel(logging.INFO)
     for noisy in ("diffusers", "transformers", "bitsandbytes", "huggingface_hub", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # diffusers and transformers set their own loggers' level when first imported: they read these instead
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     except FluxStudioError as exc:
         log.info("error: %s", exc)
         print(f"Error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"       {exc.hint}", file=sys.stderr)
+        hint = next((h for cls, h in CLI_HINTS.items() if isinstance(exc, cls)), exc.hint)
+        if hint:
+            print(f"       {hint}", file=sys.stderr)
         return exit_code(exc)
     except KeyboardInterrupt:
         print("Cancelled. Nothing was saved.", file=sys.stderr)

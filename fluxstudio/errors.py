@@ -51,6 +51,10 @@ class OutputError(FluxStudioError):
     """The output folder cannot be used (exists, overlaps the input)."""
 
 
+class OutputExistsError(OutputError):
+    """The output's name is taken, and replacing it was not asked for (each edge says how to ask)."""
+
+
 class DiskSpaceError(FluxStudioError):
     """Not enough free disk for the job."""
 

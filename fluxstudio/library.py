@@ -32,6 +32,30 @@ def safe_name(text: str, default: str = "fused") -> str:
     return name or default
 
 
+def free_name(folder: Path, name: str, extension: str = "") -> str:
+    """`name`, or the first of name-2, name-3, … that nothing in `folder` holds: no output, no companion file, no
+    build in progress (its lock file). A second build of the same name keeps both."""
+    name = safe_name(name)
+
+    def taken(candidate: str) -> bool:
+        out = folder / (candidate + extension)
+        return (
+            out.exists()
+            or out.is_symlink()
+            or (folder / f".{out.name}.lock").exists()
+            or any(
+                folder.glob(f"{candidate}.*.safetensors")  # a one-file output's fused text encoders
+            )
+        )
+
+    stem = name.removesuffix(extension) if extension else name
+    n, candidate = 1, stem
+    while taken(candidate):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
 def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 

@@ -17,6 +17,7 @@ from fluxstudio.advice import recommend as advice
 from fluxstudio.advice.catalogue import PRESETS
 from fluxstudio.advice.hardware import HardwareInfo, library_versions, probe
 from fluxstudio.advice.recommend import Pick, Recommendation
+from fluxstudio.engine.retention import describe as describe_retention
 from fluxstudio.errors import BadInputError, FluxStudioError
 from fluxstudio.flows.jobs import Job, JobRunner, Status
 from fluxstudio.flows.request import DISK_MARGIN, BuildRequest, BuildResult, LoraRef
@@ -47,6 +48,7 @@ __all__ = [
     "Studio",
     "__version__",
     "advice",
+    "describe_retention",
     "free_bytes",
     "get_format",
     "human_bytes",
@@ -253,6 +255,26 @@ class Studio:
             pass  # not usable yet: the table's estimate stands
         return Estimate(catalogue.MODELS[model_key].weight_bytes(fmt.check(precision)), free, False)
 
+    def sizes(self, base: str, format: str, model_key: str = "flux1") -> dict[str, int]:
+        """Each precision of a format with the transformer's size at it: the model table's, scaled to the base's
+        own number of parameters when the base is here (the demo is 80 MB, not 24 GB). Never raises."""
+        from fluxstudio.engine.models import open_base
+
+        model = catalogue.MODELS[model_key]
+        scale = 1.0
+        try:
+            if (folder := self.local_base(base)) is not None:
+                scale = sum(info.numel for _, info in open_base(folder).tensors.values()) / model.params
+        except FluxStudioError:
+            pass  # not usable yet: the table's sizes stand
+        return {p: int(model.weight_bytes(p) * scale) for p in get_format(format).precisions}
+
+    def free_name(self, name: str, format: str) -> str:
+        """`name`, or name-2, name-3…: the first that no output or running build in the outputs folder holds."""
+        from fluxstudio.library import free_name
+
+        return free_name(self.output_dir, name, get_format(format).extension)
+
     # -- jobs ------------------------------------------------------------------------------------------------
     def request(
         self,
@@ -263,6 +285,7 @@ class Studio:
         name: str,
         shard: str = "5GB",
         t5_precision: str = "",
+        overwrite: bool = False,
     ) -> BuildRequest:
         fmt = get_format(format)
         return BuildRequest(
@@ -273,6 +296,7 @@ class Studio:
             out_dir=self.output_dir / (safe_name(name) + fmt.extension),
             shard_bytes=parse_size(shard),
             t5_precision=fmt.encoder_precision(t5_precision, precision),
+            overwrite=overwrite and self.local,  # a shared session never replaces the owner's outputs
         )
 
     def start(self, request: BuildRequest) -> Job:
@@ -280,11 +304,12 @@ class Studio:
 
     # -- try it ----------------------------------------------------------------------------------------------
     @staticmethod
-    def preview_unavailable(base: str) -> str | None:
-        """Why this machine cannot preview a build from this base (None: it can)."""
+    def preview_problem(request: BuildRequest) -> str | None:
+        """Why this machine cannot preview the output of this build (one sentence and its hint), or None."""
         from fluxstudio.flows import preview
 
-        return preview.unavailable(base)
+        why = preview.why_not(request.format, request.precision, request.base, request.device)
+        return f"{why.message} {why.hint}" if why else None
 
     @staticmethod
     def preview_defaults(request: BuildRequest, output: Path) -> tuple[int, int]:
@@ -376,13 +401,21 @@ class Studio:
 
     @staticmethod
     def snippet(result: BuildResult, request: BuildRequest, path: str | None = None) -> str:
-        """The code that loads a build's output (at `path`, default where it was saved)."""
+        """The code that loads a build's output (at `path`, default where it was saved: a shared session names no
+        local path). An output of the demo goes into the demo's own pipeline, not FLUX's."""
         fmt = get_format(result.format)
-        return fmt.snippet(
+        pipeline, note = "", ""
+        if request.base == "demo":
+            from fluxstudio.sources import demo
+
+            pipeline = "path/to/the-demo-pipeline" if path else str(demo.ensure_base())
+            note = "# The demo is a tiny random FLUX: this runs, and its images are noise.\n"
+        return note + fmt.snippet(
             path or result.output_dir,
             result.precision,
             Studio.family(result.family),
             fmt.encoder_precision(request.t5_precision, result.precision),
+            pipeline,
         )
 
     @staticmethod

@@ -45,3 +45,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if "gpu" in item.keywords and not os.environ.get("FLUXSTUDIO_GPU_TESTS"):
             item.add_marker(skip)
+
+
+def pytest_unconfigure(config):
+    """Say what this run left in pytest's temp folders, once they were cleaned up (see the retention settings in
+    pyproject.toml): a run should leave nothing big behind."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    basetemp = getattr(factory, "_basetemp", None)
+    if basetemp is None:
+        return
+    root = Path(basetemp).parent
+    left = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()) if root.is_dir() else 0
+    print(f"\npytest's temp folders ({root}) hold {left / 1e6:.1f} MB after this run", file=sys.stderr)

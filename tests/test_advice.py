@@ -56,7 +56,7 @@ def test_recommendation_per_card(card, model, expected, fact):
 def test_why_not_names_the_need_and_the_card():
     rec = recommend(CARDS["RTX 3060 12 GB"], FLUX1)
     bf16 = next(a for a in rec.alternatives if a.precision == "bf16")
-    assert not bf16.fits and bf16.why == "bf16 needs ~27 GB; the RTX 3060 12 GB has 12 GB"
+    assert not bf16.fits and bf16.why == "needs ~27 GB; the RTX 3060 12 GB has 12 GB"
     fp8 = next(a for a in rec.alternatives if a.precision == "fp8")
     assert "8.9" in fp8.why and "8.6" in fp8.why
 
@@ -219,3 +219,10 @@ def test_real_gpu_probe_matches_nvidia_smi(tmp_path):
 def test_the_advice_picks_t5s_precision_for_a_pipeline_export(card, transformer, t5):
     rec = recommend(CARDS[card], MODELS["flux1"])
     assert (rec.precision, rec.text_encoder) == (transformer, t5)
+
+
+@pytest.mark.parametrize("card", sorted(CARDS))
+def test_the_reason_does_not_repeat_the_lines_on_the_other_precisions(card):
+    rec = recommend(CARDS[card], FLUX1)
+    for alt in rec.alternatives:
+        assert alt.why not in rec.reason and not alt.why.startswith(alt.precision), (rec.reason, alt)

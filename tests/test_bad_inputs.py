@@ -54,8 +54,21 @@ def work(tmp_path):
 
 
 def test_missing_lora(tiny_base, work, tmp_path):
-    attempt(tiny_base, [(tmp_path / "nope.safetensors", 1)], work / "out", BadInputError, "does not exist")
+    missing = tmp_path / "nope.safetensors"
+    err = attempt(tiny_base, [(missing, 1)], work / "out", BadInputError, "does not exist")
+    assert str(missing) in str(err)  # the whole path, on this machine (a shared session cuts it: test_ui_http)
     assert leftovers(work) == []
+    from fluxstudio.engine.safefile import read_header
+
+    with pytest.raises(BadInputError) as info:
+        read_header(missing, "LoRA file")
+    assert str(missing) in str(info.value) and info.value.without_paths().startswith("The LoRA file nope.safetensors")
+
+
+def test_a_missing_base_is_said_before_a_name_clash(tmp_path, work):
+    (work / "out").mkdir()
+    err = attempt(tmp_path / "no-such-base", [], work / "out", BadInputError, "does not exist", precision="bf16")
+    assert "base model folder" in str(err) and "already exists" not in str(err)
 
 
 def test_truncated_lora(tiny_base, good_lora, work, tmp_path):

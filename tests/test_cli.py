@@ -4,6 +4,7 @@ the one test that runs `python -m fluxstudio` as a person does."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -253,12 +254,49 @@ def test_fuse_then_preview_prints_the_figures_of_each_image(cli, tmp_path, isola
     assert saved["settings"]["prompt"] == "a lighthouse" and len(saved["renders"]) == 3
 
 
-def test_a_preview_that_cannot_run_fails_after_the_build_with_one_sentence(cli, tmp_path, isolated_home):
+def test_a_preview_that_cannot_run_is_said_before_the_build_in_one_sentence(cli, tmp_path, isolated_home):
     out = tmp_path / "demo-nf4"
     proc = cli(
         "fuse", "--base", "demo", "--lora", "demo", "--precision", "nf4", "--out", str(out), "--preview", "--quiet"
     )
     if proc.returncode == 0:
         pytest.skip("this machine has a CUDA GPU: NF4 previews run")
-    assert (out / "fluxstudio.json").is_file()  # the model is saved either way
-    assert "Error: NF4 models run on a CUDA GPU only" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and not out.exists()  # nothing built: the person can drop --preview or change it
+    assert "NF4 models run on a CUDA GPU only" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_precisions_in_any_case_a_clash_that_names_overwrite_and_a_preview_refused_before_building(cli, tmp_path):
+    out = tmp_path / "demo-q8"
+    proc = cli("fuse", "--base", "demo", "--format", "gguf", "--precision", "q8_0", "--out", out, "--quiet")
+    assert proc.returncode == 0 and "Saved Q8_0 gguf model" in proc.stdout, proc.stderr  # llama.cpp users type both
+    again = cli("fuse", "--base", "demo", "--format", "gguf", "--precision", "Q8_0", "--out", out, "--quiet")
+    assert again.returncode == 3 and "demo-q8.gguf already exists" in again.stderr
+    assert "--overwrite" in again.stderr and "--out" in again.stderr
+    refused = cli("fuse", "--base", "demo", "--lora", "demo", "--format", "gguf", "--out", tmp_path / "p", "--preview")
+    assert refused.returncode == 2 and "--preview cannot run for this output" in refused.stderr, refused.stderr
+    assert "diffusers or pipeline format at bf16 or fp8" in refused.stderr
+    assert not (tmp_path / "p.gguf").exists()  # said before anything was built
+
+
+def test_the_preview_from_the_cli_prints_no_library_noise(tmp_path):
+    """`fuse --preview` on the demo, as a person runs it: diffusers' own warnings (such as "No LoRA keys associated
+    to NoneType") stay out of the terminal."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fluxstudio", "fuse", "--base", "demo", "--lora", "demo", "--precision", "fp8"]
+        + ["--out", str(tmp_path / "d"), "--preview", "--preview-steps", "2", "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
+        env={**os.environ, "FLUXSTUDIO_HOME": str(tmp_path / "home")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Try it: seed 0" in proc.stdout
+    assert "No LoRA keys" not in proc.stderr + proc.stdout and "NoneType" not in proc.stderr
+
+
+def test_env_names_each_other_precision_once(cli):
+    text = cli("env", "--target", "RTX 3060 12 GB").stdout
+    assert "bf16: needs ~27 GB" in text and "fp8: runs natively only" in text
+    assert "fp8: fp8" not in text and "bf16: bf16" not in text

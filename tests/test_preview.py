@@ -130,8 +130,8 @@ def test_what_cannot_preview_says_why_in_one_sentence(tmp_path, wide_pipeline):
     req = BuildRequest(str(root), (LoraRef(str(lora), 1.0),), "bf16", folder)
     build(req)
     if not torch.cuda.is_available():  # the app offers only the demo without a GPU, and says why
-        assert preview.unavailable(str(root)).startswith("This machine has no CUDA GPU")
-        assert preview.unavailable("demo") is None
+        assert preview.why_not("diffusers", "bf16", str(root)).message.startswith("This machine has no CUDA GPU")
+        assert preview.why_not("diffusers", "bf16", "demo") is None
         with pytest.raises(BadInputError, match="no CUDA GPU"):
             preview.run(preview.PreviewRequest(req, folder))
     with pytest.raises(BadInputError, match="out of range"):
@@ -294,3 +294,21 @@ def test_a_cancel_takes_effect_inside_a_long_step(wide_pipeline, tmp_path):
     )
     assert steps_done == [0]  # stopped inside the first step
     assert not list(tmp_path.glob("*.preview")) and not list(tmp_path.glob(".*"))
+
+
+def test_what_the_demo_previews_on_the_cpu_is_said_one_way_everywhere():
+    """Every format and precision of the demo either previews on the CPU or says why with the one hint that names
+    exactly the choices that do (the page disables Try it with it, the CLI says it before building)."""
+    from fluxstudio.formats import FORMATS
+    from fluxstudio.formats.base import DEMO_PREVIEWS
+
+    previews = set()
+    for fmt in FORMATS.values():
+        for precision in fmt.precisions:
+            why = preview.why_not(fmt.key, precision, "demo", "cpu")
+            if why is None:
+                previews.add((fmt.key, precision))
+            else:
+                assert why.hint == DEMO_PREVIEWS and why.message, (fmt.key, precision)
+    assert previews == {(f, p) for f in ("diffusers", "pipeline") for p in ("bf16", "fp8")}
+    assert "diffusers or pipeline format at bf16 or fp8" in DEMO_PREVIEWS

@@ -4,8 +4,10 @@ deleting an output can never reach anything but an output."""
 from __future__ import annotations
 
 import ast
+import runpy
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,62 @@ def test_deletion_reaches_only_outputs(tmp_path, tiny_base):
     assert [e.name for e in list_outputs(outputs)] == [] and (outputs / "notes.txt").exists()
     with pytest.raises(BadInputError, match="shared session"):
         Studio(output_dir=outputs, local=False).delete("anything")
+
+
+def test_a_second_build_of_a_name_keeps_both_and_the_sizes_are_the_bases_own(tmp_path):
+    studio = studio_for(tmp_path)
+    names = []
+    for _ in range(2):
+        name = studio.free_name("demo-q8", "gguf")
+        studio.build(studio.request("demo", [("demo", 1.0)], "gguf", "Q8_0", name))
+        names.append(name)
+    assert names == ["demo-q8", "demo-q8-2"]
+    assert sorted(e.name for e in studio.outputs()) == ["demo-q8-2.gguf", "demo-q8.gguf"]
+    assert studio.free_name("demo-q8", "diffusers") == "demo-q8"  # a folder of that name is still free
+    demo = studio.sizes("demo", "gguf")
+    table = studio.sizes("black-forest-labs/FLUX.1-dev", "gguf")  # not here: the model table's figures
+    assert set(demo) == set(table) == set(studio.sizes("demo", "gguf"))
+    assert 1e6 < demo["Q8_0"] < 2e8 and 1e10 < table["Q8_0"] < 2e10
+    made = next(p for p in (tmp_path / "outputs").iterdir() if p.name == "demo-q8.gguf").stat().st_size
+    assert 0.7 < demo["Q8_0"] / made < 1.3  # what the page shows next to the precision is about what it makes
+
+
+def test_the_demo_snippet_loads_the_demo_pipeline_and_says_its_images_are_noise(tmp_path):
+    studio = studio_for(tmp_path)
+    req = studio.request("demo", [("demo", 1.0)], "diffusers", "bf16", "snip")
+    code = studio.snippet(studio.build(req), req)
+    assert "black-forest-labs" not in code and "noise" in code
+    script = tmp_path / "snippet.py"  # as a person runs it, but on the CPU (offloading needs a GPU)
+    script.write_text("\n".join(line for line in code.splitlines() if "cpu_offload" not in line), encoding="utf-8")
+    scope = runpy.run_path(str(script))
+    assert scope["pipe"].transformer.config.num_layers == 2  # the demo's own, not FLUX.1-dev's 19
+    assert "path/to/the-demo-pipeline" in studio.snippet(studio.build(replace(req, overwrite=True)), req, "path/to")
+
+
+def test_the_retention_figure_says_what_over_100_percent_means():
+    from fluxstudio.studio import describe_retention
+
+    assert describe_retention(None) == ""
+    assert describe_retention(0.996) == "LoRA effect kept: 99.6%"
+    over = describe_retention(1.03)
+    assert over.startswith("LoRA effect kept: 103.0% (over 100%") and "all of its effect is there" in over
+
+
+def test_the_machine_figures_are_read_again(tmp_path):
+    """The outputs folder on a 64 MB tmpfs: 16 MB written after the probe show in the figures read again."""
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        studio = Studio(output_dir=small, local=True)
+        first = studio.hw
+        (small / "filler").write_bytes(b"\0" * (16 << 20))
+        again = first.now()
+        assert again.accelerators == first.accelerators and again.disk_path == first.disk_path
+        assert abs(first.disk_free_bytes - again.disk_free_bytes - (16 << 20)) < 1 << 20
+        assert again.ram_available_bytes > 0
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

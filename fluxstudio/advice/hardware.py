@@ -11,7 +11,7 @@ import platform
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -54,6 +54,14 @@ class HardwareInfo:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def now(self) -> HardwareInfo:
+        """The same machine with its free RAM and disk read again (the GPUs are probed once)."""
+        try:
+            disk_free = free_bytes(Path(self.disk_path))
+        except OSError:
+            disk_free = 0
+        return replace(self, ram_available_bytes=psutil.virtual_memory().available, disk_free_bytes=disk_free)
 
 
 LIBRARIES = ("torch", "diffusers", "bitsandbytes", "safetensors", "peft", "accelerate", "huggingface_hub", "gradio")

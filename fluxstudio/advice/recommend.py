@@ -147,16 +147,16 @@ def _cap(c: Card) -> str:
 
 
 def _why_not(p: str, card: Card, model: ModelSpec) -> str | None:
-    """Why the card cannot run `p` well, or None when it can."""
+    """Why the card cannot run `p` well (said after the precision's name), or None when it can."""
     if p == "bf16" and not card.bf16:
-        return f"bf16 needs compute capability 8.0 (RTX 30 and newer); the {card.name} is {_cap(card)}"
+        return f"needs compute capability 8.0 (RTX 30 and newer); the {card.name} is {_cap(card)}"
     if p == "fp8" and not card.fp8:
-        return f"fp8 runs natively only on compute capability 8.9+ (RTX 40/50, L4, L40S, H100); the {card.name} is {_cap(card)}"
+        return f"runs natively only on compute capability 8.9+ (RTX 40/50, L4, L40S, H100); the {card.name} is {_cap(card)}"
     if p == "nf4" and not card.bitsandbytes:
-        return f"NF4 needs bitsandbytes, which does not run on {card.kind}"
+        return f"needs bitsandbytes, which does not run on {card.kind}"
     need = model.need_bytes(p)
     if need > card.vram_gb * GB:
-        return f"{p} needs {units.gb(need, approx=True)}; the {card.name} has {card.vram_gb:.0f} GB"
+        return f"needs {units.gb(need, approx=True)}; the {card.name} has {card.vram_gb:.0f} GB"
     return None
 
 
@@ -167,7 +167,7 @@ def recommend(card: Card | None, model: ModelSpec) -> Recommendation:
             "bf16",
             "No NVIDIA or AMD GPU here: the output is meant for a GPU machine. Pick the card you will run it on "
             "for advice; until then bf16 keeps full quality.",
-            tuple(Alternative(p, True, f"{p} needs {_need(model, p)} on the GPU") for p in ORDER[1:]),
+            tuple(Alternative(p, True, f"needs {_need(model, p)} on the GPU") for p in ORDER[1:]),
         )
     blocked = {p: _why_not(p, card, model) for p in ORDER}
     usable = [p for p in ORDER if blocked[p] is None]
@@ -188,9 +188,11 @@ def recommend(card: Card | None, model: ModelSpec) -> Recommendation:
                 f"bf16 fits: {model.label} needs {units.gb(need, approx=True)} and the {card.name} has {card.vram_gb:.0f} GB — "
                 f"full quality{'' if card.fp8 else f'; fp8 would not compute natively (compute {_cap(card)})'}."
             )
-        else:
-            better = "; ".join(blocked[p] or "" for p in ORDER[: ORDER.index(pick)])
-            reason = f"{pick} ({units.gb(need, approx=True)}) fits the {card.name}: {better}."
+        else:  # the lines on the other precisions say why not those
+            reason = (
+                f"{pick} ({units.gb(need, approx=True)}) is the highest precision that fits the {card.name} "
+                f"({card.vram_gb:.0f} GB, compute {_cap(card)}) and runs well there."
+            )
     else:
         pick = "nf4" if card.bitsandbytes else ("fp8" if card.bf16 else "bf16")
         reason = (

@@ -91,6 +91,17 @@ class Retention:
         return [{"module": k.removesuffix(".weight"), "retained": round(r, 4)} for r, k in ratios[:n]]
 
 
+def describe(score: float | None) -> str:
+    """The score as the result says it ("" without a LoRA), with what a figure over 100% means: rounding moved the
+    stored weights a little further along the LoRA's change than the LoRA itself, so all of its effect is there."""
+    if score is None:
+        return ""
+    text = f"LoRA effect kept: {100 * score:.1f}%"
+    if score > 1.0:
+        text += " (over 100%: rounding went slightly past the LoRA's change, so all of its effect is there)"
+    return text
+
+
 def warnings(score: float | None, worst: list[dict], precision: str) -> list[str]:
     """One sentence when the output lost a real part of the LoRAs' effect."""
     if score is None or score >= WARN_BELOW:

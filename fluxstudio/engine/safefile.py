@@ -71,9 +71,9 @@ def read_header(path: str | Path, what: str = "file") -> Header:
     """Parse and validate a safetensors header; raise BadInputError with a clear message otherwise."""
     path = Path(path)
     if not path.exists():
-        raise BadInputError(f"The {what} {path.name} does not exist.", "Check the path.")
+        raise BadInputError(f"The {what} {path} does not exist.", "Check the path.", (path,))
     if not path.is_file():
-        raise BadInputError(f"The {what} {path.name} is not a file.", "Pick a .safetensors file.")
+        raise BadInputError(f"The {what} {path} is not a file.", "Pick a .safetensors file.", (path,))
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(9)

@@ -23,7 +23,7 @@ from fluxstudio.engine.lora import components as lora_components
 from fluxstudio.engine.lora import load_lora
 from fluxstudio.engine.memory import MemorySampler
 from fluxstudio.engine.models import BaseModel, open_base
-from fluxstudio.errors import BadInputError, DiskSpaceError, OutputError
+from fluxstudio.errors import BadInputError, DiskSpaceError, OutputError, OutputExistsError
 from fluxstudio.flows.request import DISK_MARGIN, BuildRequest, BuildResult
 from fluxstudio.formats import BuildPlan, Format, Settings, get_format, output_path
 from fluxstudio.progress import ProgressEvent, Run, Stage, running
@@ -85,7 +85,9 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool, is_file: bool =
             f"{out} exists and is a {'folder' if out.is_dir() else 'file'}.", "Choose another output name.", (out,)
         )
     if out.exists() and not overwrite:
-        raise OutputError(f"The output {what} {out.name} already exists.", "Choose another name, or allow overwriting.")
+        raise OutputExistsError(
+            f"The output {what} {out.name} already exists.", "Choose another name, or ask to replace it."
+        )
 
 
 def plan_build(

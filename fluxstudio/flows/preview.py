@@ -31,7 +31,7 @@ from fluxstudio.engine import manifest, partials
 from fluxstudio.errors import BadInputError, FluxStudioError
 from fluxstudio.flows.request import BuildRequest
 from fluxstudio.formats import Format, get_format
-from fluxstudio.formats.base import Runtime
+from fluxstudio.formats.base import DEMO_PREVIEWS, Runtime, Why
 from fluxstudio.progress import CancelToken, ProgressEvent, Run, Stage, check, running
 
 SUFFIX = ".preview"
@@ -42,7 +42,7 @@ NO_GPU = (
     "This machine has no CUDA GPU, and the preview renders FLUX models on an NVIDIA GPU "
     "(on the CPU one image would take hours)."
 )
-DEMO_ONLY = "The demo preview runs on the CPU in seconds: build from the built-in demo base to try it."
+DEMO_ONLY = "The demo previews on the CPU in a minute or two: build from the built-in demo base to try it."
 
 
 @dataclass(frozen=True)
@@ -136,13 +136,29 @@ def read(output: Path) -> PreviewResult | None:
         return None
 
 
-def unavailable(base: str) -> str | None:
-    """Why the preview cannot run here for this base (one sentence and its hint), or None."""
+def why_not(format: str, precision: str, base: str, device: str = "auto") -> Why | None:
+    """Why Try it cannot render an output of this format and precision, built from `base`, on this machine (what, and
+    what to do instead), or None. The page asks before it offers Try it, the CLI before it builds, and the preview
+    before it starts: all three say the same sentence."""
     import torch
 
-    if torch.cuda.is_available() or base == "demo":
-        return None
-    return f"{NO_GPU} {DEMO_ONLY}"
+    fmt = get_format(format)
+    precision = fmt.check(precision)
+    demo = base == "demo"
+    cuda = torch.cuda.is_available() and device != "cpu"
+    why = fmt.preview_problem(precision)
+    if why is None and device == "auto" and not cuda and not demo:
+        return Why(NO_GPU, DEMO_ONLY)
+    if why is None and not cuda and fmt.preview_runtime(precision) == "nf4":
+        why = Why(
+            "NF4 models run on a CUDA GPU only (diffusers' bitsandbytes layers need one).",
+            "Preview it on a machine with an NVIDIA GPU.",
+        )
+    if why is None and demo:
+        from fluxstudio.sources.demo import DEMO_CONFIG
+
+        why = fmt.width_problem(DEMO_CONFIG["num_attention_heads"] * DEMO_CONFIG["attention_head_dim"])
+    return why._replace(hint=DEMO_PREVIEWS) if why and demo else why
 
 
 def defaults(variant: str, demo: bool) -> tuple[int, int]:
@@ -176,16 +192,9 @@ def _check(req: PreviewRequest, data: dict | None) -> tuple[Format, str, str, st
             f"The preview renders FLUX.1 models; {req.output.name} is {variant or 'another family'}.",
             "Load it with the snippet shown with the result.",
         )
-    if why := fmt.preview_problem(precision):
+    if why := why_not(fmt.key, precision, req.build.base, req.device):
         raise BadInputError(why.message, why.hint)
-    if req.device == "auto" and unavailable(req.build.base):
-        raise BadInputError(NO_GPU, DEMO_ONLY)
     device = "cuda" if req.device == "auto" and torch.cuda.is_available() else "cpu"
-    if device == "cpu" and fmt.preview_runtime(precision) == "nf4":
-        raise BadInputError(
-            "NF4 models run on a CUDA GPU only (diffusers' bitsandbytes layers need one).",
-            "Build the demo at bf16, fp8 or a GGUF type to preview it on the CPU.",
-        )
     return fmt, precision, variant, device
 
 

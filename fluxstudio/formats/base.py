@@ -29,6 +29,8 @@ PIPELINES = {
     "flux1": ("FluxPipeline", "black-forest-labs/FLUX.1-dev"),
     "flux2": ("Flux2Pipeline", "black-forest-labs/FLUX.2-dev"),
 }
+# What previews on a machine without a GPU, where another choice cannot
+DEMO_PREVIEWS = "Build the demo in the diffusers or pipeline format at bf16 or fp8 to preview it on the CPU."
 # How the preview runs a base at an output's precision, beside the fused output: as diffusers loads it, or from a
 # file of the same kind built from the base alone ("own-file": GGUF, where the type is the point)
 Runtime = Literal["bf16", "fp8", "nf4", "own-file"]
@@ -211,8 +213,9 @@ class Format(ABC):
         )
 
     @abstractmethod
-    def snippet(self, path: str, precision: str, family: Family, t5: str = "") -> str:
-        """Python that loads the output with diffusers, or comment lines saying what reads it instead."""
+    def snippet(self, path: str, precision: str, family: Family, t5: str = "", pipeline: str = "") -> str:
+        """Python that loads the output with diffusers, or comment lines saying what reads it instead. `pipeline`: the
+        base pipeline it goes into ("" for the family's repo on the Hub)."""
 
     # -- what a build needs and writes --------------------------------------------------------------------------
     def base_parts(self, lora_components: set[str]) -> list[str] | None:
@@ -319,16 +322,17 @@ class Format(ABC):
 ENCODER_PLACES = {"clip_l": "CLIP-L", "t5xxl_fp8_e4m3fn": "T5-XXL"}
 
 
-def pipeline_lines(option: Option, family: Family, imports: str, load: str) -> str:
-    """A snippet that loads a transformer (`load`) into its family's pipeline from the Hub."""
+def pipeline_lines(option: Option, family: Family, imports: str, load: str, pipeline: str = "") -> str:
+    """A snippet that loads a transformer (`load`) into its family's pipeline (from the Hub unless `pipeline`)."""
     pipe_cls, repo = PIPELINES[family.key]
+    repo = pipeline or repo
     lines = ["import torch", imports, "", load]
     if option.runtime == "fp8":
         lines.append(
             "transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)"
         )
     lines += [
-        f'pipe = {pipe_cls}.from_pretrained("{repo}", transformer=transformer, torch_dtype=torch.bfloat16)',
+        f'pipe = {pipe_cls}.from_pretrained(r"{repo}", transformer=transformer, torch_dtype=torch.bfloat16)',
         'pipe.enable_model_cpu_offload()  # or pipe.to("cuda") on a large card',
     ]
     return "\n".join(lines)

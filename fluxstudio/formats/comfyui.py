@@ -76,7 +76,7 @@ class ComfyFormat(BflFormat):
         assert isinstance(codec, ComfyPrecision)
         return ComfyWriter(codec, base, plan.jobs, settings.filename)
 
-    def snippet(self, path: str, precision: str, family: Family, t5: str = "") -> str:
+    def snippet(self, path: str, precision: str, family: Family, t5: str = "", pipeline: str = "") -> str:
         return (
             "# diffusers has no loader for ComfyUI's comfy_quant files: load it in ComfyUI (Load Diffusion Model).\n"
             "# For diffusers, build the diffusers format or a GGUF file of the same weights."

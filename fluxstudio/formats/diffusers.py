@@ -68,7 +68,7 @@ class DiffusersFormat(Format):
             "Made with FluxStudio; `fluxstudio.json` records the inputs, versions and timings.\n"
         )
 
-    def snippet(self, path: str, precision: str, family: Family, t5: str = "") -> str:
+    def snippet(self, path: str, precision: str, family: Family, t5: str = "", pipeline: str = "") -> str:
         cls = family.class_name
         pipe_cls, _ = PIPELINES[family.key]
         return pipeline_lines(
@@ -76,6 +76,7 @@ class DiffusersFormat(Format):
             family,
             f"from diffusers import {cls}, {pipe_cls}",
             f'transformer = {cls}.from_pretrained(r"{path}", torch_dtype=torch.bfloat16)',
+            pipeline,
         )
 
     def load_transformer(self, path: Path, config: Path):

@@ -165,15 +165,17 @@ class GgufFormat(BflFormat):
         assert isinstance(preset, Preset)
         return GgufWriter(preset, base, plan.jobs, settings.filename)
 
-    def snippet(self, path: str, precision: str, family: Family, t5: str = "") -> str:
+    def snippet(self, path: str, precision: str, family: Family, t5: str = "", pipeline: str = "") -> str:
         cls = family.class_name
         pipe_cls, repo = PIPELINES[family.key]
+        repo = pipeline or repo
         return pipeline_lines(
             self.option(precision),
             family,
             f"from diffusers import {cls}, {pipe_cls}, GGUFQuantizationConfig",
-            f'transformer = {cls}.from_single_file(\n    r"{path}", config="{repo}", subfolder="transformer",\n'
+            f'transformer = {cls}.from_single_file(\n    r"{path}", config=r"{repo}", subfolder="transformer",\n'
             "    quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16), torch_dtype=torch.bfloat16,\n)",
+            pipeline,
         )
 
     def load_transformer(self, path: Path, config: Path):

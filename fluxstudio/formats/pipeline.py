@@ -59,7 +59,7 @@ class PipelineFormat(DiffusersFormat):
     def linked_bytes(self, planned: BuildPlan, target: Path) -> int:
         return copy_bytes(planned.root, planned.linked, target) if planned.linked and planned.root else 0
 
-    def snippet(self, path: str, precision: str, family: Family, t5: str = "") -> str:
+    def snippet(self, path: str, precision: str, family: Family, t5: str = "", pipeline: str = "") -> str:
         pipe_cls, _ = PIPELINES[family.key]
         lines = [
             "import torch",

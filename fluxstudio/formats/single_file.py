@@ -16,7 +16,7 @@ from fluxstudio.engine import manifest
 from fluxstudio.engine.fuse import FusePlan
 from fluxstudio.engine.models import BaseModel, Family
 from fluxstudio.engine.shards import ShardedWriter, header_bound
-from fluxstudio.formats.base import PIPELINES, Format, Option, Settings, Why, Writer, pipeline_lines
+from fluxstudio.formats.base import DEMO_PREVIEWS, PIPELINES, Format, Option, Settings, Why, Writer, pipeline_lines
 from fluxstudio.formats.writers import BflWriter, EncoderFile, SafetensorsWriter
 from fluxstudio.quant import Precision, Rows
 from fluxstudio.quant.nf4 import NF4
@@ -38,8 +38,7 @@ class BflFormat(Format):
         return Why(
             "diffusers reads single files and GGUF only at FLUX.1's real width (its converter assumes 3072), and "
             "this base is narrower.",
-            "Build the demo in the diffusers or pipeline format to preview it; real FLUX "
-            "models preview in every format diffusers loads.",
+            DEMO_PREVIEWS + " Real FLUX models preview in every format diffusers loads.",
         )
 
 
@@ -101,7 +100,7 @@ class SingleFileFormat(BflFormat):
         assert isinstance(option, Precision)
         return SingleFileWriter(option, base, plan.jobs, settings.filename)
 
-    def snippet(self, path: str, precision: str, family: Family, t5: str = "") -> str:
+    def snippet(self, path: str, precision: str, family: Family, t5: str = "", pipeline: str = "") -> str:
         if reader := self.NOT_IN_DIFFUSERS.get(precision):
             readers = f"{reader} read" if " and " in reader else f"{reader} reads"
             return (
@@ -110,12 +109,14 @@ class SingleFileFormat(BflFormat):
             )
         cls = family.class_name
         pipe_cls, repo = PIPELINES[family.key]
+        repo = pipeline or repo
         return pipeline_lines(
             self.option(precision),
             family,
             f"from diffusers import {cls}, {pipe_cls}",
-            f'transformer = {cls}.from_single_file(\n    r"{path}", config="{repo}", subfolder="transformer", '
+            f'transformer = {cls}.from_single_file(\n    r"{path}", config=r"{repo}", subfolder="transformer", '
             "torch_dtype=torch.bfloat16,\n)",
+            pipeline,
         )
 
     def preview_problem(self, precision: str) -> Why | None:
