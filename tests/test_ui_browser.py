@@ -298,7 +298,8 @@ def test_try_it_renders_both_demo_images_with_figures_and_the_library_shows_them
     )
     for key in "ab":
         assert page.locator(f"#preview-{key} img").count() == 1
-        assert "it/s" in page.inner_text(f"#preview-{key}")
+        assert f"({key})" in page.inner_text(f"#preview-{key}")
+        assert "it/s" in figures.split(f"({key})")[1].split("\n")[0]  # its row of the figures
     folder = app.outputs / "demo-try.preview"
     saved = json.loads((folder / "preview.json").read_text())
     assert saved["settings"]["seed"] == 5 and [r["key"] for r in saved["renders"]] == ["a", "b", "c"]
@@ -328,3 +329,73 @@ def test_try_it_without_a_gpu_offers_only_the_demo_and_says_why(browser, app, tm
     page.wait_for_selector("#preview-why:has-text('no CUDA GPU')", timeout=120_000)
     assert "demo" in page.inner_text("#preview-why")
     assert page.locator("#try").is_disabled()
+
+
+def pick_card(page, card: str) -> None:
+    page.locator("#target input").click()
+    page.get_by_role("option", name=card).click()
+    page.wait_for_selector(f"#advice:has-text('{card}')", timeout=30_000)
+
+
+def pick_format(page, label: str, precision: str) -> None:
+    page.get_by_label(label, exact=False).check()
+    page.wait_for_selector(f"#precision label:has-text('{precision}')", timeout=30_000)
+
+
+def test_two_builds_without_renaming_a_library_there_on_reload_and_a_delete_that_asks(browser, app, tmp_path):
+    page = open_page(browser, app)
+    name = page.input_value("#out-name textarea, #out-name input")
+    page.click("#fuse")
+    page.wait_for_selector(f"#result:has-text('{name}')", timeout=120_000)
+    page.wait_for_function("() => !document.querySelector('#fuse').disabled", timeout=30_000)
+    page.click("#fuse")  # the same name, untouched
+    page.wait_for_selector(f"#run-status:has-text('{name} was taken, so this one is {name}-2')", timeout=120_000)
+    assert sorted(p.name for p in app.outputs.iterdir() if not p.name.startswith(".")) == [name, f"{name}-2"]
+    page.wait_for_selector(f"#library-table:has-text('{name}-2')", timeout=30_000)
+
+    page.reload()  # the library is there without Refresh
+    page.wait_for_selector(f"#library-table:has-text('{name}-2')", timeout=60_000)
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.screenshot(path=str(tmp_path / "reloaded-1280.png"), full_page=True)
+    table = page.inner_text("#library-table")
+    assert table.count(name) == 2
+
+    page.locator("#library-pick input").click()
+    page.get_by_role("option", name=f"{name}-2").click()
+    asked = []
+    page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+    page.click("#library-delete")
+    page.wait_for_selector("#library-message:has-text('Nothing was deleted')", timeout=30_000)
+    assert asked and f"Delete {name}-2?" in asked[0] and (app.outputs / f"{name}-2").exists()
+    page.once("dialog", lambda d: d.accept())
+    page.click("#library-delete")
+    page.wait_for_selector(f"#library-message:has-text('Deleted {name}-2')", timeout=30_000)
+    assert not (app.outputs / f"{name}-2").exists() and (app.outputs / name).exists()
+
+
+def test_cards_and_formats_in_any_order_raise_no_error_and_try_it_says_what_it_cannot_load(browser, app, tmp_path):
+    page = open_page(browser, app)
+    for step in (
+        lambda: pick_card(page, "RTX 3060 12 GB"),
+        lambda: pick_format(page, "ComfyUI / Forge / SwarmUI, one file", "fp8-scaled"),
+        lambda: pick_format(page, "GGUF (ComfyUI-GGUF", "Q8_0"),
+        lambda: pick_format(page, "diffusers (Python)", "nf4"),
+        lambda: pick_format(page, "GGUF (ComfyUI-GGUF", "Q8_0"),
+        lambda: pick_card(page, "RTX 4090 24 GB"),
+        lambda: pick_format(page, "diffusers (Python)", "nf4"),
+        lambda: pick_card(page, "RTX 3060 12 GB"),
+    ):
+        step()
+    page.wait_for_timeout(2000)  # any late answer of the server would show by now
+    assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").all_inner_texts()
+    assert "Traceback" not in app.output() and "is not in the list of choices" not in app.output()
+    choices = page.locator("#precision label").all_inner_texts()
+    assert [c.split(" ·")[0] for c in choices] == ["bf16", "fp8", "nf4"]
+    assert page.locator("#precision input:checked").get_attribute("value") == "nf4"  # the RTX 3060's pick
+
+    pick_format(page, "GGUF (ComfyUI-GGUF", "Q8_0")  # the demo is too narrow for diffusers' GGUF loader
+    page.click("#fuse")
+    page.wait_for_selector("#result:has-text('Saved')", timeout=120_000)
+    page.wait_for_selector("#preview-why:has-text('diffusers or pipeline format at bf16 or fp8')", timeout=30_000)
+    assert page.locator("#try").is_disabled()
+    page.screenshot(path=str(tmp_path / "try-it-disabled.png"), full_page=True)

@@ -55,12 +55,14 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
         loras.wire(ctx, lo, b.choice, b.custom, b.model_key)
         output.wire(ctx, o, b.choice, b.custom, b.model_key, lo.items, m.target)
 
-        def advise(target, key, format):
+        def advise(target, key, format, choice, custom):
             text, rec = machine.advice_text(ctx, target, key)
-            return text, output.precision_update(format, key, rec)
+            return text, output.precision_update(ctx, base.reference(choice, custom), format, key, rec)
 
-        for trigger in (m.target.change, b.model_key.change):
-            trigger(advise, [m.target, b.model_key, o.format], [m.advice, o.precision])
+        advise_inputs = [m.target, b.model_key, o.format, b.choice, b.custom]
+        for trigger in (m.target.change, b.model_key.change, b.status.change):  # the sizes follow the base too
+            trigger(advise, advise_inputs, [m.advice, o.precision])
+        machine.live(ctx, m)
         run.wire(
             ctx,
             r,
@@ -70,10 +72,12 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
             o.format,
             o.precision,
             o.name,
+            o.replace,
             o.shard,
             o.t5,
             on_done=[
                 (lambda: library.updates(ctx, lib), None, library.outputs(lib)),
+                (lambda: machine.summary(ctx.studio.hw.now(), not ctx.settings.local), None, m.summary),
                 refresh_base,
                 (lambda last: preview.on_build(ctx, last), r.last, [p.box, p.why, p.steps, p.size, p.go]),
             ],
@@ -82,16 +86,21 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
         library.wire(ctx, lib)
 
         def first_load(choice, custom, target, format):
+            """What a (re)loaded page shows now: the base, the advice, the library, a fresh output name, this
+            machine's free RAM and disk."""
             status, key, need_token, kept = base.describe(ctx, choice, custom or "")
-            text, precision = advise(target, key, format)
+            text, precision = advise(target, key, format, choice, custom)
             est = output.estimate(ctx, choice, custom, [], format, precision["value"], key)
             extra = [gr.update(visible=need_token), gr.update(visible=need_token)] if b.token is not None else []
-            return [status, key, text, precision, est, gr.update(visible=kept > 0), *extra]
+            now = machine.summary(ctx.studio.hw.now(), not ctx.settings.local)
+            fresh = [status, key, text, precision, est, gr.update(visible=kept > 0), output.default_name(), now]
+            return [*fresh, *library.updates(ctx, lib), *extra]
 
         blocks.load(
             first_load,
             [b.choice, b.custom, m.target, o.format],
-            [b.status, b.model_key, m.advice, o.precision, o.estimate, b.discard]
+            [b.status, b.model_key, m.advice, o.precision, o.estimate, b.discard, o.name, m.summary]
+            + library.outputs(lib)
             + ([b.token, b.save_token] if b.token is not None else []),
         )
     return blocks
@@ -124,7 +133,7 @@ def launch(settings: Settings) -> gr.Blocks:
         favicon_path=str(ASSETS / "favicon.png"),
         footer_links=[],
         show_error=False,
-        quiet=False,
+        quiet=True,  # its own lines name launch(share=True); ours name the flags
         css_paths=[str(ASSETS / "style.css")],
         theme=gr.themes.Soft(primary_hue="violet"),
         prevent_thread_lock=True,
@@ -142,11 +151,16 @@ def launch(settings: Settings) -> gr.Blocks:
             + ([Middleware(LoginGuard)] if auth else []),
         },
     )
-    if settings.share and not blocks.share_url:
+    print(f"Running on local URL:  {blocks.local_url}", flush=True)
+    if settings.share and blocks.share_url:
+        print(f"Running on public URL: {blocks.share_url} (temporary; it ends when FluxStudio stops)", flush=True)
+    elif settings.share:
         print(
             "Could not create a public share link (no internet, or the tunnel is blocked). "
             f"FluxStudio still runs locally at {blocks.local_url}",
             file=sys.stderr,
             flush=True,
         )
+    else:
+        print("To share it for a while through a temporary public link, start FluxStudio with --share.", flush=True)
     return blocks

@@ -42,8 +42,15 @@ def rows(ctx: Context) -> list[list[str]]:
 
 def render(ctx: Context) -> Handles:
     with gr.Column(elem_id="library", elem_classes="fs-card"):
-        table = gr.Dataframe(rows(ctx) or None, headers=HEADERS, interactive=False, wrap=True, elem_id="library-table")
-        with gr.Row(equal_height=True):
+        table = gr.Dataframe(
+            rows(ctx) or None,
+            headers=HEADERS,
+            interactive=False,
+            wrap=True,
+            column_widths=["19%", "8%", "11%", "9%", "9%", "8%", "12%", "24%"],
+            elem_id="library-table",
+        )
+        with gr.Row(elem_classes="fs-bottom"):
             pick = delete = None
             if ctx.settings.local:
                 names = [r[0] for r in rows(ctx)]
@@ -101,11 +108,18 @@ def wire(ctx: Context, h: Handles) -> None:
     if h.delete is not None:
 
         def remove(name):
+            if not name:  # none picked, or the question was declined
+                return [*[gr.update()] * len(outputs(h)), ok_html("Nothing was deleted.")]
             try:
-                ctx.studio.delete(name or "")
+                ctx.studio.delete(name)
                 message = ok_html(f"Deleted {name}.")
             except FluxStudioError as exc:
                 message = error_html(user_message(exc, False))
             return [*updates(ctx, h), message]
 
-        h.delete.click(remove, h.pick, [*outputs(h), h.message])
+        h.delete.click(
+            remove,
+            h.pick,
+            [*outputs(h), h.message],
+            js="(name) => name && confirm(`Delete ${name}? Its files are removed from the disk.`) ? name : null",
+        )

@@ -42,7 +42,7 @@ def render(ctx: Context) -> Handles:
                 file_types=[".safetensors"],
                 scale=2,
                 elem_id="lora-upload",
-                height=90,
+                height=120,
             )
         message = gr.HTML(elem_id="lora-message")
 

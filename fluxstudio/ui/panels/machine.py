@@ -12,6 +12,7 @@ from fluxstudio.ui.context import Context
 
 @dataclass
 class Handles:
+    summary: gr.Markdown  # this machine, its free RAM and disk read again every few seconds
     target: gr.Dropdown
     advice: gr.Markdown
 
@@ -46,10 +47,17 @@ def advice_text(ctx: Context, target: str, model_key: str) -> tuple[str, advice.
 
 def render(ctx: Context) -> Handles:
     with gr.Column(elem_id="machine", elem_classes="fs-card"):
-        gr.Markdown(summary(ctx.studio.hw, not ctx.settings.local), elem_id="machine-summary")
+        figures = gr.Markdown(summary(ctx.studio.hw, not ctx.settings.local), elem_id="machine-summary")
         with gr.Row():
             target = gr.Dropdown(
                 [THIS_MACHINE, *advice.CARDS], value=THIS_MACHINE, label="I will run it on", scale=1, elem_id="target"
             )
             text = gr.Markdown(elem_id="advice")
-    return Handles(target, text)
+    return Handles(figures, target, text)
+
+
+def live(ctx: Context, h: Handles) -> None:
+    """Read the free RAM and disk again every 10 s while the page is open."""
+    gr.Timer(10).tick(
+        lambda: summary(ctx.studio.hw.now(), not ctx.settings.local), None, h.summary, show_progress="hidden"
+    )

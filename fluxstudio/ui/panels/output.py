@@ -1,5 +1,5 @@
-"""Output: what the model is for (the format), its precision (the advice by default), a name (never a path),
-the shard size, and what it will take on disk."""
+"""Output: what the model is for (the format), its precision (the advice by default), a name (never a path; a
+taken one gets -2, -3… unless Replace is ticked and confirmed), the shard size, and what it will take on disk."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from datetime import datetime
 
 import gradio as gr
 
-from fluxstudio.studio import FORMATS, Pick, advice, human_bytes, safe_name
+from fluxstudio.studio import FORMATS, Pick, human_bytes, safe_name
+from fluxstudio.ui.choice import Choice
 from fluxstudio.ui.context import Context
 from fluxstudio.ui.panels.base import reference
 
@@ -21,15 +22,20 @@ class Handles:
     format: gr.Radio
     precision: gr.Radio
     name: gr.Textbox
+    replace: gr.Checkbox | None  # local only: replace an output of the same name (confirmed when ticked)
     shard: gr.Dropdown
     estimate: gr.Markdown
     t5: gr.Radio  # T5-XXL's precision, for pipeline exports
 
 
-def precision_choices(format: str, model_key: str) -> list[tuple[str, str]]:
-    """The format's precisions, each with the model table's size for it."""
-    model = advice.MODELS[model_key]
-    return [(f"{p} · ~{human_bytes(model.weight_bytes(p))}", p) for p in FORMATS[format].precisions]
+def default_name() -> str:
+    return f"flux-fused-{datetime.now():%Y%m%d-%H%M}"
+
+
+def precision_choices(ctx: Context, base: str, format: str, model_key: str) -> list[tuple[str, str]]:
+    """The format's precisions, each with its size: from the base's own size when it is here, else the model
+    table's."""
+    return [(f"{p} · ~{human_bytes(n)}", p) for p, n in ctx.studio.sizes(base, format, model_key).items()]
 
 
 def default_precision(format: str, advised: str, one_file: tuple[Pick, ...]) -> str:
@@ -41,10 +47,10 @@ def default_precision(format: str, advised: str, one_file: tuple[Pick, ...]) -> 
     return next((p.precision for p in one_file if p.format == format), fmt.default)
 
 
-def precision_update(format: str, model_key: str, rec) -> dict:
+def precision_update(ctx: Context, base: str, format: str, model_key: str, rec) -> dict:
     """The precision choices for a format, with the advice's pick (`rec`, a Recommendation) selected."""
     value = default_precision(format, rec.precision, rec.one_file_picks)
-    return gr.update(choices=precision_choices(format, model_key), value=value)
+    return gr.update(choices=precision_choices(ctx, base, format, model_key), value=value)
 
 
 def estimate(
@@ -71,16 +77,20 @@ def render(ctx: Context) -> Handles:
             elem_id="format",
         )
         with gr.Row():
-            precision = gr.Radio(
-                precision_choices("diffusers", "flux1"), value="bf16", label="Precision", elem_id="precision", scale=3
+            precision = Choice(
+                precision_choices(ctx, "demo", "diffusers", "flux1"),
+                value="bf16",
+                label="Precision",
+                elem_id="precision",
+                scale=3,
             )
-            name = gr.Textbox(
-                value=f"flux-fused-{datetime.now():%Y%m%d-%H%M}",
-                label="Output name",
-                max_lines=1,
-                elem_id="out-name",
-                scale=2,
-            )
+            with gr.Column(scale=2, min_width=220):
+                name = gr.Textbox(value=default_name(), label="Output name", max_lines=1, elem_id="out-name")
+                replace = (
+                    gr.Checkbox(False, label="Replace an output of this name", elem_id="out-replace")
+                    if ctx.settings.local
+                    else None
+                )
             shard = gr.Dropdown(SHARD_SIZES, value="5GB", label="Shard size", scale=1, elem_id="shard")
         t5 = gr.Radio(
             ENCODER_PRECISIONS,
@@ -90,7 +100,7 @@ def render(ctx: Context) -> Handles:
             elem_id="t5-precision",
         )
         text = gr.Markdown(elem_id="estimate")
-    return Handles(fmt, precision, name, shard, text, t5)
+    return Handles(fmt, precision, name, replace, shard, text, t5)
 
 
 def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key, loras, target) -> None:
@@ -99,16 +109,24 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key, loras, t
     def refresh(choice, custom, items, format, precision, key, t5):
         return estimate(ctx, choice, custom, items, format, precision, key, t5)
 
-    def on_format(format, key, target_card):
+    def on_format(choice, custom, format, key, target_card):
         rec = ctx.studio.advise(target_card, key)
         fmt = FORMATS[format]
         return (
-            precision_update(format, key, rec),
+            precision_update(ctx, reference(choice, custom), format, key, rec),
             gr.update(visible=not fmt.one_file),
             gr.update(visible=bool(fmt.encoder_options), value=rec.text_encoder),
         )
 
-    h.format.change(on_format, [h.format, model_key, target], [h.precision, h.shard, h.t5])
+    h.format.change(on_format, [base_choice, base_custom, h.format, model_key, target], [h.precision, h.shard, h.t5])
     for trigger in (h.precision.change, model_key.change, loras.change, h.t5.change):
         trigger(refresh, inputs, h.estimate)
     h.name.blur(lambda name: safe_name(name or ""), h.name, h.name)
+    if h.replace is not None:  # asked once, when ticked: unticked again unless confirmed
+        h.replace.input(
+            None,
+            [h.replace, h.name],
+            h.replace,
+            js="(on, name) => on && confirm(`Replace the output named ${name} if it exists? The old one is deleted "
+            + "once the new one is complete.`)",
+        )

@@ -64,8 +64,15 @@ def render() -> Handles:
         status = gr.HTML(elem_id="preview-status")
         progress = gr.Markdown(elem_id="preview-progress")
         with gr.Row():
-            images = [
-                gr.Image(label=f"({k})", type="pil", interactive=False, visible=False, elem_id=f"preview-{k}")
+            images = [  # a short label, so that the toolbar never covers it: the figures are in the table below
+                gr.Image(
+                    label=f"({k})",
+                    type="pil",
+                    interactive=False,
+                    visible=False,
+                    buttons=["download", "fullscreen"],
+                    elem_id=f"preview-{k}",
+                )
                 for k in "abc"
             ]
         figures = gr.Markdown(elem_id="preview-figures")
@@ -77,7 +84,8 @@ def vram_text(r) -> str:
 
 
 def caption(r) -> str:
-    return f"({r.key}) {r.label} · {r.it_per_s:.2f} it/s · {r.seconds:.1f} s · VRAM {vram_text(r)}"
+    """An image's caption: which it is (its figures are in the table beside it, and in the library's row)."""
+    return f"({r.key}) {r.label}"
 
 
 def figures_table(result) -> str:
@@ -121,10 +129,10 @@ def image_updates(result) -> list:
 
 
 def on_build(ctx: Context, last) -> list:
-    """Show the panel for the output just built, with its defaults; without a GPU, only the demo can run."""
+    """Show the panel for the output just built, with its defaults; Try it only where it can run here, else why."""
     if not last:
         return [gr.update(visible=False), "", gr.update(), gr.update(), gr.update(interactive=False)]
-    why = ctx.studio.preview_unavailable(last["request"].base)
+    why = ctx.studio.preview_problem(last["request"])
     steps, size = ctx.studio.preview_defaults(last["request"], last["output"])
     return [gr.update(visible=True), f"⚠ {why}" if why else "", steps, size, gr.update(interactive=why is None)]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from fluxstudio.progress import Stage
-from fluxstudio.studio import Job, Status, human_bytes
+from fluxstudio.studio import Job, Status, describe_retention, human_bytes, safe_name
 from fluxstudio.ui.context import Context
 from fluxstudio.ui.handlers import error_html, ok_html, user_message
 from fluxstudio.ui.panels.base import reference
@@ -69,7 +69,7 @@ def result_text(ctx: Context, job: Job, shared: bool) -> str:
         f"### Saved `{where}`",
         f"{r.format} · {r.precision} · **{human_bytes(r.output_bytes)}** in {len(r.files)} file(s) · "
         f"{r.tensors_fused} tensors fused"
-        + (f" · LoRA effect kept: **{100 * r.lora_retained:.1f}%**" if r.lora_retained is not None else ""),
+        + (f" · {describe_retention(r.lora_retained)}" if r.lora_retained is not None else ""),
         f"Time **{r.seconds:.1f} s** ({stages})",
         f"Peak RAM **{human_bytes(r.peak_anon_bytes)}** (RSS {human_bytes(r.peak_ram_bytes)})"
         + (f" · peak VRAM **{human_bytes(r.peak_vram_bytes)}**" if r.peak_vram_bytes else ""),
@@ -96,21 +96,24 @@ def render() -> Handles:
 
 
 def wire(
-    ctx: Context, h: Handles, base_choice, base_custom, loras, format, precision, name, shard, t5, on_done
+    ctx: Context, h: Handles, base_choice, base_custom, loras, format, precision, name, replace, shard, t5, on_done
 ) -> None:
     shared = not ctx.settings.local
 
-    def run(choice, custom, items, fmt, prec, out_name, shard_size, t5_precision):
+    def run(choice, custom, items, fmt, prec, out_name, shard_size, t5_precision, replace_it=False):
         idle = gr.update(interactive=True), gr.update(interactive=False)
         try:
+            wanted = safe_name(out_name or "")
+            out_name = wanted if replace_it else ctx.studio.free_name(wanted, fmt)  # a second build keeps both
             req = ctx.studio.request(
                 reference(choice, custom),
                 [(it["ref"], it["scale"]) for it in items],
                 fmt,
                 prec,
-                out_name or "",
+                out_name,
                 shard_size,
                 t5_precision,
+                overwrite=bool(replace_it),
             )
         except Exception as exc:  # noqa: BLE001 - shown as one sentence
             yield (None, error_html(user_message(exc, shared)), "", "", "", gr.update(visible=False), *idle, None)
@@ -123,10 +126,11 @@ def wire(
         if job.status == Status.DONE:
             r = job.result
             snippet = ctx.studio.snippet(r, req, None if not shared else f"path/to/{req.out_dir.name}")
+            taken = f" {wanted} was taken, so this one is {out_name}." if out_name != wanted else ""
             yield (
                 None,
-                ok_html("Done."),
-                progress_text(job),
+                ok_html("Done." + taken),
+                f"**Done** · {r.seconds:.0f} s",
                 memory_text(job),
                 result_text(ctx, job, shared),
                 gr.update(value=snippet, visible=True),
@@ -143,7 +147,7 @@ def wire(
     outputs = [h.job_id, h.status, h.progress, h.memory, h.result, h.snippet, h.go, h.cancel, h.last]
     event = h.go.click(
         run,
-        [base_choice, base_custom, loras, format, precision, name, shard, t5],
+        [base_choice, base_custom, loras, format, precision, name, shard, t5] + ([replace] if replace else []),
         outputs,
         concurrency_limit=1,
         concurrency_id="build",
