@@ -12,6 +12,7 @@ quantizers, no importance matrix) on the same 2 threads, when `--ggml` names a l
 sources (see tools/ggml_reference.py); without it, only FluxStudio's speed is printed.
 
     python bench/formats.py [--workdir DIR] [--keep] [--ggml path/to/libggml-base.so] [--full]
+        [--only FORMAT:PRECISION,...] [--full-precisions FORMAT:PRECISION,...] [--skip-builds]
 """
 
 from __future__ import annotations
@@ -131,6 +132,16 @@ def run_builds(label: str, base: Path, lora: Path, jobs: list[tuple[str, str]], 
     return rows
 
 
+def _beside_fp8_scaled(rows: list[dict]) -> None:
+    """Each ComfyUI-native build's wall time over the scaled-fp8 single file's, from the same model in this run."""
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ref = next((r for r in rows if r["model"] == model and r["precision"] == "fp8-scaled"), None)
+        native = [r for r in rows if r["model"] == model and r["format"] == "comfyui"]
+        if ref and native:
+            ratios = ", ".join(f"{r['precision']} x{r['seconds'] / ref['seconds']:.2f}" for r in native)
+            print(f"{model}: ComfyUI-native wall time / scaled-fp8 single file ({ref['seconds']:.1f} s): {ratios}")
+
+
 def main() -> None:
     from fluxstudio.formats import FORMATS
 
@@ -140,8 +151,11 @@ def main() -> None:
     ap.add_argument("--ggml", type=Path, help="libggml-base.so built from llama.cpp's sources, for the speed ratio")
     ap.add_argument("--full", action="store_true", help="also build from full FLUX.1-dev shapes (24 GB of disk)")
     ap.add_argument(
-        "--full-precisions", default="single-file:bf16,single-file:fp8-scaled,single-file:nf4,gguf:Q8_0,gguf:Q4_K_S"
+        "--full-precisions",
+        default="single-file:fp8-scaled,comfyui:fp8,comfyui:nvfp4,comfyui:mxfp8,comfyui:int8,comfyui:int8-convrot",
+        help="FORMAT:PRECISION pairs built from the full shapes",
     )
+    ap.add_argument("--only", help="FORMAT:PRECISION pairs built from the 1.3 B model (default: every one)")
     ap.add_argument("--skip-builds", action="store_true", help="only the quantizer speed")
     args = ap.parse_args()
     work = args.workdir
@@ -161,6 +175,8 @@ def main() -> None:
         lora = make_lora(work / "lora-r16.safetensors", mid)
         # pipeline: its transformer is the diffusers writer's; it needs a whole pipeline base (bench/pipeline_memory.py)
         jobs = [(f, p) for f in FORMATS if f != "pipeline" for p in FORMATS[f].precisions]
+        if args.only:
+            jobs = [tuple(j.split(":")) for j in args.only.split(",")]
         print(f"\nbuilds from the 1.3 B model ({len(jobs)} formats x precisions):", flush=True)
         rows += run_builds("1.3B", mid, lora, jobs, work, env)
         if args.full:
@@ -177,6 +193,7 @@ def main() -> None:
                 f"{r['model']:6} {r['format']:12} {r['precision']:10} {r['seconds']:7.1f}s "
                 f"{r['peak_anon_bytes'] / 1e9:8.2f} GB {r['output_bytes'] / 1e9:6.2f} GB"
             )
+        _beside_fp8_scaled(rows)
         worst = max(rows, key=lambda r: r["peak_anon_bytes"])
         print(
             f"\nhighest peak anonymous memory: {worst['peak_anon_bytes'] / 1e9:.2f} GB "
