@@ -259,11 +259,14 @@ class Studio:
         """Each precision of a format with the transformer's size at it: the model table's, scaled to the base's
         own number of parameters when the base is here (the demo is 80 MB, not 24 GB). Never raises."""
         from fluxstudio.engine.models import open_base
+        from fluxstudio.sources.demo import DEMO_PARAMS
 
         model = catalogue.MODELS[model_key]
         scale = 1.0
         try:
-            if (folder := self.local_base(base)) is not None:
+            if base == "demo":  # without building it (the page asks this before anything else)
+                scale = DEMO_PARAMS / model.params
+            elif (folder := self.local_base(base)) is not None:
                 scale = sum(info.numel for _, info in open_base(folder).tensors.values()) / model.params
         except FluxStudioError:
             pass  # not usable yet: the table's sizes stand

@@ -192,7 +192,23 @@ def test_nf4_single_file_is_forges_layout(wide_base, wide_lora, tmp_path):
     assert sd[f"{p}double_blocks.0.img_attn.norm.query_norm.scale"].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("precision", ["Q8_0", "Q4_K_S"])
+# a forward pass of the random width-3072 model against bf16: what each type's rounding leaves of the output
+GGUF_ERRORS = {
+    "Q8_0": 0.02,
+    "Q5_K_M": 0.1,
+    "Q5_1": 0.1,
+    "Q4_K_M": 0.2,
+    "Q4_K_S": 0.2,
+    "Q4_1": 0.2,
+    "IQ4_XS": 0.2,
+    "IQ4_NL": 0.2,
+    "Q3_K_M": 0.3,
+    "Q3_K_S": 0.3,
+    "Q2_K": 0.6,
+}
+
+
+@pytest.mark.parametrize("precision", list(GGUF_ERRORS))
 def test_gguf_loads_in_diffusers_and_runs_close_to_bf16(wide_base, wide_lora, wide_folder, tmp_path, precision):
     from diffusers import GGUFQuantizationConfig
 
@@ -208,16 +224,18 @@ def test_gguf_loads_in_diffusers_and_runs_close_to_bf16(wide_base, wide_lora, wi
         and types["txt_in.weight"] == "F16"
         and types["single_blocks.0.linear1.bias"] == "F32"
     )
-    assert types["single_blocks.0.linear1.weight"] == ggml_name(precision)
+    preset = formats.FORMATS["gguf"].option(precision)
+    assert types["single_blocks.0.linear1.weight"] == preset.weights
+    # llama.cpp's K-mixes raise the double blocks' qkv weights, and set the file type as llama-quantize does
+    assert types["double_blocks.0.img_attn.qkv.weight"] == types["double_blocks.0.txt_attn.qkv.weight"]
+    assert types["double_blocks.0.img_attn.qkv.weight"] == (preset.qkv or preset.weights)
+    assert reader.fields["general.file_type"].parts[-1][0] == gguf.LlamaFileType[f"MOSTLY_{precision}"]
     model = from_single_file(
         path, wide_folder, quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
     )
     err = relative_error(_forward(model, dict(model.config)), _reference(wide_folder))
-    assert err < (0.02 if precision == "Q8_0" else 0.2), err  # random weights: 4 bits is their worst case
-
-
-def ggml_name(precision):
-    return formats.FORMATS["gguf"].option(precision).weights
+    print(f"{precision}: relative error of the output {err:.4f}")
+    assert err < GGUF_ERRORS[precision], err  # random weights are every type's worst case
 
 
 def _gguf_overhead(path):
@@ -239,11 +257,11 @@ def test_gguf_package_reads_every_type(tiny_base, tmp_path):
             theirs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
             shape = tuple(reversed([int(d) for d in t.shape]))
             assert theirs.reshape(shape).shape == ref[t.name].shape, t.name
-            if t.tensor_type.name in ggml.QUANTIZED:
+            if t.tensor_type.name in ggml.quantized():
                 ours = ggml.dequantize(torch.from_numpy(t.data.copy()), t.tensor_type.name, shape)
                 assert torch.equal(ours, theirs.reshape(shape)), (precision, t.name)
             err = relative_error(theirs.reshape(shape), ref[t.name])
-            assert err < 0.15, (precision, t.name, err)
+            assert err < {"Q2_K": 0.4, "Q3_K": 0.2}.get(t.tensor_type.name, 0.15), (precision, t.name, err)
             if t.tensor_type.name in ("F32", "F16", "BF16"):
                 assert err < 1e-3
 

@@ -10,13 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fluxstudio.quant import ggml
+from fluxstudio.quant import ggml, ggml_lowbit
 
 REF = load_file(str(Path(__file__).parent / "data" / "ggml_reference.safetensors"))
-CASES = ("random", "fused", "edge")
+# random rows with outliers, fused FLUX-like rows of 3072 and of 12288 values, zero / constant / tiny / on-grid rows
+# and the like, heavy-tailed rows (tools/ggml_reference.py)
+CASES = ("random", "fused", "edge", "wide", "heavy")
+TYPES = ggml.quantized()
 
 
-@pytest.mark.parametrize("qtype", list(ggml.QUANTIZED))
+@pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_bytes_match_ggml(qtype, case):
     x = REF[f"{case}.input"]
@@ -28,12 +31,20 @@ def test_bytes_match_ggml(qtype, case):
     assert same == 1.0, f"{qtype} {case}: {same:.2%} of blocks identical to ggml's"
 
 
-@pytest.mark.parametrize("qtype", list(ggml.QUANTIZED))
+@pytest.mark.parametrize("qtype", TYPES)
 def test_dequantize_equals_the_gguf_package(qtype):
-    x = REF["fused.input"]
-    data = ggml.quantize(x, qtype)
-    theirs = torch.from_numpy(gguf.quants.dequantize(data.numpy(), gguf.GGMLQuantizationType[qtype]).copy())
-    assert torch.equal(ggml.dequantize(data, qtype, tuple(x.shape)), theirs.reshape(x.shape).float())
+    for case in CASES:
+        x = REF[f"{case}.input"]
+        data = ggml.quantize(x, qtype)
+        theirs = torch.from_numpy(gguf.quants.dequantize(data.numpy(), gguf.GGMLQuantizationType[qtype]).copy())
+        assert torch.equal(ggml.dequantize(data, qtype, tuple(x.shape)), theirs.reshape(x.shape).float()), case
+
+
+def test_every_type_of_the_gguf_package_that_flux_files_use_is_made_here():
+    assert set(TYPES) == {"Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K"} | {
+        "IQ4_NL",
+        "IQ4_XS",
+    }
 
 
 def test_bf16_float32_and_chunking_give_the_same_bytes(monkeypatch):
@@ -46,7 +57,14 @@ def test_bf16_float32_and_chunking_give_the_same_bytes(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "part, args", [(ggml._k_scales, (15, -1.0, 20)), (ggml._k_scales, (31, -0.5, 15)), (ggml._q6_k_parts, ())]
+    "part, args",
+    [
+        (ggml._k_scales, (15, -1.0, 20)),
+        (ggml._k_scales, (31, -0.5, 15)),
+        (ggml._q6_k_parts, ()),
+        (ggml_lowbit._q3_k_parts, ()),
+        (ggml_lowbit._q2_k_parts, ()),
+    ],
 )
 def test_torchscript_runs_the_k_quants_and_gives_what_python_gives(part, args):
     assert isinstance(part.compiled(), torch.jit.ScriptFunction)  # compiled on this torch, not silently left as Python
@@ -73,7 +91,7 @@ def test_rows_must_fit_the_blocks():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("qtype", list(ggml.QUANTIZED))
+@pytest.mark.parametrize("qtype", TYPES)
 def test_cuda_matches_cpu(qtype):
     for case in CASES:
         x = REF[f"{case}.input"]

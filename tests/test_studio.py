@@ -173,6 +173,11 @@ def test_a_second_build_of_a_name_keeps_both_and_the_sizes_are_the_bases_own(tmp
     assert 1e6 < demo["Q8_0"] < 2e8 and 1e10 < table["Q8_0"] < 2e10
     made = next(p for p in (tmp_path / "outputs").iterdir() if p.name == "demo-q8.gguf").stat().st_size
     assert 0.7 < demo["Q8_0"] / made < 1.3  # what the page shows next to the precision is about what it makes
+    from fluxstudio.engine.models import open_base
+    from fluxstudio.sources import demo as built
+
+    counted = sum(info.numel for _, info in open_base(built.ensure_base()).tensors.values())
+    assert built.DEMO_PARAMS == counted  # the figure the page uses before the demo is built
 
 
 def test_the_demo_snippet_loads_the_demo_pipeline_and_says_its_images_are_noise(tmp_path):

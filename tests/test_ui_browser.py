@@ -299,7 +299,8 @@ def test_try_it_renders_both_demo_images_with_figures_and_the_library_shows_them
     for key in "ab":
         assert page.locator(f"#preview-{key} img").count() == 1
         assert f"({key})" in page.inner_text(f"#preview-{key}")
-        assert "it/s" in figures.split(f"({key})")[1].split("\n")[0]  # its row of the figures
+        row = figures.split(f"({key})")[1].split("\n")[0].split("\t")  # its row of the figures: it/s, seconds
+        assert float(row[1]) > 0 and float(row[2]) > 0, row
     folder = app.outputs / "demo-try.preview"
     saved = json.loads((folder / "preview.json").read_text())
     assert saved["settings"]["seed"] == 5 and [r["key"] for r in saved["renders"]] == ["a", "b", "c"]

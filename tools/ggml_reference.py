@@ -18,18 +18,12 @@ import ctypes
 import sys
 from pathlib import Path
 
+import gguf
 import torch
 from safetensors.torch import save_file
 
-# ggml_type ids and bytes per block of 256 values (from ggml.h / ggml-common.h)
-TYPES = {
-    "Q8_0": (8, 34 * 8),
-    "Q5_0": (6, 22 * 8),
-    "Q4_0": (2, 18 * 8),
-    "Q6_K": (14, 210),
-    "Q5_K": (13, 176),
-    "Q4_K": (12, 144),
-}
+# the types compared, by their ggml_type ids and sizes in the gguf package's own tables
+TYPES = ("Q8_0", "Q5_0", "Q4_0", "Q6_K", "Q5_K", "Q4_K", "Q5_1", "Q4_1", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS")
 ROW = 3072  # FLUX.1's width: every FLUX weight row is a multiple of it
 
 
@@ -55,7 +49,15 @@ def cases() -> dict[str, torch.Tensor]:
     edge[10] = torch.randn(ROW, generator=g) * 0.02
     edge[10, 512:1024] = 0  # zero sub-blocks inside a block
     edge[11] = torch.randn(ROW, generator=g) * 0.02 + 0.05  # offset
-    return {"random": randn, "fused": fused, "edge": edge}
+    # Added later, from a generator of their own (the cases above keep their values):
+    h = torch.Generator().manual_seed(4321)
+    # rows of 12288 values, as FLUX.1's MLP outputs (img_mlp.2) have: a fused weight again
+    wide_base = torch.randn(4, 4 * ROW, generator=h) * 0.02
+    wa, wb = torch.randn(16, 4 * ROW, generator=h) / (4 * ROW) ** 0.5, torch.randn(4, 16, generator=h) * 0.0024
+    # heavy tails: Student's t with 2 degrees of freedom (a normal over the root of a chi-square's mean)
+    chi2 = (torch.randn(16, ROW, 2, generator=h) ** 2).mean(-1)
+    heavy = torch.randn(16, ROW, generator=h) / chi2.sqrt() * 0.01
+    return {"random": randn, "fused": fused, "edge": edge, "wide": wide_base + wb @ wa, "heavy": heavy}
 
 
 def main(lib_path: str, out: str) -> None:
@@ -77,9 +79,11 @@ def main(lib_path: str, out: str) -> None:
         tensors[f"{case}.input"] = x
         src = x.float().contiguous()
         rows, n = src.shape
-        for name, (type_id, block_bytes) in TYPES.items():
-            dst = torch.zeros(rows * n // 256 * block_bytes, dtype=torch.uint8)
-            size = fn(type_id, src.data_ptr(), dst.data_ptr(), 0, rows, n, None)
+        for name in TYPES:
+            qtype = gguf.GGMLQuantizationType[name]
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            dst = torch.zeros(rows * n // block * type_size, dtype=torch.uint8)
+            size = fn(int(qtype), src.data_ptr(), dst.data_ptr(), 0, rows, n, None)
             assert size == dst.numel(), (name, size, dst.numel())
             tensors[f"{case}.{name}"] = dst.view(rows, -1)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,12 @@
 
 1-D tensors and tensors of up to 1024 values are F32, as are the in/out layers' first Linears; the rest of the
 small in/out layers F16; every other weight the file's type, or F16 where its rows do not fit the type's blocks
-(city96's patch does the same). The header is written first, from the plan, then the data in the planned order.
-Block sizes and file types come from the gguf package.
+(city96's patch does the same). The K-mixes follow llama.cpp's per-tensor rules as city96's patch (ComfyUI-GGUF
+`tools/lcpp.patch`) lets them reach FLUX's names: only `*attn.qkv.weight` matches one (`attn_qkv`), so Q5_K_M,
+Q4_K_M and Q3_K_M raise the double blocks' qkv weights to Q6_K, Q5_K and Q4_K; the rules for `attn_v`,
+`attn_output` and `ffn_down`, where Q3_K_L differs from Q3_K_M, match no FLUX tensor, so Q3_K_L would be Q3_K_M
+with another file type and is not offered. The header is written first, from the plan, then the data in the
+planned order. Block sizes and file types come from the gguf package.
 """
 
 from __future__ import annotations
@@ -27,19 +31,26 @@ from fluxstudio.quant.ggml import GgmlType
 KEEP_F32 = ("img_in.", "time_in.in_layer.", "vector_in.in_layer.", "guidance_in.in_layer.", "final_layer.linear.")
 
 
+QKV = "attn.qkv.weight"  # the double blocks' attention inputs: the only FLUX tensors llama.cpp's mixes raise
+QKV_SHARE = 0.09  # of FLUX.1-dev's parameters (19 blocks x 2 x 3072 x 9216 of 11.9 B): for the size estimates
+
+
 @dataclass(frozen=True)
 class Preset:
-    """A GGUF precision as people download it: the type of its weights, and the file type llama-quantize writes."""
+    """A GGUF precision as people download it: the type of its weights (and, in llama.cpp's K-mixes, the type of
+    the attention qkv weights), and the file type llama-quantize writes."""
 
     key: str
     weights: str  # the ggml type of the Linear weights
     note: str
+    qkv: str = ""  # the type of the double blocks' attn.qkv weights where the mix raises it ("" as the rest)
     runtime: Runtime = "own-file"
     double_quant: bool | None = None
 
     @property
     def bytes_per_param(self) -> float:
-        return get(self.weights).bytes_per_param
+        rest = get(self.weights).bytes_per_param
+        return rest + QKV_SHARE * (get(self.qkv).bytes_per_param - rest) if self.qkv else rest
 
     @property
     def file_type(self) -> int:
@@ -47,14 +58,27 @@ class Preset:
 
         return int(gguf.LlamaFileType[f"MOSTLY_{self.key}"])
 
+    def tensor_type(self, name: str) -> str:
+        """The ggml type of a Linear weight, as city96's patched llama-quantize picks it for this file type."""
+        return self.qkv if self.qkv and name.endswith(QKV) else self.weights
+
 
 PRESETS = (
     Preset("Q8_0", "Q8_0", "GGUF Q8_0: 8.5 bits per weight, indistinguishable from bf16 for most uses."),
     Preset("Q6_K", "Q6_K", "GGUF Q6_K: 6.6 bits per weight."),
+    Preset("Q5_K_M", "Q5_K", "GGUF Q5_K_M: Q5_K, with the attention qkv weights in Q6_K (5.6 bits).", "Q6_K"),
     Preset("Q5_K_S", "Q5_K", "GGUF Q5_K_S: 5.5 bits per weight."),
+    Preset("Q5_1", "Q5_1", "GGUF Q5_1: 6 bits per weight (a scale and a minimum per 32)."),
     Preset("Q5_0", "Q5_0", "GGUF Q5_0: 5.5 bits per weight."),
+    Preset("Q4_K_M", "Q4_K", "GGUF Q4_K_M: Q4_K, with the attention qkv weights in Q5_K (4.6 bits).", "Q5_K"),
     Preset("Q4_K_S", "Q4_K", "GGUF Q4_K_S: 4.5 bits per weight, for 8–12 GB cards."),
+    Preset("Q4_1", "Q4_1", "GGUF Q4_1: 5 bits per weight (a scale and a minimum per 32)."),
     Preset("Q4_0", "Q4_0", "GGUF Q4_0: 4.5 bits per weight."),
+    Preset("IQ4_XS", "IQ4_XS", "GGUF IQ4_XS: 4.25 bits per weight, non-linear levels (ComfyUI-GGUF of late 2025+)."),
+    Preset("IQ4_NL", "IQ4_NL", "GGUF IQ4_NL: 4.5 bits per weight, non-linear levels (ComfyUI-GGUF of late 2025+)."),
+    Preset("Q3_K_M", "Q3_K", "GGUF Q3_K_M: Q3_K, with the attention qkv weights in Q4_K (3.5 bits).", "Q4_K"),
+    Preset("Q3_K_S", "Q3_K", "GGUF Q3_K_S: 3.4 bits per weight, for 6–8 GB cards."),
+    Preset("Q2_K", "Q2_K", "GGUF Q2_K: 2.6 bits per weight, the smallest; visibly softer."),
     Preset("BF16", "BF16", "GGUF BF16: unquantized, as the bf16 file."),
     Preset("F16", "F16", "GGUF F16: unquantized half precision."),
 )
@@ -67,7 +91,7 @@ class GgufWriter(BflWriter):
         self.types = {name: self.tensor_type(name) for name in self.shapes}
         fallback = [n for n, t in self.types.items() if t.key == "F16" and self._wanted(n) not in ("F16", "F32")]
         if fallback:
-            block = get(preset.weights).block  # type: ignore[attr-defined]
+            block = get(self._wanted(fallback[0])).block  # type: ignore[attr-defined]
             self.notes.append(
                 f"{len(fallback)} tensors have rows that are not a multiple of {block} "
                 f"({', '.join(fallback[:3])}{' …' if len(fallback) > 3 else ''}): stored as F16 instead"
@@ -81,7 +105,7 @@ class GgufWriter(BflWriter):
         shape = self.shapes[name]
         if len(shape) < 2 or math.prod(shape) <= 1024 or name.startswith(KEEP_F32):
             return "F32"
-        return "F16" if name.startswith(KEEP_HIGH) else self.preset.weights
+        return "F16" if name.startswith(KEEP_HIGH) else self.preset.tensor_type(name)
 
     def tensor_type(self, name: str) -> Precision:
         want = get(self._wanted(name))

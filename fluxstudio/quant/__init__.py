@@ -13,7 +13,7 @@ how diffusers computes with it (bf16, fp8 by layerwise casting, or bitsandbytes'
 
 from __future__ import annotations
 
-from fluxstudio.quant import ggml, nf4, plain  # noqa: F401 - each registers its precisions
+from fluxstudio.quant import ggml, ggml_lowbit, nf4, plain  # noqa: F401 - each registers its precisions
 from fluxstudio.quant.base import PRECISIONS, Precision, Rows, register
 
 __all__ = ["PRECISIONS", "Precision", "Rows", "get", "register"]

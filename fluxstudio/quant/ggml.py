@@ -1,4 +1,5 @@
-"""GGML block quantization in torch: Q8_0, Q5_0, Q4_0 and the K-quants Q6_K, Q5_K, Q4_K, with no compiler.
+"""GGML block quantization in torch: Q8_0, Q5_0, Q4_0 and the K-quants Q6_K, Q5_K, Q4_K, with no compiler
+(`ggml_lowbit.py` adds Q5_1, Q4_1, Q3_K, Q2_K, IQ4_NL and IQ4_XS).
 
 Each function follows ggml's reference quantizer (`quantize_row_*_ref` in ggml-quants.c, no importance matrix)
 step by step, vectorized over every block at once, on the CPU or on CUDA. The float operations are the same and in
@@ -35,7 +36,12 @@ CHUNK = 1 << 18  # values per step: bounds the temporaries (about 60 bytes a val
 _ONE_AT_A_TIME = threading.Lock()  # torch's thread count is process-wide: one quantize() changes it at a time
 
 
-QUANTIZED = ("Q8_0", "Q5_0", "Q4_0", "Q6_K", "Q5_K", "Q4_K")  # the block types made here
+QUANTIZED = ("Q8_0", "Q5_0", "Q4_0", "Q6_K", "Q5_K", "Q4_K")  # the block types made here (ggml_lowbit adds more)
+
+
+def quantized() -> tuple[str, ...]:
+    """Every block type made here and in `ggml_lowbit` (which `fluxstudio.quant` imports)."""
+    return tuple(_QUANTIZERS)
 
 
 def sizes(qtype: str) -> tuple[int, int]:
@@ -234,11 +240,16 @@ def _levels(
     return out.round_().clamp_(lo, hi)
 
 
+def _err(t: torch.Tensor, use_mad: bool) -> torch.Tensor:
+    """make_qkx2_quants' error of one value: |diff| with use_mad, diff² without (in place)."""
+    return t.abs_() if use_mad else t.square_()
+
+
 def _make_qkx2(
-    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
+    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool = False
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml's make_qkx2_quants over columns of 32 values ([32, M]) -> (scale, -min, iscale, shift, flat) per
-    column: its levels are clamp(nearest_int(iscale * (x - shift)), 0, nmax), or 0 where the column is flat."""
+    """ggml's make_qkx2_quants over columns of 32 (or 16) values ([32, M]) -> (scale, -min, iscale, shift, flat)
+    per column: its levels are clamp(nearest_int(iscale * (x - shift)), 0, nmax), or 0 where the column is flat."""
     mx = x.amax(0)
     mn = x.amin(0).clamp_(max=0)
     flat = mx == mn
@@ -248,7 +259,7 @@ def _make_qkx2(
     terms = x.new_empty([x.shape[0], 3, x.shape[1]])
     iscale = _rdiv(float(nmax), (mx - mn).masked_fill_(flat, 1.0))
     scale = 1 / iscale
-    best = _seq_sum(_levels(x, mn, iscale, 0, nmax, cand).mul_(scale).add_(mn).sub_(x).square_().mul_(w))
+    best = _seq_sum(_err(_levels(x, mn, iscale, 0, nmax, cand).mul_(scale).add_(mn).sub_(x), use_mad).mul_(w))
     # rows: the iscale and shift that give the best levels, their error, and their scale and min
     state = torch.stack([iscale, mn, best, scale, mn])
     best_iscale, best_shift, best, scale, mn = state.unbind(0)
@@ -275,7 +286,7 @@ def _make_qkx2(
         # C: if (this_min > 0) { this_min = 0; this_scale = sum_xl / sum_l2; }, with 0/1 weights (below)
         this_scale = torch.lerp(this_scale, sum_xl / sum_l2, torch.gt(this_min, 0.0, out=won))
         this_min.clamp_(max=0.0)
-        err = _seq_sum(cand.mul_(this_scale).add_(this_min).sub_(x).square_().mul_(w))
+        err = _seq_sum(_err(cand.mul_(this_scale).add_(this_min).sub_(x), use_mad).mul_(w))
         # 1.0 where C takes this step (D > 0 and mad < best_mad), else 0.0: lerp by these weights gives its ends
         # exactly (the candidates made finite first: where D <= 0 they may be inf or nan, and are not taken)
         torch.gt(best, err, out=won).mul_(torch.gt(det, 0.0, out=det)).mul_(live)

@@ -27,6 +27,7 @@ DEMO_CONFIG = {
     "guidance_embeds": True,
     "axes_dims_rope": [16, 24, 24],
 }
+DEMO_PARAMS = 36_694_080  # the transformer's parameters (a test counts them): sizes before the demo is built
 # The rest of the demo pipeline, sized to the transformer: CLIP-L's width is the pooled projection, T5's the joint
 # attention; the VAE has FLUX's 16 latent channels (64 packed) and a scale factor of 2, so 64x64 images are quick.
 DEMO_CLIP = {
