@@ -34,13 +34,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 from fuse_vs_diffusers import make_lora, make_model, measure
 
 SPEED_ROUNDS = 7  # runs of each side, taken in turns; the best of each counts
-GGML_IDS = {"Q8_0": 8, "Q5_0": 6, "Q4_0": 2, "Q6_K": 14, "Q5_K": 13, "Q4_K": 12}
+K_QUANTS = ("Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_XS")  # the types of 256-value super-blocks
 
 
 def quantizer_speed(
-    ggml_lib: Path | None, threads: int = 2, rounds: int = SPEED_ROUNDS
+    ggml_lib: Path | None, threads: int = 2, rounds: int = SPEED_ROUNDS, types: tuple[str, ...] = ()
 ) -> list[tuple[str, float, float | None]]:
-    """(type, FluxStudio Mparam/s, ggml Mparam/s or None) on a 2048 x 3072 fused-like tensor."""
+    """(type, FluxStudio Mparam/s, ggml Mparam/s or None) on a 2048 x 3072 fused-like tensor, for every type made
+    here (or `types`)."""
+    import gguf
     import torch
 
     from fluxstudio.quant import ggml
@@ -62,7 +64,8 @@ def quantizer_speed(
         ]
     src = x.float().contiguous()
     rows = []
-    for name, type_id in GGML_IDS.items():
+    for name in types or ggml.quantized():
+        type_id = int(gguf.GGMLQuantizationType[name])
         ggml.quantize(x[:64], name)  # warm up
         runs = {"ours": lambda name=name: ggml.quantize(x, name)}
         if fn is not None:
@@ -132,6 +135,18 @@ def run_builds(label: str, base: Path, lora: Path, jobs: list[tuple[str, str]], 
     return rows
 
 
+def _thread_scaling(ggml_lib: Path | None, two: dict[str, tuple[float, float | None]]) -> None:
+    """The K-quants on 1 thread beside the 2-thread figures above: how each side's speed grows with a second core."""
+    one = {name: (ours, theirs) for name, ours, theirs in quantizer_speed(ggml_lib, 1, types=K_QUANTS)}
+    print("\nK-quants, 1 and 2 threads (Mparam/s; the 2-thread / 1-thread ratio of each):", flush=True)
+    for name in K_QUANTS:
+        (o1, t1), (o2, t2) = one[name], two[name]
+        line = f"  {name:6} FluxStudio {o1:6.1f} -> {o2:6.1f} (x{o2 / o1:.2f})"
+        if t1 and t2:
+            line += f"   ggml {t1:6.1f} -> {t2:6.1f} (x{t2 / t1:.2f})"
+        print(line, flush=True)
+
+
 def _beside_fp8_scaled(rows: list[dict]) -> None:
     """Each ComfyUI-native build's wall time over the scaled-fp8 single file's, from the same model in this run."""
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -166,7 +181,8 @@ def main() -> None:
     speed = quantizer_speed(args.ggml)
     for name, ours, theirs in speed:
         ratio = f"  ggml {theirs:6.1f} Mparam/s  FluxStudio / ggml x{ours / theirs:.2f}" if theirs else ""
-        print(f"  {name:5} FluxStudio {ours:6.1f} Mparam/s{ratio}", flush=True)
+        print(f"  {name:6} FluxStudio {ours:6.1f} Mparam/s{ratio}", flush=True)
+    _thread_scaling(args.ggml, {name: (ours, theirs) for name, ours, theirs in speed})
 
     rows = []
     if not args.skip_builds:

@@ -52,7 +52,7 @@ def pytest_unconfigure(config):
     pyproject.toml): a run should leave nothing big behind."""
     factory = getattr(config, "_tmp_path_factory", None)
     basetemp = getattr(factory, "_basetemp", None)
-    if basetemp is None:
+    if basetemp is None or hasattr(config, "workerinput"):  # the controller says it, for its workers too
         return
     root = Path(basetemp).parent
     left = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()) if root.is_dir() else 0

@@ -6,6 +6,8 @@
 # - the app's requirements and the test tools (pytest, playwright, ruff, pyright)
 # - Debian's chromium (browser tests) and shellcheck (launcher tests) when apt-get can install them
 # - the quality gate: ruff check, ruff format --check and pyright (configured in pyproject.toml), before any test
+# - the tests on two processes (pytest-xdist), a test file to each: much of the suite waits (app starts, browsers,
+#   throttled downloads, installs) while the other process computes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,4 +31,4 @@ fi
 "$py" -m ruff check .
 "$py" -m ruff format --check .
 "$py" -m pyright
-exec "$py" -m pytest "$@"
+exec "$py" -m pytest -n 2 --dist loadfile "$@"

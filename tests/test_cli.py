@@ -225,31 +225,26 @@ def test_a_pipeline_export_prints_its_one_line_load_with_t5_in_fp8(cli, tmp_path
     assert "quantization_config" not in config and (out / "vae").is_dir()
 
 
-def test_fuse_then_preview_prints_the_figures_of_each_image(cli, tmp_path, isolated_home):
+def test_fuse_then_preview_prints_the_figures_of_each_image_and_no_library_noise(tmp_path):
+    """As a person runs it (`python -m fluxstudio`): the figures of each image, one progress line per image, and
+    none of diffusers' own warnings (such as "No LoRA keys associated to NoneType")."""
     out = tmp_path / "demo-fp8"
-    proc = cli(
-        "fuse",
-        "--base",
-        "demo",
-        "--lora",
-        "demo",
-        "--precision",
-        "fp8",
-        "--out",
-        str(out),
-        "--preview",
-        "--seed",
-        "3",
-        "--preview-steps",
-        "2",
-        "--prompt",
-        "a lighthouse",
+    proc = subprocess.run(
+        [sys.executable, "-m", "fluxstudio", "fuse", "--base", "demo", "--lora", "demo", "--precision", "fp8"]
+        + ["--out", str(out), "--preview", "--seed", "3", "--preview-steps", "2", "--prompt", "a lighthouse"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
+        env={**os.environ, "FLUXSTUDIO_HOME": str(tmp_path / "home")},
     )
     assert proc.returncode == 0, proc.stderr
     assert "Try it: seed 3, 2 steps, 64x64 on cpu:" in proc.stdout
     for line in ("(a) base fp8 + LoRA (unfused)", "(b) fused fp8 (FluxStudio)", "(c) base bf16 + LoRA (unfused)"):
         assert line in proc.stdout and "it/s" in proc.stdout.split(line)[1].splitlines()[0]
     assert "Rendering fused fp8 (FluxStudio)..." in proc.stderr  # one progress line per image
+    assert "No LoRA keys" not in proc.stderr + proc.stdout and "NoneType" not in proc.stderr
     saved = json.loads((tmp_path / "demo-fp8.preview" / "preview.json").read_text())
     assert saved["settings"]["prompt"] == "a lighthouse" and len(saved["renders"]) == 3
 
@@ -276,24 +271,6 @@ def test_precisions_in_any_case_a_clash_that_names_overwrite_and_a_preview_refus
     assert refused.returncode == 2 and "--preview cannot run for this output" in refused.stderr, refused.stderr
     assert "diffusers or pipeline format at bf16 or fp8" in refused.stderr
     assert not (tmp_path / "p.gguf").exists()  # said before anything was built
-
-
-def test_the_preview_from_the_cli_prints_no_library_noise(tmp_path):
-    """`fuse --preview` on the demo, as a person runs it: diffusers' own warnings (such as "No LoRA keys associated
-    to NoneType") stay out of the terminal."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "fluxstudio", "fuse", "--base", "demo", "--lora", "demo", "--precision", "fp8"]
-        + ["--out", str(tmp_path / "d"), "--preview", "--preview-steps", "2", "--quiet"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-        check=False,
-        env={**os.environ, "FLUXSTUDIO_HOME": str(tmp_path / "home")},
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "Try it: seed 0" in proc.stdout
-    assert "No LoRA keys" not in proc.stderr + proc.stdout and "NoneType" not in proc.stderr
 
 
 def test_env_names_each_other_precision_once(cli):

@@ -197,13 +197,11 @@ GGUF_ERRORS = {
     "Q8_0": 0.02,
     "Q5_K_M": 0.1,
     "Q5_1": 0.1,
-    "Q4_K_M": 0.2,
-    "Q4_K_S": 0.2,
+    "Q4_K_M": 0.2,  # Q4_K, and Q5_K where the mix raises it: Q4_K_S's types too
     "Q4_1": 0.2,
     "IQ4_XS": 0.2,
     "IQ4_NL": 0.2,
-    "Q3_K_M": 0.3,
-    "Q3_K_S": 0.3,
+    "Q3_K_M": 0.3,  # Q3_K, and Q4_K where the mix raises it: Q3_K_S's types too
     "Q2_K": 0.6,
 }
 

@@ -208,19 +208,23 @@ def _dq3_k(b: torch.Tensor) -> torch.Tensor:
 
 
 class _Levels:
-    """IQ4's 16 levels and, per unit cell [n, n + 1) between them (they are integers), the pair a value in it lies
-    between: the nearest of the two is then two gathers and one comparison away, for every value at once."""
+    """IQ4's 16 levels, looked up by half-unit cells: the levels are integers, so the midpoints between two of them
+    are multiples of 1/2 and every value of a cell [k/2, (k+1)/2) has the same nearest level. best_index_int8's
+    float comparison `x - val[mu-1] < val[mu] - x` is that of x with the midpoint: near a midpoint both differences
+    are exact (they are no larger than x, or of its binade), so it decides as the midpoint does."""
 
     def __init__(self, device: torch.device) -> None:
-        values = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=device)
-        cells = torch.arange(IQ4_VALUES[0], IQ4_VALUES[-1], dtype=torch.float32, device=device)  # cell n: [n, n+1)
-        self.upper = torch.searchsorted(values, cells, right=True).clamp_(1, 15)  # the first level above the cell
-        self.lo, self.hi = values[self.upper - 1], values[self.upper]
+        values = torch.tensor(IQ4_VALUES, dtype=torch.float64)
+        cells = torch.arange(2 * IQ4_VALUES[0], 2 * IQ4_VALUES[-1], dtype=torch.float64)  # cell k: [k/2, (k+1)/2)
+        x = (cells + 0.5) / 2  # inside the cell, on no midpoint
+        upper = torch.searchsorted(values, x, right=True).clamp_(1, 15)
+        index = upper - ((x - values[upper - 1]) < (values[upper] - x)).long()
+        self.index_of = index.to(device)
+        self.value_of = values[index].float().to(device)
 
     def index(self, v: torch.Tensor) -> torch.Tensor:
         """ggml's best_index_int8 for every value."""
-        cell = _cell(v)
-        return self.upper.take(cell) - ((v - self.lo.take(cell)) < (self.hi.take(cell) - v)).long()
+        return self.index_of.take(_cell(v * 2.0))
 
 
 _TABLES: dict[torch.device, _Levels] = {}
@@ -232,34 +236,27 @@ def _levels_on(device: torch.device) -> _Levels:
     return _TABLES[device]
 
 
-def _cell(v: torch.Tensor) -> torch.Tensor:
-    """The unit cell between IQ4's first and last level that each value lies in (those outside: the end cells)."""
-    return v.clamp(-127.0, 112.0).floor_().add_(127.0).long()
-
-
-def _nearest_level(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """The level best_index_int8 picks: the lower of the two only when strictly nearer (`x - val[mu-1] < val[mu] -
-    x`); values below the first level or above the last take it."""
-    cell = _cell(v)
-    low, high = lo.take(cell), hi.take(cell)
-    return torch.where((v - low) < (high - v), low, high)
+def _cell(twice: torch.Tensor) -> torch.Tensor:
+    """The half-unit cell of each value (given doubled, in place: a scaling by 2 is exact), those below the first
+    level or above the last in the end cells."""
+    return twice.clamp_(-254.0, 225.0).floor_().add_(254.0).long()
 
 
 @_cpu_scripted
-def _iq4_scales(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def _iq4_scales(x: torch.Tensor, value_of: torch.Tensor) -> torch.Tensor:
     """quantize_row_iq4_nl_impl's search with ntry 7 over columns of 32 values ([32, M]) -> the scale of each."""
     w = x * x
     mx = _signed_max(x, 0)
     zero = mx.abs() < 1e-15  # GROUP_MAX_EPS (TorchScript reads no globals)
     mx = mx.masked_fill(zero, 1.0)
     d = -mx / -127.0  # -max / values[0]
-    q = _nearest_level((1 / d) * x, lo, hi)
+    q = value_of.take(_cell((2 / d) * x))  # the nearest level of id * x (2 * (id * x) is (2 * id) * x exactly)
     wq = w * q
     sumqx, sumq2 = _seq_sum(wq * x), _seq_sum(wq * q)
     d = torch.where(sumq2 > 0, sumqx / sumq2.masked_fill(sumq2 == 0, 1.0), torch.zeros_like(d))
     best = d * sumqx
     for itry in range(-7, 8):
-        q = _nearest_level(_rdiv(float(itry - 127), mx) * x, lo, hi)  # (itry + values[0]) / max
+        q = value_of.take(_cell(_rdiv(float(2 * (itry - 127)), mx) * x))  # id = (itry + values[0]) / max
         wq = w * q
         sumqx, sumq2 = _seq_sum(wq * x), _seq_sum(wq * q)
         take = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
@@ -276,7 +273,7 @@ def _iq4_levels(x: torch.Tensor, inv: torch.Tensor, table: _Levels) -> torch.Ten
 
 def _iq4_nl(x: torch.Tensor) -> torch.Tensor:
     table = _levels_on(x.device)
-    d = _iq4_scales(x.t().contiguous(), table.lo, table.hi)
+    d = _iq4_scales(x.t().contiguous(), table.value_of)
     inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
     return torch.cat([_f16_bytes(d), _iq4_levels(x, inv, table)], 1)
 
@@ -284,7 +281,7 @@ def _iq4_nl(x: torch.Tensor) -> torch.Tensor:
 def _iq4_xs(x: torch.Tensor) -> torch.Tensor:
     table = _levels_on(x.device)
     nb = x.shape[0]
-    scales = _iq4_scales(x.reshape(nb * 8, 32).t().contiguous(), table.lo, table.hi).reshape(nb, 8)
+    scales = _iq4_scales(x.reshape(nb * 8, 32).t().contiguous(), table.value_of).reshape(nb, 8)
     d = _signed_max(scales, 1) / -32  # C's float d (its fp16 rounding is only what is stored)
     inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
     ls = torch.round(inv[:, None] * scales).clamp_(-32, 31)
