@@ -238,17 +238,25 @@ def test_an_upload_the_disk_cannot_hold_is_refused_before_it_is_written(browser,
         subprocess.run(["umount", "-l", str(home)], check=False)
 
 
-def test_gguf_for_comfyui_with_placement_hint_and_library_file(browser, app, tmp_path):
-    page = open_page(browser, app)
-    page.get_by_label("GGUF (ComfyUI-GGUF").check()
-    page.wait_for_selector("#precision label:has-text('Q4_K_S')", timeout=30_000)
-    page.get_by_label("Q4_K_S").check()
-    page.wait_for_selector("#estimate:has-text('Q4_K_S')", timeout=30_000)
-    page.fill("#out-name textarea, #out-name input", "demo-q4")
+def build_one_file(page, format_label: str, precision: str, name: str) -> str:
+    """Pick a one-file format and one of its precisions, build the demo under `name`; the result's text."""
+    page.get_by_label(format_label, exact=False).check()
+    choice = page.locator(f"#precision label:has-text('{precision} ·')")
+    choice.wait_for(timeout=30_000)
+    choice.click()
+    page.wait_for_function(
+        f"() => document.querySelector('#precision input:checked')?.value === '{precision}'", timeout=30_000
+    )
+    page.fill("#out-name textarea, #out-name input", name)
     page.click("#fuse")
     page.wait_for_selector("#result:has-text('Saved')", timeout=180_000)
+    return page.inner_text("#result")
+
+
+def test_gguf_for_comfyui_with_placement_hint_and_library_file(browser, app, tmp_path):
+    page = open_page(browser, app)
+    result = build_one_file(page, "GGUF (ComfyUI-GGUF", "Q4_K_S", "demo-q4")
     page.screenshot(path=str(tmp_path / "gguf-result.png"), full_page=True)
-    result = page.inner_text("#result")
     assert "gguf · Q4_K_S" in result and "models/unet/" in result and "Unet Loader (GGUF)" in result
     assert "GGUFQuantizationConfig" in page.inner_text("#snippet")
     page.wait_for_selector("#library-table:has-text('demo-q4.gguf')", timeout=30_000)
@@ -259,15 +267,8 @@ def test_gguf_for_comfyui_with_placement_hint_and_library_file(browser, app, tmp
 def test_comfyui_native_nvfp4_with_placement_hint_retention_and_library_entry(browser, app, tmp_path):
     page = open_page(browser, app)
     add_demo_lora(page)
-    page.get_by_label("ComfyUI native (comfy_quant)", exact=False).check()
-    page.wait_for_selector("#precision label:has-text('nvfp4')", timeout=30_000)
-    page.locator("#precision label:has-text('nvfp4 ·')").click()
-    page.wait_for_selector("#estimate:has-text('NVFP4')", timeout=30_000)
-    page.fill("#out-name textarea, #out-name input", "demo-comfy")
-    page.click("#fuse")
-    page.wait_for_selector("#result:has-text('Saved')", timeout=180_000)
+    result = build_one_file(page, "ComfyUI native (comfy_quant)", "nvfp4", "demo-comfy")
     page.screenshot(path=str(tmp_path / "comfyui-result.png"), full_page=True)
-    result = page.inner_text("#result")
     assert "comfyui · nvfp4" in result and "models/diffusion_models/" in result and "Load Diffusion Model" in result
     kept = float(result.split("LoRA effect kept: ")[1].split("%")[0])
     assert 90 <= kept <= 110

@@ -34,7 +34,6 @@ from fluxstudio.quant.ggml import (
 )
 
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
-GROUP_MAX_EPS = 1e-15
 
 
 # -- Q4_1, Q5_1: (value - min) / d, rounded half up ------------------------------------------------------------------
@@ -142,7 +141,7 @@ def _make_q3(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor]:
     passes of its coordinate search run for every column: a pass that changes nothing leaves the state as it was,
     so passes after it (where C stops) change nothing either."""
     mx = _signed_max(x, 0)
-    zero = mx.abs() < 1e-15  # GROUP_MAX_EPS (TorchScript reads no globals)
+    zero = mx.abs() < 1e-15  # ggml's GROUP_MAX_EPS (TorchScript reads no globals)
     iscale = _rdiv(-float(nmax), mx.masked_fill(zero, 1.0))
     lv = _levels(x, None, iscale, -nmax, nmax - 1)
     w = x * x
@@ -247,7 +246,7 @@ def _iq4_scales(x: torch.Tensor, value_of: torch.Tensor) -> torch.Tensor:
     """quantize_row_iq4_nl_impl's search with ntry 7 over columns of 32 values ([32, M]) -> the scale of each."""
     w = x * x
     mx = _signed_max(x, 0)
-    zero = mx.abs() < 1e-15  # GROUP_MAX_EPS (TorchScript reads no globals)
+    zero = mx.abs() < 1e-15  # ggml's GROUP_MAX_EPS (TorchScript reads no globals)
     mx = mx.masked_fill(zero, 1.0)
     d = -mx / -127.0  # -max / values[0]
     q = value_of.take(_cell((2 / d) * x))  # the nearest level of id * x (2 * (id * x) is (2 * id) * x exactly)
