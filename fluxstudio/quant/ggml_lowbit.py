@@ -137,9 +137,9 @@ def _dq2_k(b: torch.Tensor) -> torch.Tensor:
 
 
 def _make_q3(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """ggml's make_q3_quants with do_rmse over columns of 16 values ([16, M]) -> (scale, levels + nmax). The five
-    passes of its coordinate search run for every column: a pass that changes nothing leaves the state as it was,
-    so passes after it (where C stops) change nothing either."""
+    """ggml's make_q3_quants with do_rmse over columns of 16 values ([16, M]) -> (scale, levels + nmax). The passes
+    of its coordinate search (five at most) run for every column until one changes none: a pass that changes nothing
+    in a column leaves its state as it was, so the passes after it (where C stops) change nothing there either."""
     mx = _signed_max(x, 0)
     zero = mx.abs() < 1e-15  # ggml's GROUP_MAX_EPS (TorchScript reads no globals)
     iscale = _rdiv(-float(nmax), mx.masked_fill(zero, 1.0))
@@ -149,6 +149,7 @@ def _make_q3(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor]:
     sumlx = _seq_sum(wx * lv)
     suml2 = _seq_sum(w * lv * lv)
     for _ in range(5):
+        changed = torch.zeros_like(zero)
         for i in range(x.shape[0]):
             li = lv[i]
             before = sumlx - wx[i] * li  # C goes on only where this is > 0
@@ -160,6 +161,9 @@ def _make_q3(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor]:
             lv[i] = torch.where(take, new, li)
             sumlx = torch.where(take, slx, sumlx)
             suml2 = torch.where(take, sl2, suml2)
+            changed |= take
+        if not bool(changed.any()):  # the state is as it was: so would every later pass leave it
+            break
     scale = torch.where(suml2 > 0, sumlx / suml2.masked_fill(suml2 == 0, 1.0), torch.zeros_like(sumlx))
     return scale.masked_fill(zero, 0.0), (lv + nmax).masked_fill_(zero[None, :], 0.0)
 
