@@ -39,14 +39,9 @@ def free_name(folder: Path, name: str, extension: str = "") -> str:
 
     def taken(candidate: str) -> bool:
         out = folder / (candidate + extension)
-        return (
-            out.exists()
-            or out.is_symlink()
-            or (folder / f".{out.name}.lock").exists()
-            or any(
-                folder.glob(f"{candidate}.*.safetensors")  # a one-file output's fused text encoders
-            )
-        )
+        lock = folder / f".{out.name}.lock"  # a build in progress
+        companions = folder.glob(f"{candidate}.*.safetensors")  # a one-file output's fused text encoders
+        return out.exists() or out.is_symlink() or lock.exists() or any(companions)
 
     stem = name.removesuffix(extension) if extension else name
     n, candidate = 1, stem
