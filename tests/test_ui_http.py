@@ -45,7 +45,8 @@ def test_binds_localhost_only_by_default_and_reclaims_what_killed_builds_left(tm
     orphan.write_bytes(b"\0" * 1_000_000)
     app = App(tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
     try:
-        assert "Running on local URL:  http://127.0.0.1:" in app.wait_for_output("Running on local URL")
+        assert "Running on local URL:  http://127.0.0.1:" in app.wait_for_output("--share")
+        assert "start FluxStudio with --share" in app.output() and "share=True" not in app.output()  # our flags
         assert "Reclaimed 4.0 MB left by interrupted builds, downloads and uploads." in app.output()
         assert not stale.exists() and not orphan.exists()
         import psutil
