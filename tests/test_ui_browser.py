@@ -324,7 +324,14 @@ def test_try_it_renders_both_demo_images_with_figures_and_the_library_shows_them
 def test_try_it_without_a_gpu_offers_only_the_demo_and_says_why(browser, app, tmp_path):
     local = write_model(tmp_path / "localbase" / "transformer", FLUX1_TINY).parent
     page = open_page(browser, app)
+    page.locator("#precision label:has-text('fp8 ·')").click()
     pick_base(page, str(local), wait_for="local folder")
+    # another base of the same model: the sizes are its own (a few MB), the pick stays
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#precision label')].every(l => / (KB|MB)/.test(l.innerText))",
+        timeout=30_000,
+    )
+    assert page.locator("#precision input:checked").get_attribute("value") == "fp8"
     page.locator("#precision label:has-text('bf16 ·')").click()
     page.fill("#out-name textarea, #out-name input", "local-bf16")
     page.click("#fuse")

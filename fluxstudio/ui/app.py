@@ -59,9 +59,15 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
             text, rec = machine.advice_text(ctx, target, key)
             return text, output.precision_update(ctx, base.reference(choice, custom), format, key, rec)
 
-        advise_inputs = [m.target, b.model_key, o.format, b.choice, b.custom]
-        for trigger in (m.target.change, b.model_key.change, b.status.change):  # the sizes follow the base too
-            trigger(advise, advise_inputs, [m.advice, o.precision])
+        for trigger in (m.target.change, b.model_key.change):
+            trigger(advise, [m.target, b.model_key, o.format, b.choice, b.custom], [m.advice, o.precision])
+        b.status.change(  # another base of the same model, or the base once downloaded: its own sizes, the pick kept
+            lambda choice, custom, format, key, precision: output.sizes_update(
+                ctx, base.reference(choice, custom), format, key, precision
+            ),
+            [b.choice, b.custom, o.format, b.model_key, o.precision],
+            o.precision,
+        )
         machine.live(ctx, m)
         run.wire(
             ctx,

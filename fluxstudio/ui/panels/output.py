@@ -53,6 +53,13 @@ def precision_update(ctx: Context, base: str, format: str, model_key: str, rec) 
     return gr.update(choices=precision_choices(ctx, base, format, model_key), value=value)
 
 
+def sizes_update(ctx: Context, base: str, format: str, model_key: str, precision: str) -> dict:
+    """The same precisions with the sizes of another base, the pick kept (the advice's own updates choose it)."""
+    fmt = FORMATS[format]
+    value = precision if precision in fmt.precisions else fmt.default
+    return gr.update(choices=precision_choices(ctx, base, format, model_key), value=value)
+
+
 def estimate(
     ctx: Context, choice: str, custom: str, items: list, format: str, precision: str, model_key: str, t5: str = ""
 ) -> str:
