@@ -193,12 +193,15 @@ def _q4_0(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([_f16_bytes(d), _nibbles(q[:, :16], q[:, 16:])], 1)
 
 
+def _high_bits(q: torch.Tensor) -> torch.Tensor:
+    """The 5-bit types' qh: bit j of a little-endian uint32 is the fifth bit of value j of the 32."""
+    qh = (((q >> 4).to(torch.int64) & 1) << torch.arange(32, device=q.device)).sum(1)
+    return torch.stack([(qh >> (8 * i)) & 255 for i in range(4)], 1).to(torch.uint8)
+
+
 def _q5_0(x: torch.Tensor) -> torch.Tensor:
     d, q = _q_0(x, 16)
-    bits = (q >> 4).to(torch.int64) & 1
-    qh = (bits << torch.arange(32, device=x.device)).sum(1)
-    qh_bytes = torch.stack([(qh >> (8 * i)) & 255 for i in range(4)], 1).to(torch.uint8)
-    return torch.cat([_f16_bytes(d), qh_bytes, _nibbles(q[:, :16], q[:, 16:])], 1)
+    return torch.cat([_f16_bytes(d), _high_bits(q), _nibbles(q[:, :16], q[:, 16:])], 1)
 
 
 # -- K-quants -------------------------------------------------------------------------------------------------

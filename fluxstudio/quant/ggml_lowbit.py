@@ -22,7 +22,9 @@ from fluxstudio.quant.ggml import (
     _cpu_scripted,
     _f16_bytes,
     _f16_value,
+    _high_bits,
     _levels,
+    _low_high,
     _make_qkx2,
     _nibbles,
     _pack_fields,
@@ -65,20 +67,17 @@ def _q4_1(x: torch.Tensor) -> torch.Tensor:
 
 def _q5_1(x: torch.Tensor) -> torch.Tensor:
     d, mn, q = _q_1(x, 31)
-    bits = (q >> 4).to(torch.int64)
-    qh = (bits << torch.arange(32, device=x.device)).sum(1)
-    qh_bytes = torch.stack([(qh >> (8 * i)) & 255 for i in range(4)], 1).to(torch.uint8)
-    return torch.cat([_f16_bytes(d), _f16_bytes(mn), qh_bytes, _nibbles(q[:, :16], q[:, 16:])], 1)
+    return torch.cat([_f16_bytes(d), _f16_bytes(mn), _high_bits(q), _nibbles(q[:, :16], q[:, 16:])], 1)
 
 
 def _dq4_1(b: torch.Tensor) -> torch.Tensor:
-    q = torch.cat([b[:, 4:] & 15, b[:, 4:] >> 4], 1).float()
+    q = _low_high(b[:, 4:]).float()
     return (_f16_value(b[:, :2])[:, None] * q).add_(_f16_value(b[:, 2:4])[:, None])
 
 
 def _dq5_1(b: torch.Tensor) -> torch.Tensor:
     high = ((b[:, 4:8, None] >> _shifts(8, 1, b.device)) & 1).reshape(-1, 32)
-    q = (torch.cat([b[:, 8:] & 15, b[:, 8:] >> 4], 1) | (high << 4)).float()
+    q = (_low_high(b[:, 8:]) | (high << 4)).float()
     return (_f16_value(b[:, :2])[:, None] * q).add_(_f16_value(b[:, 2:4])[:, None])
 
 
@@ -300,7 +299,7 @@ def _iq4_xs(x: torch.Tensor) -> torch.Tensor:
 
 def _dq_iq4_nl(b: torch.Tensor) -> torch.Tensor:
     values = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=b.device)
-    q = torch.cat([b[:, 2:] & 15, b[:, 2:] >> 4], 1).long()
+    q = _low_high(b[:, 2:]).long()
     return _f16_value(b[:, :2])[:, None] * values[q]
 
 
