@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         + " respectively; in any case)",
     )
     f.add_argument(
+        "--fit",
+        type=parse_size,
+        default=0,
+        metavar="SIZE",
+        help="gguf: make the file fit in SIZE (e.g. 12GB), each weight's type chosen from its measured error "
+        "(instead of --precision)",
+    )
+    f.add_argument(
         "--t5-precision",
         choices=ENCODER_PRECISIONS,
         default="",
@@ -264,10 +272,13 @@ def cmd_fuse(args: argparse.Namespace) -> int:
             "There are more --lora-scale values than --lora files.", "Give one scale per LoRA, in order."
         )
     scales = args.lora_scale + [1.0] * (len(args.lora) - len(args.lora_scale))
+    if args.fit and args.precision:
+        raise BadInputError("--fit chooses each weight's precision itself.", "Leave out --precision, or --fit.")
     req = studio.BuildRequest(
         base=args.base,
         loras=tuple(studio.LoraRef(r, s) for r, s in zip(args.lora, scales, strict=False)),
-        precision=args.precision or FORMATS[args.format].default,
+        precision="fit" if args.fit else args.precision or FORMATS[args.format].default,
+        fit_bytes=args.fit,
         format=args.format,
         t5_precision=args.t5_precision,
         out_dir=args.out,
@@ -305,6 +316,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     )
     if result.lora_retained is not None:
         print(f"  {studio.describe_retention(result.lora_retained)}")
+    for line in studio.describe_fit(result.fit):
+        print(f"  {line}")
     for note in result.notes:
         print(f"  note       {note}")
     if place := front.placement(result):

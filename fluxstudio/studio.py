@@ -17,6 +17,7 @@ from fluxstudio.advice import recommend as advice
 from fluxstudio.advice.catalogue import PRESETS
 from fluxstudio.advice.hardware import HardwareInfo, library_versions, probe
 from fluxstudio.advice.recommend import Pick, Recommendation
+from fluxstudio.engine.fit import describe as describe_fit
 from fluxstudio.engine.retention import describe as describe_retention
 from fluxstudio.errors import BadInputError, FluxStudioError
 from fluxstudio.flows.jobs import Job, JobRunner, Status
@@ -48,6 +49,7 @@ __all__ = [
     "Studio",
     "__version__",
     "advice",
+    "describe_fit",
     "describe_retention",
     "free_bytes",
     "get_format",

@@ -59,8 +59,11 @@ def write_model(
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
     shards: int = 1,
+    spread: float = 0.0,
 ) -> Path:
-    """A random model in diffusers layout (config.json + safetensors, an index when sharded)."""
+    """A random model in diffusers layout (config.json + safetensors, an index when sharded). `spread`: each
+    tensor's scale is 0.02 times 2 to a power drawn from [-spread, spread] (layers of unequal sizes, as in a trained
+    model), instead of 0.02 for all."""
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     sd = {}
@@ -68,7 +71,8 @@ def write_model(
         if len(shape) == 1 and "norm" in name and name.endswith(".weight"):
             sd[name] = torch.ones(shape, dtype=dtype)
         else:
-            sd[name] = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+            scale = 0.02 * 2 ** (spread * (2 * float(torch.rand((), generator=g)) - 1))
+            sd[name] = (torch.randn(shape, generator=g) * scale).to(dtype)
     cfg = {"_class_name": class_name, "_diffusers_version": "0.42.1", **config}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     names = list(sd)

@@ -90,6 +90,21 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool, is_file: bool =
         )
 
 
+def fitted(fmt: Format, req: BuildRequest) -> str:
+    """The precision a request asks of its format: "fit" where it names a size to fit in, once the format fits."""
+    if req.fit_bytes:
+        if not fmt.fits:
+            raise BadInputError(
+                f"Only GGUF files are fitted to a size so far, not the {fmt.key} format.",
+                "Choose the GGUF format, or a precision instead of a size.",
+            )
+        return fmt.check("fit")
+    precision = fmt.check(req.precision)
+    if precision == "fit":
+        raise BadInputError("A fitted file needs the size it must fit in.", "Give the size, such as 12GB.")
+    return precision
+
+
 def plan_build(
     base_path: Path,
     loras: list[tuple[Path, float]],
@@ -123,9 +138,10 @@ def build(
 ) -> BuildResult:
     run = running(run)
     fmt = get_format(req.format)
-    precision = fmt.check(req.precision)  # before any download: the family is checked once the base is here
+    precision = fitted(fmt, req)  # before any download: the family is checked once the base is here
     out = output_path(fmt.key, req.out_dir)
-    settings = Settings(out.name, req.shard_bytes, req.double_quant, fmt.encoder_precision(req.t5_precision, precision))
+    t5 = fmt.encoder_precision(req.t5_precision, precision)
+    settings = Settings(out.name, req.shard_bytes, req.double_quant, t5, req.fit_bytes)
     stages: dict[str, float] = {}
     t0 = time.monotonic()
     with MemorySampler() as sampler:
@@ -165,9 +181,12 @@ def build(
                 (out.parent,),
             )
         stage_done("inspect")
+        if measured := fmt.prepare(planned, device, run):
+            stage_done("measure")
 
         partials.reclaim(out.parent)  # what killed builds left, whatever their name
-        inputs = _inputs(base_origin, [o for _, o in resolved], req, precision, planned, [p.name for p in companions])
+        origins = [o for _, o in resolved]
+        inputs = _inputs(base_origin, origins, req, precision, planned, [p.name for p in companions]) | measured
         main = planned.writer
         with writing(out.parent), partials.claim(out) as held:
             for target in (out, *companions):  # again, now that no other build can take the name
@@ -221,6 +240,7 @@ def build(
                     fused_per_component=planned.fused(),
                     family=planned.base.family.key,
                     **kept,
+                    fit=measured.get("fit", {}),
                     notes=base_run.notes
                     + lora_run.notes
                     + planned.plan.notes

@@ -39,6 +39,7 @@ class BuildRequest:
     ignore_unmatched: bool = False
     double_quant: bool = False
     t5_precision: str = ""  # T5-XXL's, where the format writes it on its own (a pipeline): "" as the transformer
+    fit_bytes: int = 0  # fit the output in this many bytes, each weight's precision chosen (0: the one precision)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class BuildResult:
     family: str = "flux1"
     lora_retained: float | None = None  # share of the LoRAs' effect the stored weights keep (None: no LoRA)
     lora_retained_worst: list[dict] = field(default_factory=list)  # the modules that kept least
+    fit: dict = field(default_factory=dict)  # a fitted output's mix (engine.fit.summary), else empty
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:

@@ -89,6 +89,7 @@ class Settings:
     shard_bytes: int = 5 * 10**9
     double_quant: bool = False
     t5_precision: str = ""  # T5-XXL's precision where the format writes it on its own ("" as the transformer)
+    fit_bytes: int = 0  # the size a fitted output must fit in (formats that fit; precision "fit")
 
 
 @dataclass
@@ -146,6 +147,7 @@ class Format(ABC):
     encoder_options: tuple[str, ...] = ()  # T5-XXL's precisions, where the format writes T5 on its own
     writes_encoders: bool = True  # the fused text encoders of a LoRA that trains them (beside, or in the pipeline)
     links_base: bool = False  # takes the rest of the base's pipeline unchanged
+    fits: bool = False  # offers precision "fit": each weight's precision chosen to fit a size
 
     # -- precisions ---------------------------------------------------------------------------------------------
     @property
@@ -284,6 +286,10 @@ class Format(ABC):
                     )
                 )
         return planned
+
+    def prepare(self, planned: BuildPlan, device: str, run) -> dict:
+        """What runs before the output is written (a fitted file's measuring pass); returns what the manifest adds."""
+        return {}
 
     def link(self, planned: BuildPlan, folder: Path) -> None:  # noqa: B027 - a hook: most formats take nothing
         """Bring in what the format takes from the base unchanged (a pipeline's other components)."""

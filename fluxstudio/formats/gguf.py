@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxstudio.engine import manifest
-from fluxstudio.engine.fuse import FusePlan
+from fluxstudio import units
+from fluxstudio.engine import fit, manifest
+from fluxstudio.engine.fuse import FusePlan, execute
 from fluxstudio.engine.models import BaseModel, Family
-from fluxstudio.formats.base import PIPELINES, Option, Runtime, Settings, Writer, pipeline_lines
+from fluxstudio.errors import BadInputError
+from fluxstudio.formats.base import PIPELINES, BuildPlan, Option, Runtime, Settings, Writer, pipeline_lines
 from fluxstudio.formats.single_file import BflFormat
 from fluxstudio.formats.writers import KEEP_HIGH, BflWriter
 from fluxstudio.quant import Precision, Rows, get
@@ -82,6 +84,11 @@ PRESETS = (
     Preset("BF16", "BF16", "GGUF BF16: unquantized, as the bf16 file."),
     Preset("F16", "F16", "GGUF F16: unquantized half precision."),
 )
+# A file fitted to a size (`--fit`): each weight's type chosen from its measured error among these (engine/fit.py)
+CANDIDATES = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "IQ4_XS", "Q3_K")
+FIT = Preset("fit", "Q4_K", "GGUF fitted to a size: each weight's type (F16 to Q3_K) chosen from its measured error.")
+# general.file_type of a fitted file: the llama.cpp file type of the type most of its weights have
+FILE_TYPES = {"Q5_K": "Q5_K_S", "Q4_K": "Q4_K_S", "Q3_K": "Q3_K_S"}
 
 
 class GgufWriter(BflWriter):
@@ -114,7 +121,16 @@ class GgufWriter(BflWriter):
         return want
 
     def need_bytes(self) -> int:
-        return sum(self.types[n].nbytes(s) for n, s in self.shapes.items()) + 32 * len(self.shapes) + (1 << 20)
+        return sum(self.types[n].nbytes(s) for n, s in self.shapes.items()) + self.overhead
+
+    @property
+    def overhead(self) -> int:
+        """What the file holds beyond the tensors' data, at most: the header (1 MiB) and each tensor's alignment."""
+        return 32 * len(self.shapes) + (1 << 20)
+
+    @property
+    def file_type(self) -> int:
+        return self.preset.file_type
 
     def open(self, folder: Path, metadata: dict[str, str]) -> None:
         import gguf
@@ -122,7 +138,7 @@ class GgufWriter(BflWriter):
         self.path = folder / self.filename
         self.gguf = w = gguf.GGUFWriter(self.path, "flux")
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_file_type(self.preset.file_type)
+        w.add_file_type(self.file_type)
         self.metadata = metadata
         for key, value in metadata.items():
             w.add_string(key, value)
@@ -173,6 +189,108 @@ class GgufWriter(BflWriter):
         return self.written
 
 
+class FittedWriter(GgufWriter):
+    """A GGUF file whose Linear weights each take the type (`CANDIDATES`) that makes the total error least with the
+    file within `budget` bytes: `fit` measures every tensor in a first streaming pass, then chooses (engine/fit.py)."""
+
+    def __init__(self, base: BaseModel, jobs, filename: str, budget: int) -> None:
+        super().__init__(FIT, base, jobs, filename)
+        self.base, self.budget = base, budget
+        self.choosable = {
+            n: [c for k in CANDIDATES if (c := get(k)).fits(self.shapes[n])]  # type: ignore[attr-defined]
+            for n in self.shapes
+            if self._wanted(n) == FIT.weights
+        }
+        self.notes.clear()  # a uniform type's F16 fallback: here every candidate that fits is measured
+        self.fixed = sum(t.nbytes(self.shapes[n]) for n, t in self.types.items() if n not in self.choosable)
+        least = (
+            self.fixed
+            + self.overhead
+            + sum(min(c.nbytes(self.shapes[n]) for c in cs) for n, cs in self.choosable.items())
+        )
+        if least > budget:
+            message, hint = self._too_small(base, jobs, least)
+            raise BadInputError(message, hint)
+        self.summary: dict = {}
+
+    def _too_small(self, base: BaseModel, jobs, least: int) -> tuple[str, str]:
+        sizes = {p.key: GgufWriter(p, base, jobs, self.filename).need_bytes() for p in PRESETS}
+        fitting = [k for k, size in sizes.items() if size <= self.budget]
+        message = (
+            f"A {units.gb(self.budget)} file cannot hold this model: even {CANDIDATES[-1]} for every weight makes "
+            f"{units.gb(least)}."
+        )
+        if fitting:
+            best = max(fitting, key=sizes.__getitem__)
+            return (
+                message,
+                f"{best} makes {units.gb(sizes[best])}: choose it, or a budget of {units.gb(least)} or more.",
+            )
+        small = min(sizes, key=sizes.__getitem__)
+        return message, f"The smallest type, {small}, makes {units.gb(sizes[small])}: allow at least {units.gb(least)}."
+
+    def _lora_inputs(self, name: str, width: int) -> list[fit.LoraInputs]:
+        parts, start = [], 0
+        group = self.groups[name]
+        for part, rows in zip(group.parts, self.rows[group.parts[0]], strict=False):
+            job = self.retention.jobs.get(part)
+            if job is not None and job.deltas:
+                ups = [d.up.to(torch.float32) * d.weight for d in job.deltas]
+                downs = [
+                    torch.nn.functional.pad(d.down.to(torch.float32), (0, width - d.down.shape[1])) for d in job.deltas
+                ]
+                parts.append(fit.LoraInputs(start, start + rows, torch.cat(downs), fit.lora_change(ups, downs)))
+            start += rows
+        return parts
+
+    def need_bytes(self) -> int:
+        return super().need_bytes() if self.summary else self.budget  # before the choice: at most the budget
+
+    def fit(self, device: str, run) -> dict:
+        """Measure every weight at every candidate (a streaming pass that writes nothing), then choose the types."""
+        measured: dict[str, fit.Measured] = {}
+
+        def take(name: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+            done = self.assembler.add(name, fused, self.rows[name])
+            if done is not None and done[0] in self.choosable:
+                key, t = done
+                measured[key] = fit.measure(
+                    key, t, self.choosable[key], self._lora_inputs(key, t.shape[1]), torch.bfloat16
+                )
+            return {}
+
+        execute(self.jobs, take, lambda key, value: None, device, run, message="Measuring each weight at each type")
+        errors = fit.totals(measured)
+        options = {
+            n: [fit.Choice(c.key, c.nbytes(self.shapes[n]), errors[n][c.key]) for c in cs]
+            for n, cs in self.choosable.items()
+        }
+        mix = fit.choose(options, self.budget - self.fixed - self.overhead)
+        for n, c in mix.items():
+            self.types[n] = get(c.key)
+        presets = {  # the one-type files by the same measure, for comparison
+            p.key: {
+                "error": sum(errors[n][p.tensor_type(n) if p.tensor_type(n) in errors[n] else "F16"] for n in errors),
+                "bytes": GgufWriter(p, self.base, self.jobs, self.filename).need_bytes(),
+            }
+            for p in PRESETS
+            if p.weights in CANDIDATES
+        }
+        self.summary = fit.summary(mix, {n: math.prod(self.shapes[n]) for n in mix}) | {
+            "budget_bytes": self.budget,
+            "planned_bytes": GgufWriter.need_bytes(self),
+            "presets": presets,
+        }
+        return self.summary
+
+    @property
+    def file_type(self) -> int:
+        import gguf
+
+        most = next(iter(self.summary["types"]), "F16")
+        return int(gguf.LlamaFileType[f"MOSTLY_{FILE_TYPES.get(most, most)}"])
+
+
 class GgufFormat(BflFormat):
     key = "gguf"
     label = "GGUF (ComfyUI-GGUF, Forge, stable-diffusion.cpp, diffusers)"
@@ -184,10 +302,21 @@ class GgufFormat(BflFormat):
         "Forge: models/Stable-diffusion/. stable-diffusion.cpp: --diffusion-model FILE."
     )
 
+    fits = True
+
+    def option(self, key: str) -> Option:
+        return FIT if key.strip().lower() == FIT.key else super().option(key)
+
     def main_writer(self, precision: str, base: BaseModel, plan: FusePlan, settings: Settings) -> Writer:
+        if precision == FIT.key:
+            return FittedWriter(base, plan.jobs, settings.filename, settings.fit_bytes)
         preset = self.option(precision)
         assert isinstance(preset, Preset)
         return GgufWriter(preset, base, plan.jobs, settings.filename)
+
+    def prepare(self, planned: BuildPlan, device: str, run) -> dict:
+        writer = planned.writer
+        return {"fit": writer.fit(device, run)} if isinstance(writer, FittedWriter) else {}
 
     def snippet(self, path: str, precision: str, family: Family, t5: str = "", pipeline: str = "") -> str:
         cls = family.class_name
