@@ -3,7 +3,7 @@ speed of the GGUF quantizers against ggml's own reference C code.
 
 Model: FLUX.1 width (3072), 2 double + 4 single blocks (1.3 B params) with a rank-16 LoRA on attention + MLP;
 `--full` adds FLUX.1-dev's real shapes (19 + 38 blocks, 11.9 B params, 24 GB of disk for the base) for the
-precisions given with `--full-precisions`. Peak memory does not grow with the number of blocks: it is set by the
+precisions given with `--full-precisions` (`gguf:fit=7GB`: a GGUF fitted to 7 GB). Peak memory does not grow with the number of blocks: it is set by the
 largest fused group (a single block's linear1), which both models share. Each build runs in its own process;
 peak anonymous memory is sampled every 10 ms from /proc. Linux only.
 
@@ -113,8 +113,7 @@ def run_builds(label: str, base: Path, lora: Path, jobs: list[tuple[str, str]], 
             str(lora),
             "--format",
             fmt,
-            "--precision",
-            precision,
+            *(["--fit", precision[4:]] if precision.startswith("fit=") else ["--precision", precision]),
             "--out",
             str(out),
             "--quiet",
@@ -170,7 +169,10 @@ def main() -> None:
         default="single-file:fp8-scaled,comfyui:fp8,comfyui:nvfp4,comfyui:mxfp8,comfyui:int8,comfyui:int8-convrot",
         help="FORMAT:PRECISION pairs built from the full shapes",
     )
-    ap.add_argument("--only", help="FORMAT:PRECISION pairs built from the 1.3 B model (default: every one)")
+    ap.add_argument(
+        "--only",
+        help="FORMAT:PRECISION pairs built from the 1.3 B model (default: every one); gguf:fit=7GB fits a size",
+    )
     ap.add_argument("--skip-builds", action="store_true", help="only the quantizer speed")
     args = ap.parse_args()
     work = args.workdir

@@ -239,14 +239,18 @@ class Studio:
         precision: str,
         model_key: str = "flux1",
         t5_precision: str = "",
+        fit_bytes: int = 0,
     ) -> Estimate:
         """The output's size: exactly what the build checks the disk against when the base is here (the LoRAs
-        count: a Control LoRA widens the model), else the model table's figure. Never raises."""
+        count: a Control LoRA widens the model), else the model table's figure; a fitted file, its size at most.
+        Never raises."""
         from fluxstudio.flows.build import plan_build
         from fluxstudio.formats import Settings
 
         fmt = get_format(format)
         free = free_bytes(self.output_dir)
+        if precision == "fit":
+            return Estimate(fit_bytes, free, False)
         try:
             base_dir = self.local_base(base)
             if base_dir is not None:
@@ -291,17 +295,21 @@ class Studio:
         shard: str = "5GB",
         t5_precision: str = "",
         overwrite: bool = False,
+        fit_gb: float = 0.0,
     ) -> BuildRequest:
+        """A build as the app asks for it. `fit_gb`: the size a fitted file (precision "fit") must fit in."""
         fmt = get_format(format)
+        precision = fmt.check(precision)
         return BuildRequest(
             base=self.ref(base).text,
             loras=tuple(LoraRef(r, s) for r, s in loras),
-            precision=fmt.check(precision),
+            precision=precision,
             format=fmt.key,
             out_dir=self.output_dir / (safe_name(name) + fmt.extension),
             shard_bytes=parse_size(shard),
             t5_precision=fmt.encoder_precision(t5_precision, precision),
             overwrite=overwrite and self.local,  # a shared session never replaces the owner's outputs
+            fit_bytes=int(max(fit_gb or 0, 0) * 1e9) if precision == "fit" else 0,
         )
 
     def start(self, request: BuildRequest) -> Job:

@@ -87,10 +87,11 @@ ONE_FILE = [
     ("RTX 5060 8 GB", FLUX1, "gguf Q4_K_S", [], ["fits the RTX 5060"]),  # NVFP4 needs ~9.7 GB
     ("A100 80 GB", FLUX1, "single-file bf16", ["comfyui int8"], ["full quality", "INT8", "8.0", "30% faster"]),
     ("A100 40 GB", FLUX1, "single-file bf16", ["comfyui int8"], ["INT8"]),
-    ("RTX 3090 24 GB", FLUX1, "gguf Q5_K_S", ["comfyui int8"], ["INT8", "8.6"]),
-    ("RTX 3060 12 GB", FLUX1, "gguf Q5_K_S", [], ["GGUF"]),  # INT8's ~15 GB does not fit
-    ("RTX 4080 16 GB", FLUX1, "gguf Q5_K_S", [], ["GGUF"]),  # Ada: no NVFP4, no INT8 path, fp8 does not fit
-    ("RTX 2080 Ti 11 GB", FLUX1, "gguf Q4_K_S", [], ["GGUF"]),
+    # a GGUF fitted to the VRAM less FLUX.1's 3 GB headroom (at most Q8_0's size), the one-type GGUF beside it
+    ("RTX 3090 24 GB", FLUX1, "gguf fit in 12.64 GB", ["gguf Q5_K_S", "comfyui int8"], ["INT8", "8.6"]),
+    ("RTX 3060 12 GB", FLUX1, "gguf fit in 9.00 GB", ["gguf Q5_K_S"], ["12 GB less 3 GB"]),  # INT8's ~15 GB: no
+    ("RTX 4080 16 GB", FLUX1, "gguf fit in 12.64 GB", ["gguf Q5_K_S"], ["GGUF"]),  # Ada: no NVFP4 nor INT8 path
+    ("RTX 2080 Ti 11 GB", FLUX1, "gguf fit in 8.00 GB", ["gguf Q4_K_S"], ["11 GB less 3 GB"]),
 ]
 
 
@@ -100,8 +101,9 @@ def test_the_one_file_pick_is_what_the_card_multiplies_fastest_in_comfyui(card, 
     assert str(rec.one_file) == pick and [str(p) for p in rec.one_file_also] == also, rec.one_file_why
     for fact in facts:
         assert fact in rec.one_file_why, rec.one_file_why
-    for p in rec.one_file_picks:  # every pick is one the format offers
-        assert p.precision in FORMATS[p.format].precisions
+    for p in rec.one_file_picks:  # every pick is one the format offers (a size to fit, where it fits sizes)
+        fmt = FORMATS[p.format]
+        assert p.precision in fmt.precisions or (p.precision == "fit" and fmt.fits and p.fit_bytes > 0)
 
 
 def test_a100_gets_bf16_and_small_cards_nf4_with_a_gguf_for_one_file_users():
@@ -110,9 +112,12 @@ def test_a100_gets_bf16_and_small_cards_nf4_with_a_gguf_for_one_file_users():
     for card in ("RTX 3060 12 GB", "RTX 3080 10 GB", "RTX 4070 12 GB", "RTX 2080 Ti 11 GB"):
         rec = recommend(CARDS[card], FLUX1)
         assert rec.precision == "nf4", card
-        assert rec.one_file in (Pick("gguf", "Q5_K_S"), Pick("gguf", "Q4_K_S")), (card, rec.one_file)
-    assert recommend(CARDS["RTX 3060 12 GB"], FLUX1).one_file == Pick("gguf", "Q5_K_S")  # 8.2 + 3 GB fit 12 GB
-    assert recommend(CARDS["RTX 3080 10 GB"], FLUX1).one_file == Pick("gguf", "Q4_K_S")
+        assert rec.one_file.precision == "fit", (card, rec.one_file)
+        assert rec.one_file_also[0] in (Pick("gguf", "Q5_K_S"), Pick("gguf", "Q4_K_S")), (card, rec.one_file_also)
+    assert recommend(CARDS["RTX 3060 12 GB"], FLUX1).one_file == Pick("gguf", "fit", 9 * 10**9)  # 12 GB less 3 GB
+    assert recommend(CARDS["RTX 3080 10 GB"], FLUX1).one_file_also == (Pick("gguf", "Q4_K_S"),)
+    # 8 GB less 3 GB is less than Q3_K for every weight (~5.1 GB): the one-type file alone
+    assert recommend(CARDS["RTX 5060 8 GB"], FLUX1).one_file == Pick("gguf", "Q4_K_S")
 
 
 def test_model_size_changes_the_advice():

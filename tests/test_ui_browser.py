@@ -264,6 +264,37 @@ def test_gguf_for_comfyui_with_placement_hint_and_library_file(browser, app, tmp
     assert not [p for p in app.outputs.iterdir() if p.name.startswith(".")]
 
 
+def test_gguf_fitted_to_the_cards_size_then_to_a_size_typed_with_the_mix_in_the_result(browser, app, tmp_path):
+    """The advice for a 12 GB card fits GGUF to its 9 GB left; a size typed for the demo builds a mix, shown."""
+    page = open_page(browser, app)
+    add_demo_lora(page)
+    pick_card(page, "RTX 3060 12 GB")
+    pick_format(page, "GGUF (ComfyUI-GGUF", "Fit a size")
+    page.wait_for_function(
+        "() => document.querySelector('#precision input:checked')?.value === 'fit'", timeout=30_000
+    )  # the advice's pick for this card
+    size = page.locator("#fit-size input")
+    size.wait_for(timeout=30_000)
+    assert float(size.input_value()) == 9.0  # 12 GB less FLUX.1's 3 GB of headroom
+    size.fill("0.03")  # the demo: 37 M weights, 39 MB in Q8_0, 16 MB in Q3_K
+    size.press("Enter")
+    page.wait_for_selector("#estimate:has-text('at most 30.0 MB')", timeout=30_000)
+    page.fill("#out-name textarea, #out-name input", "demo-fit")
+    page.click("#fuse")
+    page.wait_for_selector("#result:has-text('Saved')", timeout=180_000)
+    page.screenshot(path=str(tmp_path / "gguf-fit-result.png"), full_page=True)
+    result = page.inner_text("#result")
+    assert "gguf · fit" in result and "Fitted in 30.0 MB" in result and "Kept highest" in result, result
+    assert "Measured error" in result and "LoRA effect kept" in result
+    page.wait_for_selector("#library-table:has-text('demo-fit.gguf')", timeout=30_000)
+    path = app.outputs / "demo-fit.gguf"
+    assert path.stat().st_size <= 30 * 10**6
+    import gguf
+
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert len(kinds & {"Q8_0", "Q6_K", "Q5_K", "Q4_K", "IQ4_XS", "Q3_K"}) >= 2, kinds
+
+
 def test_comfyui_native_nvfp4_with_placement_hint_retention_and_library_entry(browser, app, tmp_path):
     page = open_page(browser, app)
     add_demo_lora(page)

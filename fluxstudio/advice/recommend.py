@@ -6,7 +6,10 @@ the card, within what it computes well (bf16 needs 8.0, so A100-class cards get 
 
 The one-file pick, for ComfyUI and Forge users, follows what each card multiplies fastest in ComfyUI: its native
 fp8 on RTX 40 and H100-class cards, NVFP4 on RTX 50 and B200 (fp8 beside it), bf16 on A100 with INT8 offered
-beside it (RTX 30 too), else the largest GGUF that fits.
+beside it (RTX 30 too), else a GGUF file fitted to the card: its VRAM less the model's headroom (activations at
+1024², the VAE, the CUDA context and the text encoders' share while they are on the card: the catalogue's figure,
+3 GB for FLUX.1), with the largest one-type GGUF that fits offered beside it; where even the fitted types' least
+does not fit, that one-type GGUF alone.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from fluxstudio.advice.hardware import (
 )
 
 ORDER = ("bf16", "fp8", "nf4")  # best quality first
+FIT_LEAST = 1.01  # a fitted GGUF needs at least Q3_K for every weight, and its small layers in F16/F32
 
 
 @dataclass(frozen=True)
@@ -106,9 +110,11 @@ class Pick:
 
     format: str
     precision: str
+    fit_bytes: int = 0  # precision "fit": the size the file is fitted to
 
     def __str__(self) -> str:
-        return f"{self.format} {self.precision}"
+        fitted = f" in {units.gb(self.fit_bytes)}" if self.fit_bytes else ""
+        return f"{self.format} {self.precision}{fitted}"
 
 
 @dataclass(frozen=True)
@@ -245,6 +251,15 @@ def _one_file(pick: str, card: Card, model: ModelSpec) -> tuple[Pick, str, tuple
         return Pick("single-file", "bf16"), "bf16 in one file: full quality." + why, int8
     gguf = [p for p in fits if p.startswith("Q")]
     q = gguf[0] if gguf and pick != "nf4" else ("Q5_K_S" if "Q5_K_S" in gguf else "Q4_K_S")
+    room = int(card.vram_gb * GB - model.headroom_gb * GB)
+    budget = min(room, model.weight_bytes("Q8_0"))  # past Q8_0, a fitted file gains next to nothing
+    if budget >= FIT_LEAST * model.weight_bytes("Q3_K_S"):
+        fitted = (
+            f"GGUF fitted to {units.gb(budget)}: the {card.name}'s {card.vram_gb:.0f} GB less {model.headroom_gb:g} GB "
+            "for activations, the VAE and the text encoders; each weight gets the type (Q8_0 to Q3_K) that keeps "
+            f"the most of the model and the LoRA in that size. GGUF {q}, one type throughout, is offered beside it."
+        )
+        return Pick("gguf", "fit", budget), fitted + why, (Pick("gguf", q), *int8)
     return Pick("gguf", q), f"GGUF {q}: the largest type that fits the {card.name} with its headroom." + why, int8
 
 

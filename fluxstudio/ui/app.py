@@ -57,10 +57,11 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
 
         def advise(target, key, format, choice, custom):
             text, rec = machine.advice_text(ctx, target, key)
-            return text, output.precision_update(ctx, base.reference(choice, custom), format, key, rec)
+            precision = output.precision_update(ctx, base.reference(choice, custom), format, key, rec)
+            return text, precision, output.fit_update(format, precision["value"], rec)
 
         for trigger in (m.target.change, b.model_key.change):
-            trigger(advise, [m.target, b.model_key, o.format, b.choice, b.custom], [m.advice, o.precision])
+            trigger(advise, [m.target, b.model_key, o.format, b.choice, b.custom], [m.advice, o.precision, o.fit])
         b.status.change(  # another base of the same model, or the base once downloaded: its own sizes, the pick kept
             lambda choice, custom, format, key, precision: output.sizes_update(
                 ctx, base.reference(choice, custom), format, key, precision
@@ -81,6 +82,7 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
             o.replace,
             o.shard,
             o.t5,
+            o.fit,
             on_done=[
                 (lambda: library.updates(ctx, lib), None, library.outputs(lib)),
                 (lambda: machine.summary(ctx.studio.hw.now(), not ctx.settings.local), None, m.summary),
@@ -95,17 +97,17 @@ def build_ui(settings: Settings, ctx: Context | None = None) -> gr.Blocks:
             """What a (re)loaded page shows now: the base, the advice, the library, a fresh output name, this
             machine's free RAM and disk."""
             status, key, need_token, kept = base.describe(ctx, choice, custom or "")
-            text, precision = advise(target, key, format, choice, custom)
-            est = output.estimate(ctx, choice, custom, [], format, precision["value"], key)
+            text, precision, fit = advise(target, key, format, choice, custom)
+            est = output.estimate(ctx, choice, custom, [], format, precision["value"], key, "", fit.get("value"))
             extra = [gr.update(visible=need_token), gr.update(visible=need_token)] if b.token is not None else []
             now = machine.summary(ctx.studio.hw.now(), not ctx.settings.local)
-            fresh = [status, key, text, precision, est, gr.update(visible=kept > 0), output.default_name(), now]
+            fresh = [status, key, text, precision, fit, est, gr.update(visible=kept > 0), output.default_name(), now]
             return [*fresh, *library.updates(ctx, lib), *extra]
 
         blocks.load(
             first_load,
             [b.choice, b.custom, m.target, o.format],
-            [b.status, b.model_key, m.advice, o.precision, o.estimate, b.discard, o.name, m.summary]
+            [b.status, b.model_key, m.advice, o.precision, o.fit, o.estimate, b.discard, o.name, m.summary]
             + library.outputs(lib)
             + ([b.token, b.save_token] if b.token is not None else []),
         )

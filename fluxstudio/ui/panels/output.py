@@ -26,16 +26,21 @@ class Handles:
     shard: gr.Dropdown
     estimate: gr.Markdown
     t5: gr.Radio  # T5-XXL's precision, for pipeline exports
+    fit: gr.Number  # the size a fitted file must fit in, in GB (precision "fit")
 
 
 def default_name() -> str:
     return f"flux-fused-{datetime.now():%Y%m%d-%H%M}"
 
 
+FIT_LABEL = "Fit a size · each weight's type chosen to fit the size below"
+
+
 def precision_choices(ctx: Context, base: str, format: str, model_key: str) -> list[tuple[str, str]]:
     """The format's precisions, each with its size: from the base's own size when it is here, else the model
-    table's."""
-    return [(f"{p} · ~{human_bytes(n)}", p) for p, n in ctx.studio.sizes(base, format, model_key).items()]
+    table's; for a format that fits sizes, fitting one first."""
+    sizes = [(f"{p} · ~{human_bytes(n)}", p) for p, n in ctx.studio.sizes(base, format, model_key).items()]
+    return ([(FIT_LABEL, "fit")] if FORMATS[format].fits else []) + sizes
 
 
 def default_precision(format: str, advised: str, one_file: tuple[Pick, ...]) -> str:
@@ -47,32 +52,54 @@ def default_precision(format: str, advised: str, one_file: tuple[Pick, ...]) -> 
     return next((p.precision for p in one_file if p.format == format), fmt.default)
 
 
+def offered(format: str, precision: str) -> bool:
+    return precision in FORMATS[format].precisions or (precision == "fit" and FORMATS[format].fits)
+
+
 def precision_update(ctx: Context, base: str, format: str, model_key: str, rec) -> dict:
     """The precision choices for a format, with the advice's pick (`rec`, a Recommendation) selected."""
     value = default_precision(format, rec.precision, rec.one_file_picks)
     return gr.update(choices=precision_choices(ctx, base, format, model_key), value=value)
 
 
+def fit_update(format: str, precision: str, rec=None) -> dict:
+    """The size field: shown while a size is fitted; the advice's size for the card (`rec`), where it fits one."""
+    shown = gr.update(visible=precision == "fit" and FORMATS[format].fits)
+    fitted = next((p for p in rec.one_file_picks if p.fit_bytes), None) if rec is not None else None
+    return shown | ({"value": round(fitted.fit_bytes / 1e9, 2)} if fitted else {})
+
+
 def sizes_update(ctx: Context, base: str, format: str, model_key: str, precision: str) -> dict:
     """The same precisions with the sizes of another base, the pick kept (the advice's own updates choose it)."""
-    fmt = FORMATS[format]
-    value = precision if precision in fmt.precisions else fmt.default
+    value = precision if offered(format, precision) else FORMATS[format].default
     return gr.update(choices=precision_choices(ctx, base, format, model_key), value=value)
 
 
 def estimate(
-    ctx: Context, choice: str, custom: str, items: list, format: str, precision: str, model_key: str, t5: str = ""
+    ctx: Context,
+    choice: str,
+    custom: str,
+    items: list,
+    format: str,
+    precision: str,
+    model_key: str,
+    t5: str = "",
+    fit_gb: float | None = None,
 ) -> str:
     """The size the build will check the disk against (exact once the base is here), and the free disk."""
     fmt = FORMATS[format]
-    if precision not in fmt.precisions:
+    if not offered(format, precision):
         return ""
+    fit_bytes = int((fit_gb or 0) * 1e9)
     est = ctx.studio.estimate(
-        reference(choice, custom), [it["path"] for it in items or []], format, precision, model_key, t5
+        reference(choice, custom), [it["path"] for it in items or []], format, precision, model_key, t5, fit_bytes
     )
     warn = " — **not enough space**" if not est.fits else ""
-    size = human_bytes(est.bytes) if est.exact else f"~{human_bytes(est.bytes)}"
-    return f"Output about **{size}** · {human_bytes(est.free)} free{warn}  \n{fmt.option(precision).note}"
+    if precision == "fit":
+        size = f"at most **{human_bytes(est.bytes)}**"
+    else:
+        size = "about **" + (human_bytes(est.bytes) if est.exact else f"~{human_bytes(est.bytes)}") + "**"
+    return f"Output {size} · {human_bytes(est.free)} free{warn}  \n{fmt.option(precision).note}"
 
 
 def render(ctx: Context) -> Handles:
@@ -106,28 +133,42 @@ def render(ctx: Context) -> Handles:
             visible=False,
             elem_id="t5-precision",
         )
+        fit = gr.Number(
+            label="The file must fit in (GB)",
+            value=9.0,
+            minimum=0.01,
+            step=0.5,
+            visible=False,
+            elem_id="fit-size",
+            info="Defaults to the card's VRAM less room for activations, the VAE and the text encoders.",
+        )
         text = gr.Markdown(elem_id="estimate")
-    return Handles(fmt, precision, name, replace, shard, text, t5)
+    return Handles(fmt, precision, name, replace, shard, text, t5, fit)
 
 
 def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key, loras, target) -> None:
-    inputs = [base_choice, base_custom, loras, h.format, h.precision, model_key, h.t5]
+    inputs = [base_choice, base_custom, loras, h.format, h.precision, model_key, h.t5, h.fit]
 
-    def refresh(choice, custom, items, format, precision, key, t5):
-        return estimate(ctx, choice, custom, items, format, precision, key, t5)
+    def refresh(choice, custom, items, format, precision, key, t5, fit_gb):
+        return estimate(ctx, choice, custom, items, format, precision, key, t5, fit_gb)
 
     def on_format(choice, custom, format, key, target_card):
         rec = ctx.studio.advise(target_card, key)
         fmt = FORMATS[format]
+        precision = precision_update(ctx, reference(choice, custom), format, key, rec)
         return (
-            precision_update(ctx, reference(choice, custom), format, key, rec),
+            precision,
             gr.update(visible=not fmt.one_file),
             gr.update(visible=bool(fmt.encoder_options), value=rec.text_encoder),
+            fit_update(format, precision["value"], rec),
         )
 
-    h.format.change(on_format, [base_choice, base_custom, h.format, model_key, target], [h.precision, h.shard, h.t5])
-    for trigger in (h.precision.change, model_key.change, loras.change, h.t5.change):
+    h.format.change(
+        on_format, [base_choice, base_custom, h.format, model_key, target], [h.precision, h.shard, h.t5, h.fit]
+    )
+    for trigger in (h.precision.change, model_key.change, loras.change, h.t5.change, h.fit.change):
         trigger(refresh, inputs, h.estimate)
+    h.precision.change(fit_update, [h.format, h.precision], h.fit)
     h.name.blur(lambda name: safe_name(name or ""), h.name, h.name)
     if h.replace is not None:  # asked once, when ticked: unticked again unless confirmed
         h.replace.input(

@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from fluxstudio.progress import Stage
-from fluxstudio.studio import Job, Status, describe_retention, human_bytes, safe_name
+from fluxstudio.studio import Job, Status, describe_fit, describe_retention, human_bytes, safe_name
 from fluxstudio.ui.context import Context
 from fluxstudio.ui.handlers import error_html, ok_html, user_message
 from fluxstudio.ui.panels.base import reference
@@ -74,6 +74,7 @@ def result_text(ctx: Context, job: Job, shared: bool) -> str:
         f"Peak RAM **{human_bytes(r.peak_anon_bytes)}** (RSS {human_bytes(r.peak_ram_bytes)})"
         + (f" · peak VRAM **{human_bytes(r.peak_vram_bytes)}**" if r.peak_vram_bytes else ""),
     ]
+    lines += describe_fit(r.fit)
     if place := ctx.studio.placement(r):
         lines.append(f"**Where it goes:** {place}")
     if len(r.fused_per_component) > 1:
@@ -96,11 +97,23 @@ def render() -> Handles:
 
 
 def wire(
-    ctx: Context, h: Handles, base_choice, base_custom, loras, format, precision, name, replace, shard, t5, on_done
+    ctx: Context,
+    h: Handles,
+    base_choice,
+    base_custom,
+    loras,
+    format,
+    precision,
+    name,
+    replace,
+    shard,
+    t5,
+    fit,
+    on_done,
 ) -> None:
     shared = not ctx.settings.local
 
-    def run(choice, custom, items, fmt, prec, out_name, shard_size, t5_precision, replace_it=False):
+    def run(choice, custom, items, fmt, prec, out_name, shard_size, t5_precision, fit_gb, replace_it=False):
         idle = gr.update(interactive=True), gr.update(interactive=False)
         try:
             wanted = safe_name(out_name or "")
@@ -114,6 +127,7 @@ def wire(
                 shard_size,
                 t5_precision,
                 overwrite=bool(replace_it),
+                fit_gb=fit_gb or 0.0,
             )
         except Exception as exc:  # noqa: BLE001 - shown as one sentence
             yield (None, error_html(user_message(exc, shared)), "", "", "", gr.update(visible=False), *idle, None)
@@ -147,7 +161,7 @@ def wire(
     outputs = [h.job_id, h.status, h.progress, h.memory, h.result, h.snippet, h.go, h.cancel, h.last]
     event = h.go.click(
         run,
-        [base_choice, base_custom, loras, format, precision, name, shard, t5] + ([replace] if replace else []),
+        [base_choice, base_custom, loras, format, precision, name, shard, t5, fit] + ([replace] if replace else []),
         outputs,
         concurrency_limit=1,
         concurrency_id="build",
