@@ -282,7 +282,7 @@ def run(req: PreviewRequest, run: Run | None = None, hub=None) -> PreviewResult:
                 if source == "output":
                     model = fmt.load_transformer(req.output, root / "transformer")
                 else:
-                    model = _base(how, fmt, precision, root, run, hub, req.build.base)
+                    model = _base(how, fmt, precision, root, run, hub, req.build)
                 renders.append(
                     _render(
                         key,
@@ -390,7 +390,7 @@ def _shared(root: Path) -> dict:
     }
 
 
-def _base(how: Runtime, fmt: Format, precision: str, root: Path, run: Run, hub, base_ref: str):
+def _base(how: Runtime, fmt: Format, precision: str, root: Path, run: Run, hub, made: BuildRequest):
     """The base's transformer as (a) and (c) render it: at the output's precision the way people run it unfused, or
     in bf16."""
     import torch
@@ -398,7 +398,7 @@ def _base(how: Runtime, fmt: Format, precision: str, root: Path, run: Run, hub, 
 
     config = root / "transformer"
     if how == "own-file":  # the base alone in the output's format (a GGUF type), as people download it
-        return fmt.load_transformer(_base_file(base_ref, fmt, precision, run, hub), config)
+        return fmt.load_transformer(_base_file(made, fmt, precision, run, hub), config)
     if how == "nf4":
         from diffusers import BitsAndBytesConfig
 
@@ -409,14 +409,16 @@ def _base(how: Runtime, fmt: Format, precision: str, root: Path, run: Run, hub, 
     )  # fp8 is cast layer by layer once the LoRAs are in
 
 
-def _base_file(base_ref: str, fmt: Format, precision: str, run: Run, hub) -> Path:
-    """The base alone at a precision of a format, built once by FluxStudio's own writer and kept for later previews."""
+def _base_file(made: BuildRequest, fmt: Format, precision: str, run: Run, hub) -> Path:
+    """The base alone at a precision of a format (a fitted file: fitted to the same size), built once by
+    FluxStudio's own writer and kept for later previews."""
     from fluxstudio.flows.build import build
 
     folder = paths.home() / "preview-bases"
-    path = folder / f"{hashlib.sha256(base_ref.encode()).hexdigest()[:12]}-{precision}{fmt.extension}"
+    key = f"{precision}-{made.fit_bytes}" if made.fit_bytes else precision
+    path = folder / f"{hashlib.sha256(made.base.encode()).hexdigest()[:12]}-{key}{fmt.extension}"
     if not path.is_file():
-        build(BuildRequest(base_ref, (), precision, path, format=fmt.key), run, hub=hub)
+        build(BuildRequest(made.base, (), precision, path, format=fmt.key, fit_bytes=made.fit_bytes), run, hub=hub)
     return path
 
 

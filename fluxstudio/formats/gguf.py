@@ -8,6 +8,10 @@ Q4_K_M and Q3_K_M raise the double blocks' qkv weights to Q6_K, Q5_K and Q4_K; t
 `attn_output` and `ffn_down`, where Q3_K_L differs from Q3_K_M, match no FLUX tensor, so Q3_K_L would be Q3_K_M
 with another file type and is not offered. The header is written first, from the plan, then the data in the
 planned order. Block sizes and file types come from the gguf package.
+
+A fitted file (precision "fit", `FittedWriter`) chooses each Linear weight's type among `CANDIDATES` from a first
+streaming pass that measures them (engine/fit.py), so that the file fits a size; its general.file_type is that of
+the type most of its weights have.
 """
 
 from __future__ import annotations
