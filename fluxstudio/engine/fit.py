@@ -98,7 +98,8 @@ def measure(
     m, n = weight.shape
     idx = sample(m, count)
     x = weight[idx.to(weight.device)].to(made_from).to(torch.float32)
-    norms = weight.to(torch.float32).square().sum(1).cpu()  # every row's |w|²: what the sample is scaled by
+    step = max(1, (1 << 20) // n)  # every row's |w|², what the sample is scaled by: a chunk of rows at a time
+    norms = torch.cat([weight[i : i + step].to(torch.float32).square().sum(1).cpu() for i in range(0, m, step)])
 
     def scale(rows: torch.Tensor, start: int, stop: int) -> float:
         """From the sampled rows to rows [start, stop): by their share of |W|² (a row's error follows its size),
