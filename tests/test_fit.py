@@ -50,6 +50,22 @@ def test_the_choice_stays_within_the_budget_and_is_near_the_best_possible():
         fit.choose(options, fit.smallest(options) - 1)
 
 
+def test_keeping_the_lora_weighs_its_term_up_just_enough():
+    """Two tensors: the measure alone keeps the model's tensor high; asked to keep the LoRA's error within a bound,
+    the LoRA's tensor goes high instead, within the same budget."""
+    terms = {
+        "model": {"lo": (0.6, 0.0), "hi": (0.1, 0.0)},
+        "lora": {"lo": (0.1, 0.3), "hi": (0.05, 0.05)},
+    }
+    nbytes = {n: {"lo": 10, "hi": 20} for n in terms}
+    mix, weight = fit.choose_keeping(terms, nbytes, 30)
+    assert (mix["model"].key, mix["lora"].key, weight) == ("hi", "lo", 1.0)
+    mix, weight = fit.choose_keeping(terms, nbytes, 30, lora_at_most=0.1)
+    assert (mix["model"].key, mix["lora"].key) == ("lo", "hi") and weight > 1
+    mix, weight = fit.choose_keeping(terms, nbytes, 20, lora_at_most=0.01)  # cannot: the most it can keep
+    assert mix["lora"].key == "lo" and weight == pytest.approx(fit.MAX_LORA_WEIGHT, rel=0.01)
+
+
 def test_sample_rows_estimate_each_types_error_of_the_whole_tensor():
     """Heavy-tailed rows of unequal scales: 256 sampled rows of 3072 against every row, for every candidate: within
     3% for the layer's error, within 25% for the LoRA term (16 input directions on a third of the rows: fewer

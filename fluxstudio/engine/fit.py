@@ -36,6 +36,7 @@ from fluxstudio import units
 if TYPE_CHECKING:
     from fluxstudio.quant import Precision
 
+MAX_LORA_WEIGHT = 4.0**8  # how far the LoRA term is weighed up to keep the LoRA as the next type up would
 SAMPLE_ROWS = 256  # rows measured per tensor (all of a smaller one): tests/test_fit.py shows the estimate's precision
 
 
@@ -126,14 +127,46 @@ def measure(
     return Measured(errors, float(norms.sum()), change)
 
 
-def totals(measured: dict[str, Measured]) -> dict[str, dict[str, float]]:
-    """Per tensor and candidate, its part of the measure: both terms, each relative to the whole (module docstring)."""
+def relative(measured: dict[str, Measured]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per tensor and candidate, its part of each term of the measure, relative to the whole (module docstring)."""
     size = sum(m.size for m in measured.values()) or 1.0
     change = sum(m.change for m in measured.values()) or 1.0
     return {
-        name: {key: layer / size + lost / change for key, (layer, lost) in m.errors.items()}
+        name: {key: (layer / size, lost / change) for key, (layer, lost) in m.errors.items()}
         for name, m in measured.items()
     }
+
+
+def choose_keeping(
+    terms: dict[str, dict[str, tuple[float, float]]],
+    nbytes: dict[str, dict[str, int]],
+    budget: int,
+    lora_at_most: float | None = None,
+) -> tuple[dict[str, Choice], float]:
+    """`choose` on the measure (both terms alike), or, where its LoRA term would exceed `lora_at_most`, on the LoRA
+    term weighed up just enough (bisection) that it does not; with the weight used (as high as it goes where the
+    budget cannot keep that much)."""
+
+    def at(weight: float) -> dict[str, Choice]:
+        options = {
+            n: [Choice(k, nbytes[n][k], layer + weight * lost) for k, (layer, lost) in ts.items()]
+            for n, ts in terms.items()
+        }
+        return choose(options, budget)
+
+    def lost(mix: dict[str, Choice]) -> float:
+        return sum(terms[n][c.key][1] for n, c in mix.items())
+
+    mix = at(1.0)
+    if lora_at_most is None or lost(mix) <= lora_at_most:
+        return mix, 1.0
+    lo, hi = 1.0, 4.0
+    while lost(at(hi)) > lora_at_most and hi < MAX_LORA_WEIGHT:
+        lo, hi = hi, hi * 4
+    for _ in range(16):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (lo, mid) if lost(at(mid)) <= lora_at_most else (mid, hi)
+    return at(hi), hi
 
 
 def hull(choices: list[Choice]) -> list[Choice]:
@@ -185,9 +218,11 @@ def choose(options: dict[str, list[Choice]], budget: int) -> dict[str, Choice]:
     return {name: hulls[name][i] for name, i in at.items()}
 
 
-def summary(mix: dict[str, Choice], params: dict[str, int], top: int = 5) -> dict:
-    """What the result and the manifest say of a mix: per precision the tensors, parameters and bytes, the total
-    error, and the tensors kept at the highest precision (most bytes per parameter), largest first."""
+def summary(
+    mix: dict[str, Choice], params: dict[str, int], terms: dict[str, dict[str, tuple[float, float]]], top: int = 5
+) -> dict:
+    """What the result and the manifest say of a mix: per precision the tensors, parameters and bytes, the measure
+    (both terms, and each), and the tensors kept at the highest precision (most bytes per parameter), largest first."""
     types: dict[str, dict[str, int]] = {}
     for name, c in mix.items():
         t = types.setdefault(c.key, {"tensors": 0, "params": 0, "bytes": 0})
@@ -195,9 +230,13 @@ def summary(mix: dict[str, Choice], params: dict[str, int], top: int = 5) -> dic
         t["params"] += params[name]
         t["bytes"] += c.nbytes
     ranked = sorted(mix, key=lambda n: (-mix[n].nbytes / params[n], -params[n], n))
+    model = sum(terms[n][c.key][0] for n, c in mix.items())
+    lora = sum(terms[n][c.key][1] for n, c in mix.items())
     return {
         "types": dict(sorted(types.items(), key=lambda kv: -kv[1]["params"])),
-        "error": sum(c.error for c in mix.values()),
+        "error": model + lora,
+        "model_error": model,
+        "lora_error": lora,
         "kept_high": [{"tensor": n, "type": mix[n].key} for n in ranked[:top]],
     }
 
@@ -213,10 +252,17 @@ def describe(summary: dict) -> list[str]:
     )
     high = ", ".join(f"{h['tensor'].removesuffix('.weight')} {h['type']}" for h in summary["kept_high"])
     lines = [f"Fitted in {units.human_bytes(summary['budget_bytes'])}: {types}", f"Kept highest: {high}"]
+    if up := summary.get("lora_as"):
+        kept = summary["lora_error"] <= summary["presets"][up]["lora_error"]
+        lines.append(
+            f"The LoRA is kept as {up} would keep it"
+            if kept
+            else f"The LoRA is kept as well as this size allows ({up} keeps more)"
+        )
     fitting = {k: p for k, p in summary.get("presets", {}).items() if p["bytes"] <= summary["budget_bytes"]}
-    if fitting:  # the largest file of one type that fits the same budget, by the same measure
+    if fitting:  # the largest of llama.cpp's own types and mixes that fits the same budget, by the same measure
         key, one = max(fitting.items(), key=lambda kv: kv[1]["bytes"])
         lines.append(
-            f"Measured error {summary['error'] / one['error']:.2f}× that of {key}, the largest one-type file that fits"
+            f"Measured error {summary['error'] / one['error']:.2f}× that of {key}, the largest GGUF preset that fits"
         )
     return lines

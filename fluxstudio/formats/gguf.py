@@ -91,6 +91,8 @@ PRESETS = (
 # A file fitted to a size (`--fit`): each weight's type chosen from its measured error among these (engine/fit.py)
 CANDIDATES = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "IQ4_XS", "Q3_K")
 FIT = Preset("fit", "Q4_K", "GGUF fitted to a size: each weight's type (F16 to Q3_K) chosen from its measured error.")
+# The one-type files in size order, up to Q8_0: a fitted file keeps the LoRA as the next one up from what fits would
+LADDER = ("Q3_K_S", "IQ4_XS", "Q4_K_S", "Q5_K_S", "Q6_K", "Q8_0")
 # general.file_type of a fitted file: the llama.cpp file type of the type most of its weights have
 FILE_TYPES = {"Q5_K": "Q5_K_S", "Q4_K": "Q4_K_S", "Q3_K": "Q3_K_S"}
 
@@ -264,26 +266,31 @@ class FittedWriter(GgufWriter):
             return {}
 
         execute(self.jobs, take, lambda key, value: None, device, run, message="Measuring each weight at each type")
-        errors = fit.totals(measured)
-        options = {
-            n: [fit.Choice(c.key, c.nbytes(self.shapes[n]), errors[n][c.key]) for c in cs]
-            for n, cs in self.choosable.items()
-        }
-        mix = fit.choose(options, self.budget - self.fixed - self.overhead)
-        for n, c in mix.items():
-            self.types[n] = get(c.key)
-        presets = {  # the one-type files by the same measure, for comparison
+        terms = fit.relative(measured)
+        nbytes = {n: {c.key: c.nbytes(self.shapes[n]) for c in cs} for n, cs in self.choosable.items()}
+        presets = {  # llama.cpp's own types and mixes by the same measure, for comparison
             p.key: {
-                "error": sum(errors[n][p.tensor_type(n) if p.tensor_type(n) in errors[n] else "F16"] for n in errors),
+                "error": sum(terms[n][key][0] + terms[n][key][1] for n, key in types.items()),
+                "lora_error": sum(terms[n][key][1] for n, key in types.items()),
                 "bytes": GgufWriter(p, self.base, self.jobs, self.filename).need_bytes(),
             }
             for p in PRESETS
             if p.weights in CANDIDATES
+            for types in [{n: p.tensor_type(n) if p.tensor_type(n) in terms[n] else "F16" for n in terms}]
         }
-        self.summary = fit.summary(mix, {n: math.prod(self.shapes[n]) for n in mix}) | {
+        fitting = [k for k in LADDER if presets[k]["bytes"] <= self.budget]
+        up = LADDER[LADDER.index(fitting[-1]) + 1] if fitting and fitting[-1] != LADDER[-1] else None
+        mix, weight = fit.choose_keeping(
+            terms, nbytes, self.budget - self.fixed - self.overhead, presets[up]["lora_error"] if up else None
+        )
+        for n, c in mix.items():
+            self.types[n] = get(c.key)
+        self.summary = fit.summary(mix, {n: math.prod(self.shapes[n]) for n in mix}, terms) | {
             "budget_bytes": self.budget,
             "planned_bytes": GgufWriter.need_bytes(self),
             "presets": presets,
+            "lora_as": up,  # the type whose LoRA term the mix keeps within (the next one up from what fits)
+            "lora_weight": weight,
         }
         return self.summary
 
