@@ -148,6 +148,7 @@ def test_a_fitted_file_at_q4_k_s_size_is_a_mix_with_less_error_than_q4_k_s(wide_
     print("\n".join(fit.describe(mix)), f"\nLoRA kept {fitted.lora_retained}")
     assert _data_bytes(out) <= q4ks_data and out.stat().st_size <= budget
     assert mix["error"] < mix["presets"]["Q4_K_S"]["error"]
+    assert mix["lora_as"] == "Q5_K_S" and mix["lora_error"] <= mix["presets"]["Q5_K_S"]["lora_error"]
     reader = gguf.GGUFReader(str(out))
     assert len({t.tensor_type.name for t in reader.tensors} & set(fit_types())) >= 2  # a mix, read back by gguf
     most = max(mix["types"], key=lambda k: mix["types"][k]["params"])
