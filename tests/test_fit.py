@@ -13,6 +13,7 @@ from helpers import linear_shapes, peft_lora
 
 from fluxstudio import cli
 from fluxstudio.engine import fit
+from fluxstudio.engine.retention import change_size
 from fluxstudio.errors import BadInputError
 from fluxstudio.flows.build import build, plan_build
 from fluxstudio.flows.request import BuildRequest, LoraRef
@@ -95,7 +96,7 @@ def test_the_lora_term_is_the_relative_error_where_the_lora_acts_times_its_chang
     g = torch.Generator().manual_seed(1)
     w = torch.randn(512, 1024, generator=g) * 0.02
     up, down = torch.randn(512, 8, generator=g) * 0.01, torch.randn(8, 1024, generator=g) * 0.01
-    change = fit.lora_change([up], [down])
+    change = change_size([up], [down])
     assert change == pytest.approx(float((up @ down).square().sum()), rel=1e-4)
     q4k = [get("Q4_K")]
     one = fit.measure("w", w, q4k, [fit.LoraInputs(0, 512, down, change)], count=512)

@@ -68,17 +68,6 @@ class Measured:
     change: float
 
 
-def lora_change(ups: list[torch.Tensor], downs: list[torch.Tensor]) -> float:
-    """|Σ U_i·D_i|² without making the product: Σ_ij sum((U_iᵀU_j) ⊙ (D_i D_jᵀ)) (the scales folded into U)."""
-    return float(
-        sum(
-            ((u.T @ u2) * (d @ d2.T)).sum()
-            for u, d in zip(ups, downs, strict=True)
-            for u2, d2 in zip(ups, downs, strict=True)
-        )
-    )
-
-
 def sample(rows: int, count: int = SAMPLE_ROWS) -> torch.Tensor:
     """Evenly spaced row indices (every row of a tensor of `count` rows or fewer)."""
     if rows <= count:

@@ -24,6 +24,17 @@ CHUNK = 1 << 20  # values compared at a time
 WORST = 5
 
 
+def change_size(ups: list[torch.Tensor], downs: list[torch.Tensor]) -> float:
+    """|Σ U_i·D_i|² without making the product: Σ_ij sum((U_iᵀU_j) ⊙ (D_i D_jᵀ)) (the scales folded into U)."""
+    return float(
+        sum(
+            ((u.T @ u2) * (d @ d2.T)).sum()
+            for u, d in zip(ups, downs, strict=True)
+            for u2, d2 in zip(ups, downs, strict=True)
+        )
+    )
+
+
 @dataclass
 class Retention:
     jobs: dict[str, TensorJob]  # the tensors a LoRA changes
@@ -69,13 +80,7 @@ class Retention:
                 for acc, u in zip(ue, ups, strict=False):
                     acc.addmm_(u[start:stop].T, e)
             cross = float(sum((acc * d).sum() for acc, d in zip(ue, downs, strict=False)))
-            den = float(
-                sum(
-                    ((u.T @ u2) * (d @ d2.T)).sum()
-                    for u, d in zip(ups, downs, strict=False)
-                    for u2, d2 in zip(ups, downs, strict=False)
-                )
-            )
+            den = change_size(ups, downs)
         if den > 0:
             self.num[name], self.den[name] = den + cross, den
 

@@ -27,6 +27,7 @@ from fluxstudio import units
 from fluxstudio.engine import fit, manifest
 from fluxstudio.engine.fuse import FusePlan, execute
 from fluxstudio.engine.models import BaseModel, Family
+from fluxstudio.engine.retention import change_size
 from fluxstudio.errors import BadInputError
 from fluxstudio.formats.base import PIPELINES, BuildPlan, Option, Runtime, Settings, Writer, pipeline_lines
 from fluxstudio.formats.single_file import BflFormat
@@ -245,7 +246,7 @@ class FittedWriter(GgufWriter):
                 downs = [
                     torch.nn.functional.pad(d.down.to(torch.float32), (0, width - d.down.shape[1])) for d in job.deltas
                 ]
-                parts.append(fit.LoraInputs(start, start + rows, torch.cat(downs), fit.lora_change(ups, downs)))
+                parts.append(fit.LoraInputs(start, start + rows, torch.cat(downs), change_size(ups, downs)))
             start += rows
         return parts
 
