@@ -9,7 +9,7 @@ import random
 import gguf
 import pytest
 import torch
-from helpers import linear_shapes, peft_lora
+from helpers import FLUX1_TINY, linear_shapes, peft_lora, write_model
 
 from fluxstudio import cli
 from fluxstudio.engine import fit
@@ -116,35 +116,33 @@ def _data_bytes(path):
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
 
 
-def test_a_budget_below_the_smallest_type_is_one_sentence_and_no_file(wide_base, tmp_path, capsys):
+def test_a_budget_below_the_smallest_type_is_one_sentence_and_no_file(rows256, tmp_path, capsys):
     out = tmp_path / "outputs" / "fit.gguf"
     with pytest.raises(BadInputError) as small:
-        build(BuildRequest(str(wide_base), (), "fit", out, format="gguf", fit_bytes=10**6))
+        build(BuildRequest(str(rows256), (), "fit", out, format="gguf", fit_bytes=10**6))
     print(small.value.message, small.value.hint)
     assert small.value.message.count(". ") == 0 and "even Q3_K for every weight" in small.value.message
     assert small.value.hint.startswith("The smallest type, Q2_K, makes")
     assert not out.parent.exists() or not list(out.parent.iterdir())
     # between Q2_K's size and the fitted types' least: Q2_K is named as the type that fits
-    q2k = plan_build(wide_base, [], FORMATS["gguf"], "Q2_K", Settings()).need_bytes(tmp_path)
-    code = cli.main(["fuse", "--base", str(wide_base), "--format", "gguf", "--fit", f"{q2k}B", "--out", str(out)])
+    q2k = plan_build(rows256, [], FORMATS["gguf"], "Q2_K", Settings()).need_bytes(tmp_path)
+    code = cli.main(["fuse", "--base", str(rows256), "--format", "gguf", "--fit", f"{q2k}B", "--out", str(out)])
     err = capsys.readouterr().err
     print(err)
     assert code == 2 and "Q2_K makes" in err and "choose it" in err and "Traceback" not in err
     assert not out.parent.exists() or not list(out.parent.iterdir())
     with pytest.raises(BadInputError, match="Only GGUF files"):
-        build(BuildRequest(str(wide_base), (), "fit", out, format="single-file", fit_bytes=10**9))
+        build(BuildRequest(str(rows256), (), "fit", out, format="single-file", fit_bytes=10**9))
 
 
-def test_a_fitted_file_at_q4_k_s_size_is_a_mix_with_less_error_than_q4_k_s(wide_base, wide_attn_lora, tmp_path):
-    """The width-3072 model with a LoRA on its attention layers: the file fitted to uniform Q4_K_S's size holds no
-    more tensor data than Q4_K_S, mixes types, and has less error by the measure (bench/fit.py compares it with
-    Q4_K_S, Q4_K_M and Q5_K_S on the 1.3 B model)."""
-    loras = [(wide_attn_lora, 1.0)]
-    budget, q4ks_data = _q4ks_budget(wide_base, loras)
+def test_a_fitted_file_at_q4_k_s_size_is_a_mix_with_less_error_than_q4_k_s(rows256, attn_lora, tmp_path):
+    """A LoRA on the attention layers: the file fitted to uniform Q4_K_S's size holds no more tensor data than
+    Q4_K_S, mixes types, has less error by the measure and keeps the LoRA within Q5_K_S's term (bench/fit.py
+    compares it with Q4_K_S, Q4_K_M and Q5_K_S on the 1.3 B model, builds and retention scores included)."""
+    loras = [(attn_lora, 1.0)]
+    budget, q4ks_data = _q4ks_budget(rows256, loras)
     out = tmp_path / "fit.gguf"
-    fitted = build(
-        BuildRequest(str(wide_base), (LoraRef(str(wide_attn_lora)),), "fit", out, format="gguf", fit_bytes=budget)
-    )
+    fitted = build(BuildRequest(str(rows256), (LoraRef(str(attn_lora)),), "fit", out, format="gguf", fit_bytes=budget))
     mix = fitted.fit
     print("\n".join(fit.describe(mix)), f"\nLoRA kept {fitted.lora_retained}")
     assert _data_bytes(out) <= q4ks_data and out.stat().st_size <= budget
@@ -165,5 +163,11 @@ def fit_types():
 
 
 @pytest.fixture
-def wide_attn_lora(wide_base, tmp_path):
-    return peft_lora(tmp_path / "attn.safetensors", linear_shapes(wide_base, ("attn.",)), rank=16, strength=0.03)
+def rows256(tmp_path):
+    """A small FLUX.1 whose rows are multiples of 256 (every candidate fits), its layers of unequal scales."""
+    return write_model(tmp_path / "base", dict(FLUX1_TINY, attention_head_dim=128), spread=1.0)
+
+
+@pytest.fixture
+def attn_lora(rows256, tmp_path):
+    return peft_lora(tmp_path / "attn.safetensors", linear_shapes(rows256, ("attn.",)), rank=16, strength=0.03)

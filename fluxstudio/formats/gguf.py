@@ -224,17 +224,20 @@ class FittedWriter(GgufWriter):
         sizes = {p.key: GgufWriter(p, base, jobs, self.filename).need_bytes() for p in PRESETS}
         fitting = [k for k, size in sizes.items() if size <= self.budget]
         message = (
-            f"A {units.gb(self.budget)} file cannot hold this model: even {CANDIDATES[-1]} for every weight makes "
-            f"{units.gb(least)}."
+            f"A {units.human_bytes(self.budget)} file cannot hold this model: even {CANDIDATES[-1]} for every weight makes "
+            f"{units.human_bytes(least)}."
         )
         if fitting:
             best = max(fitting, key=sizes.__getitem__)
             return (
                 message,
-                f"{best} makes {units.gb(sizes[best])}: choose it, or a budget of {units.gb(least)} or more.",
+                f"{best} makes {units.human_bytes(sizes[best])}: choose it, or a budget of {units.human_bytes(least)} or more.",
             )
         small = min(sizes, key=sizes.__getitem__)
-        return message, f"The smallest type, {small}, makes {units.gb(sizes[small])}: allow at least {units.gb(least)}."
+        return (
+            message,
+            f"The smallest type, {small}, makes {units.human_bytes(sizes[small])}: allow at least {units.human_bytes(least)}.",
+        )
 
     def _lora_inputs(self, name: str, width: int) -> list[fit.LoraInputs]:
         parts, start = [], 0
