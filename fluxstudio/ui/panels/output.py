@@ -91,6 +91,8 @@ def estimate(
     if not offered(format, precision):
         return ""
     fit_bytes = int((fit_gb or 0) * 1e9)
+    if precision == "fit" and fit_bytes <= 0:
+        return f"Give the size the file must fit in.  \n{fmt.option(precision).note}"
     est = ctx.studio.estimate(
         reference(choice, custom), [it["path"] for it in items or []], format, precision, model_key, t5, fit_bytes
     )
@@ -135,7 +137,7 @@ def render(ctx: Context) -> Handles:
         )
         fit = gr.Number(
             label="The file must fit in (GB)",
-            value=9.0,
+            value=None,
             minimum=0.01,
             step=0.5,
             visible=False,
