@@ -216,12 +216,16 @@ class FittedWriter(GgufWriter):
             + sum(min(c.nbytes(self.shapes[n]) for c in cs) for n, cs in self.choosable.items())
         )
         if least > budget:
-            message, hint = self._too_small(base, jobs, least)
+            message, hint = self._too_small(least)
             raise BadInputError(message, hint)
         self.summary: dict = {}
 
-    def _too_small(self, base: BaseModel, jobs, least: int) -> tuple[str, str]:
-        sizes = {p.key: GgufWriter(p, base, jobs, self.filename).need_bytes() for p in PRESETS}
+    def _presets(self) -> dict[str, GgufWriter]:
+        """llama.cpp's own types and mixes planned for this model: each one's tensor types and size."""
+        return {p.key: GgufWriter(p, self.base, self.jobs, self.filename) for p in PRESETS}
+
+    def _too_small(self, least: int) -> tuple[str, str]:
+        sizes = {key: writer.need_bytes() for key, writer in self._presets().items()}
         fitting = [k for k, size in sizes.items() if size <= self.budget]
         message = (
             f"A {units.human_bytes(self.budget)} file cannot hold this model: even {CANDIDATES[-1]} for every weight makes "
@@ -273,14 +277,13 @@ class FittedWriter(GgufWriter):
         terms = fit.relative(measured)
         nbytes = {n: {c.key: c.nbytes(self.shapes[n]) for c in cs} for n, cs in self.choosable.items()}
         presets = {  # llama.cpp's own types and mixes by the same measure, for comparison
-            p.key: {
-                "error": sum(terms[n][key][0] + terms[n][key][1] for n, key in types.items()),
-                "lora_error": sum(terms[n][key][1] for n, key in types.items()),
-                "bytes": GgufWriter(p, self.base, self.jobs, self.filename).need_bytes(),
+            key: {
+                "error": sum(sum(terms[n][writer.types[n].key]) for n in terms),
+                "lora_error": sum(terms[n][writer.types[n].key][1] for n in terms),
+                "bytes": writer.need_bytes(),
             }
-            for p in PRESETS
-            if p.weights in CANDIDATES
-            for types in [{n: p.tensor_type(n) if p.tensor_type(n) in terms[n] else "F16" for n in terms}]
+            for key, writer in self._presets().items()
+            if writer.preset.weights in CANDIDATES
         }
         fitting = [k for k in LADDER if presets[k]["bytes"] <= self.budget]
         up = LADDER[LADDER.index(fitting[-1]) + 1] if fitting and fitting[-1] != LADDER[-1] else None
