@@ -15,6 +15,11 @@ with the error E_t = Q(W_t) − W_t, is what the model loses plus what the LoRA 
   much as each other. (A base quantized before, where rounding erases the LoRA outright, is not what this models:
   the build's retention score says so after the fact.)
 
+One promise on top: the LoRA is kept at least as well as by the next one-type file up from the largest that fits the
+size (a file fitted to Q4_K_S's size keeps it as Q5_K_S would). Where the mix that makes the measure least would
+keep less, the LoRA term is weighed up just enough (`choose_keeping`), and the model's error is made least under
+that condition.
+
 The pre-pass measures every candidate on evenly spaced sample rows (ggml's types quantize each row on its own, so a
 sampled row is stored exactly as in the whole tensor) and scales the sums by the rows' share of |W|² (a ratio
 estimate: a row's error follows its size, so rows of unequal scales are estimated as well as equal ones). The
