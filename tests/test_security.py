@@ -143,6 +143,28 @@ def test_run_history_is_off_and_never_spends_the_owners_token(tmp_path):
         hub.stop()
 
 
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@pytest.mark.skipif(
+    not CPUINFO.exists() or "avx512_bf16" not in CPUINFO.read_text(),
+    reason="bitsandbytes asks the Hub for a kernel only on CPUs with AVX512-BF16",
+)
+def test_importing_the_model_libraries_asks_the_hub_nothing():
+    """bitsandbytes (imported by peft and diffusers) would fetch a kernel from the Hub with the user's token."""
+    hub = FakeHub().start()
+    code = "import fluxstudio, diffusers, peft, bitsandbytes; from diffusers import FluxTransformer2DModel"
+    try:
+        env = os.environ | {"HF_ENDPOINT": hub.url, "HF_TOKEN": CANARY}
+        done = subprocess.run(
+            [sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        assert hub.requests == [] and "kernels" not in done.stderr
+    finally:
+        hub.stop()
+
+
 @pytest.mark.slow
 def test_orphans_of_a_killed_app_are_reclaimed_at_start(tmp_path):
     dead = tmp_path / "fshome" / "sessions" / "0badf00d0bad"
