@@ -168,8 +168,14 @@ def wire(ctx: Context, h: Handles, base_choice, base_custom, model_key, loras, t
     h.format.change(
         on_format, [base_choice, base_custom, h.format, model_key, target], [h.precision, h.shard, h.t5, h.fit]
     )
-    for trigger in (h.precision.change, model_key.change, loras.change, h.t5.change, h.fit.change):
-        trigger(refresh, inputs, h.estimate)
+    gr.on(  # one listener, one run at a time, the newest pending one last: the line shows the latest inputs
+        [h.precision.change, model_key.change, loras.change, h.t5.change, h.fit.change],
+        refresh,
+        inputs,
+        h.estimate,
+        trigger_mode="always_last",
+        concurrency_limit=1,
+    )
     h.precision.change(fit_update, [h.format, h.precision], h.fit)
     h.name.blur(lambda name: safe_name(name or ""), h.name, h.name)
     if h.replace is not None:  # asked once, when ticked: unticked again unless confirmed
