@@ -4,12 +4,26 @@
 #   bash tests/run.sh -m "not slow"    the fast lane: no browsers, wide models, fresh installs or throttled downloads
 # - a virtual environment in .venv with the CPU build of torch (FLUXSTUDIO_TORCH overrides the pin)
 # - the app's requirements and the test tools (pytest, playwright, ruff, pyright)
-# - Debian's chromium (browser tests) and shellcheck (launcher tests) when apt-get can install them
+# - Debian's chromium (browser tests) and shellcheck (launcher tests) when apt-get can install them, while pip installs
 # - the quality gate: ruff check, ruff format --check and pyright (configured in pyproject.toml), before any test
 # - the tests on two processes (pytest-xdist), a test file to each: much of the suite waits (app starts, browsers,
 #   throttled downloads, installs) while the other process computes
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
+apt=""
+if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+    {
+        { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"; } >/dev/null 2>&1 \
+            || echo "note: could not install ${need[*]}; the tests that need them will be skipped" >&2
+    } &
+    apt=$!
+fi
 
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
@@ -17,16 +31,7 @@ fi
 py=.venv/bin/python
 "$py" -m pip install -q --disable-pip-version-check "${FLUXSTUDIO_TORCH:-torch==2.13.0}"
 "$py" -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt
-
-need=()
-command -v chromium >/dev/null 2>&1 || need+=(chromium)
-command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
-if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
-    { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"; } >/dev/null 2>&1 \
-        || echo "note: could not install ${need[*]}; the tests that need them will be skipped" >&2
-fi
+[ -z "$apt" ] || wait "$apt"
 
 "$py" -m ruff check .
 "$py" -m ruff format --check .
