@@ -9,7 +9,7 @@ import random
 import gguf
 import pytest
 import torch
-from helpers import FLUX1_TINY, linear_shapes, peft_lora, write_model
+from helpers import FLUX1_TINY, FLUX1_WIDE, linear_shapes, peft_lora, write_model
 
 from fluxstudio import cli
 from fluxstudio.engine import fit
@@ -156,6 +156,38 @@ def test_a_fitted_file_at_q4_k_s_size_is_a_mix_with_less_error_than_q4_k_s(rows2
     assert fitted.stage_seconds["measure"] > 0 and fitted.precision == "fit"
     embedded = json.loads(bytes(reader.fields["fluxstudio"].parts[-1]).decode())
     assert embedded["fit"]["types"] == mix["types"]  # the manifest carries the mix
+
+
+@pytest.mark.slow
+def test_on_the_1_3_b_model_the_file_fitted_to_q4_k_s_size_beats_q4_k_s_and_q4_k_m_and_keeps_the_lora_as_q5_k_s(
+    tmp_path, capsys
+):
+    """FLUX.1's width, 2 double + 4 single blocks (1.3 B params), its layers at scales spread over 0.01-0.04 as a
+    trained model's differ, a rank-16 LoRA on the attention layers: `--fit` at uniform Q4_K_S's size has a lower
+    measure than Q4_K_S and Q4_K_M (the measure of both from the same pass) and keeps the LoRA at least as Q5_K_S does
+    by the retention score of the built files (bench/fit.py adds layers at one scale, where it beats Q4_K_S only)."""
+    base = write_model(tmp_path / "base", dict(FLUX1_WIDE, num_layers=2, num_single_layers=4), spread=1.0)
+    lora = peft_lora(tmp_path / "attn.safetensors", linear_shapes(base, ("attn.",)), rank=16, strength=0.03)
+    budget, _ = _q4ks_budget(base, [(lora, 1.0)])
+    out = tmp_path / "outputs" / "fit.gguf"
+    argv = ["fuse", "--base", str(base), "--lora", str(lora), "--format", "gguf", "--fit", f"{budget}B", "--out"]
+    assert cli.main([*argv, str(out)]) == 0
+    report = capsys.readouterr().out
+    size = out.stat().st_size
+    mix = json.loads(bytes(gguf.GGUFReader(str(out)).fields["fluxstudio"].parts[-1]).decode())
+    fitted_kept = mix["lora_retained"]
+    out.unlink()
+    q5ks = build(BuildRequest(str(base), (LoraRef(str(lora)),), "Q5_K_S", tmp_path / "q5ks.gguf", format="gguf"))
+    presets = mix["fit"]["presets"]
+    with capsys.disabled():
+        print(f"\n{report}")
+        for key in ("Q4_K_S", "Q4_K_M", "Q5_K_S"):
+            print(f"{key}: {presets[key]['bytes'] / 1e6:.1f} MB, measure {presets[key]['error']:.5f}")
+        print(f"fit: {size / 1e6:.1f} MB, measure {mix['fit']['error']:.5f}, LoRA kept {fitted_kept:.5f}")
+        print(f"Q5_K_S: {q5ks.output_bytes / 1e6:.1f} MB, LoRA kept {q5ks.lora_retained:.5f}")
+    assert size <= budget
+    assert mix["fit"]["error"] < presets["Q4_K_S"]["error"] and mix["fit"]["error"] < presets["Q4_K_M"]["error"]
+    assert fitted_kept >= q5ks.lora_retained
 
 
 def fit_types():
