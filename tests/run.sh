@@ -6,8 +6,8 @@
 # - the app's requirements and the test tools (pytest, playwright, ruff, pyright)
 # - Debian's chromium (browser tests) and shellcheck (launcher tests) when apt-get can install them, while pip installs
 # - the quality gate: ruff check, ruff format --check and pyright (configured in pyproject.toml), before any test
-# - the tests on two processes (pytest-xdist), a test file to each: much of the suite waits (app starts, browsers,
-#   throttled downloads, installs) while the other process computes
+# - the tests on two processes (pytest-xdist), a test file to each, one torch thread each: much of the suite waits
+#   (app starts, browsers, throttled downloads, installs) while the other process computes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,4 +36,7 @@ py=.venv/bin/python
 "$py" -m ruff check .
 "$py" -m ruff format --check .
 "$py" -m pyright
+# one torch thread in each test process (and the apps they start): with more threads than cores, torch's parallel
+# steps wait for threads the other process keeps off a core (NF4's chunks: 8 s alone, 80 s beside a busy process)
+export OMP_NUM_THREADS=1
 exec "$py" -m pytest -n 2 --dist loadfile "$@"
