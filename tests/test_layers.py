@@ -11,7 +11,17 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "fluxstudio"
 # lowest first; a module may import its own layer and the ones below
 LAYERS = [
-    ("base", ("fluxstudio", "fluxstudio.errors", "fluxstudio.paths", "fluxstudio.units", "fluxstudio.progress")),
+    (
+        "base",
+        (
+            "fluxstudio",
+            "fluxstudio.errors",
+            "fluxstudio.paths",
+            "fluxstudio.units",
+            "fluxstudio.progress",
+            "fluxstudio.offline_kernels",
+        ),
+    ),
     ("engine and quant", ("fluxstudio.engine", "fluxstudio.quant")),
     ("sources", ("fluxstudio.sources",)),
     ("formats", ("fluxstudio.formats",)),
