@@ -151,20 +151,26 @@ def _make_q3(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor]:
     cols = torch.arange(x.shape[1], device=x.device)
     xs, w, wx, lv, sumlx, suml2 = x, w_all, wx_all, levels, sumlx_all, suml2_all
     gathered = False
+    # 1.0 where C takes a step, else 0.0, and lerp by it: exactly its ends, and several times faster on the CPU than
+    # torch's bool masks and where (the candidates made finite first: where C stops early they may be nan)
+    take = torch.empty_like(sumlx)
+    cond = torch.empty_like(sumlx)
     for _ in range(5):
-        changed = torch.zeros_like(sumlx, dtype=torch.bool)
+        changed = torch.zeros_like(sumlx)
         for i in range(x.shape[0]):
             li = lv[i]
             before = sumlx - wx[i] * li  # C goes on only where this is > 0
             sl2 = suml2 - w[i] * li * li
-            new = torch.round(xs[i] * sl2 / before).clamp_(-nmax, nmax - 1)
+            new = torch.round(xs[i] * sl2 / before).clamp_(-nmax, nmax - 1).nan_to_num_(0.0)
             slx = before + wx[i] * new
             sl2 = sl2 + w[i] * new * new
-            take = (before > 0) & (new != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            lv[i] = torch.where(take, new, li)
-            sumlx = torch.where(take, slx, sumlx)
-            suml2 = torch.where(take, sl2, suml2)
-            changed |= take
+            torch.gt(before, 0.0, out=take)
+            take.mul_(torch.ne(new, li, out=cond)).mul_(torch.gt(sl2, 0.0, out=cond))
+            take.mul_(torch.gt(slx * slx * suml2, sumlx * sumlx * sl2, out=cond))
+            lv[i] = torch.lerp(li, new, take)
+            sumlx = torch.lerp(sumlx, slx, take)
+            suml2 = torch.lerp(suml2, sl2, take)
+            changed = torch.maximum(changed, take)
         if gathered:  # back into place
             levels.index_copy_(1, cols, lv)
             sumlx_all.index_copy_(0, cols, sumlx)
@@ -176,11 +182,14 @@ def _make_q3(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor]:
             break
         cols = cols[keep]
         xs, w, wx, lv = xs[:, keep], w[:, keep], wx[:, keep], lv[:, keep]
-        sumlx, suml2 = sumlx[keep], suml2[keep]
+        sumlx, suml2, take, cond = sumlx[keep], suml2[keep], take[keep], cond[keep]
         gathered = True
     some = suml2_all > 0
     scale = torch.where(some, sumlx_all / suml2_all.masked_fill(~some, 1.0), torch.zeros_like(sumlx_all))
-    return scale.masked_fill(zero, 0.0), (levels + nmax).masked_fill_(zero[None, :], 0.0)
+    levels += nmax
+    if bool(zero.any()):  # (a full-size masked_fill is slow on the CPU: only where there is a zero column)
+        levels.masked_fill_(zero[None, :], 0.0)
+    return scale.masked_fill(zero, 0.0), levels
 
 
 @_cpu_scripted
@@ -197,8 +206,10 @@ def _q3_k_parts(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
     d16 = torch.where(some, 1 / iscale, torch.zeros_like(iscale)).to(torch.float16)
     d = (d16.float()[:, None] * (ls - 32)).reshape(-1)
     sub = x.reshape(-1, 16)
-    requant = torch.round(sub / d.masked_fill(d == 0, 1.0)[:, None]).clamp_(-4, 3).add_(4)
-    levels = torch.where((d == 0)[:, None], lv.t(), requant)  # ggml keeps make_q3_quants' levels where d is 0
+    levels = torch.round(sub / d.masked_fill(d == 0, 1.0)[:, None]).clamp_(-4, 3).add_(4)
+    kept = (d == 0).nonzero().squeeze(1)  # ggml keeps make_q3_quants' levels where d is 0
+    if kept.numel() > 0:
+        levels[kept] = lv[:, kept].t()
     return ls.to(torch.uint8), levels.to(torch.uint8).reshape(nb, 256), d16
 
 
