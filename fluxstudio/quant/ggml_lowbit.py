@@ -182,7 +182,8 @@ def _make_q3(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor]:
             break
         cols = cols[keep]
         xs, w, wx, lv = xs[:, keep], w[:, keep], wx[:, keep], lv[:, keep]
-        sumlx, suml2, take, cond = sumlx[keep], suml2[keep], take[keep], cond[keep]
+        sumlx, suml2 = sumlx[keep], suml2[keep]
+        take, cond = torch.empty_like(sumlx), torch.empty_like(sumlx)
         gathered = True
     some = suml2_all > 0
     scale = torch.where(some, sumlx_all / suml2_all.masked_fill(~some, 1.0), torch.zeros_like(sumlx_all))
