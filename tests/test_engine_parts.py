@@ -88,14 +88,19 @@ def test_demo_is_deterministic_and_cached(isolated_home, tmp_path, monkeypatch):
 
 
 def test_memory_sampler_sees_a_500mb_tensor_and_stops():
+    def samples_taken(n: int) -> None:  # a busy machine can make a sample slow: wait for them, not for a time
+        until, deadline = sampler.samples + n, time.monotonic() + 60
+        while sampler.samples < until and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     with MemorySampler(interval=0.05) as sampler:
-        time.sleep(0.2)
+        samples_taken(4)
         before = sampler.current.anon_bytes
         x = torch.ones(125_000_000, dtype=torch.float32)  # 500 MB, touched
-        time.sleep(0.4)
+        samples_taken(3)
         during = sampler.peak_anon_bytes
         del x
-        time.sleep(0.3)
+        samples_taken(3)
         assert sampler.running
     assert not sampler.running and sampler.samples >= 10
     grown = during - before
