@@ -287,13 +287,15 @@ def _iq4_scales(x: torch.Tensor, value_of: torch.Tensor) -> torch.Tensor:
     sumqx, sumq2 = _seq_sum(wq * x), _seq_sum(wq * q)
     d = torch.where(sumq2 > 0, sumqx / sumq2.masked_fill(sumq2 == 0, 1.0), torch.zeros_like(d))
     best = d * sumqx
+    won, cond = torch.empty_like(d), torch.empty_like(d)
     for itry in range(-7, 8):
         q = _lookup(value_of, _rdiv(float(2 * (itry - 127)), mx) * x)  # id = (itry + values[0]) / max
         wq = w * q
         sumqx, sumq2 = _seq_sum(wq * x), _seq_sum(wq * q)
-        take = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-        d = torch.where(take, sumqx / sumq2.masked_fill(sumq2 == 0, 1.0), d)
-        best = torch.where(take, d * sumqx, best)
+        # 1.0 where C takes this try, else 0.0, and lerp by it (exactly its ends, and faster than where on the CPU)
+        take = torch.gt(sumq2, 0.0, out=won).mul_(torch.gt(sumqx * sumqx, best * sumq2, out=cond))
+        d = torch.lerp(d, sumqx / sumq2.masked_fill(sumq2 == 0, 1.0), take)
+        best = torch.lerp(best, d * sumqx, take)
     return d.masked_fill(zero, 0.0)
 
 
