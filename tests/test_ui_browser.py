@@ -280,6 +280,7 @@ def test_gguf_fitted_to_the_cards_size_then_to_a_size_typed_with_the_mix_in_the_
     )  # 12 GB less FLUX.1's 3 GB of headroom
     size.fill("0.03")  # the demo: 37 M weights, 39 MB in Q8_0, 16 MB in Q3_K
     size.press("Tab")
+    page.wait_for_selector("#estimate:has-text('at most 30.0 MB')", timeout=30_000)  # the newest size's estimate
     page.fill("#out-name textarea, #out-name input", "demo-fit")
     page.click("#fuse")
     page.wait_for_selector("#result:has-text('Saved')", timeout=180_000)
