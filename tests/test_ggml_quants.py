@@ -1,16 +1,19 @@
-"""GGML block quantization in torch against vectors made by ggml's own reference quantizers
-(tools/ggml_reference.py, ggml_quantize_chunk with no importance matrix)."""
+"""GGML block quantization against vectors made by ggml's own reference quantizers (tools/ggml_reference.py,
+ggml_quantize_chunk with no importance matrix): the compiled loops that run on the CPU and the torch functions that
+run on CUDA (here on the CPU)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import gguf
+import numba
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from fluxstudio.quant import ggml, ggml_lowbit
+from fluxstudio.quant import ggml, ggml_loops
 
 REF = load_file(str(Path(__file__).parent / "data" / "ggml_reference.safetensors"))
 # random rows with outliers, fused FLUX-like rows of 3072 and of 12288 values, zero / constant / tiny / on-grid rows
@@ -19,16 +22,53 @@ CASES = ("random", "fused", "edge", "wide", "heavy")
 TYPES = ggml.quantized()
 
 
+def _torch(x: torch.Tensor, qtype: str) -> torch.Tensor:
+    """The torch function of a type, on every block at once: what runs on CUDA."""
+    block = ggml.sizes(qtype)[0]
+    return ggml._QUANTIZERS[qtype](x.float().reshape(-1, block)).reshape(x.shape[0], -1)
+
+
+def _same_blocks(ours: torch.Tensor, theirs: torch.Tensor, qtype: str) -> float:
+    assert ours.shape == theirs.shape
+    nbytes = ggml.sizes(qtype)[1]
+    return (ours.reshape(-1, nbytes) == theirs.reshape(-1, nbytes)).all(1).float().mean().item()
+
+
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_bytes_match_ggml(qtype, case):
     x = REF[f"{case}.input"]
-    ours = ggml.quantize(x, qtype)
-    theirs = REF[f"{case}.{qtype}"]
-    assert ours.shape == theirs.shape
-    nbytes = ggml.sizes(qtype)[1]
-    same = (ours.reshape(-1, nbytes) == theirs.reshape(-1, nbytes)).all(1).float().mean().item()
+    same = _same_blocks(ggml.quantize(x, qtype), REF[f"{case}.{qtype}"], qtype)
     assert same == 1.0, f"{qtype} {case}: {same:.2%} of blocks identical to ggml's"
+
+
+@pytest.mark.parametrize("qtype", sorted(ggml_loops.KERNELS))
+@pytest.mark.parametrize("case", CASES)
+def test_the_torch_functions_cuda_runs_match_ggml_too(qtype, case):
+    x = REF[f"{case}.input"]
+    same = _same_blocks(_torch(x, qtype), REF[f"{case}.{qtype}"], qtype)
+    assert same == 1.0, f"{qtype} {case}: {same:.2%} of blocks identical to ggml's"
+
+
+@pytest.mark.parametrize("qtype", sorted(ggml_loops.KERNELS))
+def test_an_odd_number_of_blocks(qtype):
+    # Q4_K and Q5_K search two blocks side by side: an odd count leaves the last one alone
+    block, nbytes = ggml.sizes(qtype)
+    x = REF["fused.input"].float().reshape(-1, block)[:3]
+    out = np.zeros((3, nbytes), dtype=np.uint8)
+    ggml_loops.KERNELS[qtype](x.numpy(), out)
+    assert np.array_equal(out, REF[f"fused.{qtype}"].reshape(-1, nbytes)[:3].numpy())
+
+
+def test_the_loops_compute_in_float32_as_c_does():
+    # numba gives float64 to a float32 mixed with a Python int or float: each such step would round otherwise than C
+    for qtype, kernel in ggml_loops.KERNELS.items():
+        block, nbytes = ggml.sizes(qtype)
+        fresh = numba.njit(nogil=True, error_model="numpy")(kernel.py_func)  # (cached code keeps no types)
+        fresh(np.ones((1, block), np.float32), np.zeros((1, nbytes), np.uint8))
+        typemap = next(iter(fresh.overloads.values())).type_annotation.typemap
+        doubles = sorted(name for name, t in typemap.items() if str(t) == "float64")
+        assert not doubles, (qtype, doubles)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -58,24 +98,6 @@ def test_bf16_float32_and_chunking_give_the_same_bytes(monkeypatch):
         assert torch.get_num_threads() == 2  # and torch's own thread count is given back
     finally:
         torch.set_num_threads(threads)
-
-
-@pytest.mark.parametrize(
-    "part, args",
-    [
-        (ggml._k_scales, (15, -1.0, 20)),
-        (ggml._k_scales, (31, -0.5, 15)),
-        (ggml._q6_k_parts, ()),
-        (ggml_lowbit._q3_k_parts, ()),
-        (ggml_lowbit._q2_k_parts, ()),
-    ],
-)
-def test_torchscript_runs_the_k_quants_and_gives_what_python_gives(part, args):
-    assert isinstance(part.compiled(), torch.jit.ScriptFunction)  # compiled on this torch, not silently left as Python
-    x = REF["edge.input"].float().reshape(-1, ggml.QK_K)
-    python = part.__wrapped__(x, *args)
-    for _ in range(3):  # TorchScript profiles the first run and optimizes the next ones
-        assert all(torch.equal(a, b) for a, b in zip(part(x, *args), python, strict=False))
 
 
 def test_the_cpu_ordered_sum_adds_as_the_row_loop_cuda_uses():

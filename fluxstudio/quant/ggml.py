@@ -1,39 +1,31 @@
-"""GGML block quantization in torch: Q8_0, Q5_0, Q4_0 and the K-quants Q6_K, Q5_K, Q4_K, with no compiler
-(`ggml_lowbit.py` adds Q5_1, Q4_1, Q3_K, Q2_K, IQ4_NL and IQ4_XS).
+"""GGML block quantization: Q8_0, Q5_0, Q4_0 and the K-quants Q6_K, Q5_K, Q4_K (`ggml_lowbit.py` adds Q5_1, Q4_1,
+Q3_K, Q2_K, IQ4_NL and IQ4_XS), byte for byte as ggml's reference quantizers make them (`quantize_row_*_ref` in
+ggml-quants.c, no importance matrix). `tests/test_ggml_quants.py` checks the bytes against vectors made by ggml
+itself.
 
-Each function follows ggml's reference quantizer (`quantize_row_*_ref` in ggml-quants.c, no importance matrix)
-step by step, vectorized over every block at once, on the CPU or on CUDA. The float operations are the same and in
-the same order within each element, and sums run left to right as ggml's loops add, so near ties between two
+On the CPU the K-quants and IQ4 types run as compiled loops (`ggml_loops.py`, ggml's C transliterated for numba),
+in chunks side by side, one core each. The functions here are the same quantizers in torch, vectorized over every
+block at once: they make the 32-value types everywhere and the K-quants on CUDA. Their float operations are the same
+and in the same order within each element, and sums run left to right as ggml's loops add, so near ties between two
 candidate scales are decided as ggml decides them (ggml's own builds differ on a few, with and without FMA).
-`tests/test_ggml_quants.py` checks the bytes against vectors made by ggml itself.
-
-On the CPU, chunks of blocks run side by side, one core each, and the K-quants (all but their float16 fields'
-bytes, a dtype view TorchScript lacks) run as TorchScript (`torch.jit.script`, no compiler involved): the same
-functions, run by torch's graph interpreter without Python between their few thousand small operations and without
-holding the GIL, so that the chunks do not wait for each other. Where TorchScript is unavailable the same functions
-run as Python.
 
 Rows are quantized independently; their length must be a multiple of the type's block size.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Tuple
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from fluxstudio.quant import ggml_loops
 from fluxstudio.quant.base import Precision, Rows, register
 
 QK_K = 256
-CHUNK = 1 << 17  # values per step: bounds the temporaries (about 60 bytes a value) and keeps them in a core's cache
-CHUNKS = {"Q3_K": 1 << 19}  # its search runs many small steps over a sixteenth of the values: fewer, longer ones
+CHUNK = 1 << 17  # values per step: bounds torch's temporaries (about 60 bytes a value) and keeps them in a core's cache
 _ONE_AT_A_TIME = threading.Lock()  # torch's thread count is process-wide: one quantize() changes it at a time
 
 
@@ -63,12 +55,17 @@ def quantize(x: torch.Tensor, qtype: str) -> torch.Tensor:
     if n % block:
         raise ValueError(f"rows of {n} values do not fit {qtype} blocks of {block}")
     fn = _QUANTIZERS[qtype]
+    loops = None if x.is_cuda else ggml_loops.KERNELS.get(qtype)
     flat = x2.reshape(-1, block)
     out = torch.empty(flat.shape[0], nbytes, dtype=torch.uint8)
-    step = max(1, CHUNKS.get(qtype, CHUNK) // block)
+    step = max(1, CHUNK // block)
 
     def one(i: int) -> None:
-        out[i : i + step] = fn(flat[i : i + step].to(torch.float32)).cpu()
+        chunk = flat[i : i + step].to(torch.float32)
+        if loops is None:
+            out[i : i + step] = fn(chunk).cpu()
+        else:  # (into its rows of `out`: a numpy view of the same memory)
+            loops(chunk.contiguous().numpy(), out[i : i + step].numpy())
 
     starts = range(0, flat.shape[0], step)
     if x.is_cuda or len(starts) == 1:
@@ -92,36 +89,7 @@ def dequantize(data: torch.Tensor, qtype: str, shape: tuple[int, ...]) -> torch.
     return _DEQUANTIZERS[qtype](blocks).reshape(shape)
 
 
-# -- helpers (those that TorchScript compiles: type hints from typing, no generators, no dtype views) -----------
-
-
-def _cpu_scripted(fn):
-    """`fn(x, ...)` compiled by TorchScript at its first use on the CPU. On CUDA (where TorchScript would fuse the
-    operations, and the fused kernels may round differently) and where TorchScript is unavailable (it is deprecated
-    in favour of torch.compile, which needs a C++ compiler), `fn` itself: the same bytes, more slowly."""
-
-    lock = threading.Lock()  # the pool's first chunks would otherwise all compile it
-
-    @functools.cache
-    def compile_once():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return torch.jit.script(fn)
-        except Exception as e:  # noqa: BLE001 - any failure leaves the Python function
-            logging.getLogger(__name__).warning("TorchScript is unavailable (%s): GGUF K-quants run more slowly", e)
-            return fn
-
-    def compiled():
-        with lock:
-            return compile_once()
-
-    @functools.wraps(fn)
-    def call(x: torch.Tensor, *args):
-        return (compiled() if x.device.type == "cpu" else fn)(x, *args)
-
-    call.compiled = compiled  # type: ignore[attr-defined] - the test reaches the compiled function through it
-    return call
+# -- helpers -------------------------------------------------------------------------------------------------
 
 
 def _rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
@@ -227,11 +195,11 @@ def _row_by_row_sum(t: torch.Tensor) -> torch.Tensor:
 
 def _levels(
     x: torch.Tensor,
-    shift: Optional[torch.Tensor],
+    shift: torch.Tensor | None,
     iscale: torch.Tensor,
     lo: int,
     hi: int,
-    out: Optional[torch.Tensor] = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """clamp(nearest_int(iscale * (x - shift)), lo, hi), written into `out` (round_ rounds halves to even, as
     ggml's nearest_int does for these magnitudes)."""
@@ -251,7 +219,7 @@ def _err(t: torch.Tensor, use_mad: bool) -> torch.Tensor:
 
 def _make_qkx2(
     x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool = False
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's make_qkx2_quants over columns of 32 (or 16) values ([32, M]) -> (scale, -min, iscale, shift, flat)
     per column: its levels are clamp(nearest_int(iscale * (x - shift)), 0, nmax), or 0 where the column is flat."""
     mx = x.amax(0)
@@ -299,8 +267,7 @@ def _make_qkx2(
     return scale.masked_fill(flat, 0.0), -mn, best_iscale, best_shift, flat
 
 
-@_cpu_scripted
-def _k_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _k_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Shared steps of Q4_K and Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins -> (d and dmin as float16
     [blocks, 2], the 12 bytes of packed scales and mins, levels)."""
     nb = x.shape[0]
@@ -348,7 +315,7 @@ def _q5_k(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([dd.view(torch.uint8), packed, qh, _nibbles(lv[:, :, 0], lv[:, :, 1]).reshape(x.shape[0], 128)], 1)
 
 
-def _make_qx(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's make_qx_quants with rmse_type 1 over columns of 16 values ([16, M]) -> (scale, iscales, choice, zero):
     a column's levels are clamp(nearest_int(iscale * x), -nmax, nmax - 1) + nmax with the iscale
     `iscales.gather(0, choice)`, or 0 where the column is all zero."""
@@ -391,8 +358,7 @@ def _q6_k(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([body, d16[:, None].view(torch.uint8)], 1)
 
 
-@_cpu_scripted
-def _q6_k_parts(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _q6_k_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A Q6_K block without its last field, and that field, d, as float16 (a block whose values are all zero is all
     zero bytes)."""
     nb = x.shape[0]

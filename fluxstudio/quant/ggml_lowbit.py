@@ -11,15 +11,12 @@ themselves with `ggml.py`'s tables and the precision registry when this module i
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 
-from fluxstudio.quant import ggml
+from fluxstudio.quant import ggml, ggml_loops
 from fluxstudio.quant.base import register
 from fluxstudio.quant.ggml import (
     QK_K,
-    _cpu_scripted,
     _f16_bytes,
     _f16_value,
     _high_bits,
@@ -35,7 +32,7 @@ from fluxstudio.quant.ggml import (
     _signed_max,
 )
 
-IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
+IQ4_VALUES = tuple(int(v) for v in ggml_loops.IQ4_VALUES)  # ggml's kvalues_iq4nl
 
 
 # -- Q4_1, Q5_1: (value - min) / d, rounded half up ------------------------------------------------------------------
@@ -90,8 +87,7 @@ def _pack_2bit(levels: torch.Tensor) -> torch.Tensor:
     return _pack_fields(levels.reshape(nb, 2, 4, 32), 2).reshape(nb, 64)
 
 
-@_cpu_scripted
-def _q2_k_parts(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _q2_k_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A Q2_K block's scales byte per sub-block, its levels, and d and dmin as float16 [blocks, 2]."""
     nb = x.shape[0]
     cols = x.reshape(nb * 16, 16).t().contiguous()
@@ -135,13 +131,13 @@ def _dq2_k(b: torch.Tensor) -> torch.Tensor:
 # -- Q3_K: 16 sub-blocks of 16, 3-bit levels with a 6-bit signed scale each -----------------------------------------
 
 
-def _make_q3(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's make_q3_quants with do_rmse over columns of 16 values ([16, M]) -> (scale, levels + nmax). Its
     coordinate search makes up to five passes over a column and stops after one that changes nothing; such a pass
     leaves the column as it was, so each pass here runs only on the columns the pass before changed (about a fifth
     after the first), gathered together, and writes them back."""
     mx = _signed_max(x, 0)
-    zero = mx.abs() < 1e-15  # ggml's GROUP_MAX_EPS (TorchScript reads no globals)
+    zero = mx.abs() < 1e-15  # ggml's GROUP_MAX_EPS
     iscale = _rdiv(-float(nmax), mx.masked_fill(zero, 1.0))
     levels = _levels(x, None, iscale, -nmax, nmax - 1)
     w_all = x * x
@@ -193,8 +189,7 @@ def _make_q3(x: torch.Tensor, nmax: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return scale.masked_fill(zero, 0.0), levels
 
 
-@_cpu_scripted
-def _q3_k_parts(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _q3_k_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A Q3_K block's 16 scales (6 bits, offset 32), its levels (0..7) and d as float16."""
     nb = x.shape[0]
     cols = x.reshape(nb * 16, 16).t().contiguous()
@@ -238,19 +233,12 @@ def _dq3_k(b: torch.Tensor) -> torch.Tensor:
 
 
 class _Levels:
-    """IQ4's 16 levels, looked up by half-unit cells: the levels are integers, so the midpoints between two of them
-    are multiples of 1/2 and every value of a cell [k/2, (k+1)/2) has the same nearest level. best_index_int8's
-    float comparison `x - val[mu-1] < val[mu] - x` is that of x with the midpoint: near a midpoint both differences
-    are exact (they are no larger than x, or of its binade), so it decides as the midpoint does."""
+    """IQ4's 16 levels, looked up by half-unit cells (`ggml_loops.IQ4_CELLS`: why that is best_index_int8)."""
 
     def __init__(self, device: torch.device) -> None:
-        values = torch.tensor(IQ4_VALUES, dtype=torch.float64)
-        cells = torch.arange(2 * IQ4_VALUES[0], 2 * IQ4_VALUES[-1], dtype=torch.float64)  # cell k: [k/2, (k+1)/2)
-        x = (cells + 0.5) / 2  # inside the cell, on no midpoint
-        upper = torch.searchsorted(values, x, right=True).clamp_(1, 15)
-        index = upper - ((x - values[upper - 1]) < (values[upper] - x)).long()
+        index = torch.from_numpy(ggml_loops.IQ4_CELLS)
         self.index_of = index.to(device)
-        self.value_of = values[index].float().to(device)
+        self.value_of = torch.tensor(IQ4_VALUES, dtype=torch.float32)[index].to(device)
 
     def index(self, v: torch.Tensor) -> torch.Tensor:
         """ggml's best_index_int8 for every value."""
@@ -274,12 +262,11 @@ def _lookup(table: torch.Tensor, twice: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, cells.reshape(-1)).reshape(cells.shape)
 
 
-@_cpu_scripted
 def _iq4_scales(x: torch.Tensor, value_of: torch.Tensor) -> torch.Tensor:
     """quantize_row_iq4_nl_impl's search with ntry 7 over columns of 32 values ([32, M]) -> the scale of each."""
     w = x * x
     mx = _signed_max(x, 0)
-    zero = mx.abs() < 1e-15  # ggml's GROUP_MAX_EPS (TorchScript reads no globals)
+    zero = mx.abs() < 1e-15  # ggml's GROUP_MAX_EPS
     mx = mx.masked_fill(zero, 1.0)
     d = -mx / -127.0  # -max / values[0]
     q = _lookup(value_of, (2 / d) * x)  # the nearest level of id * x (2 * (id * x) is (2 * id) * x exactly)
