@@ -60,11 +60,12 @@ def test_an_odd_number_of_blocks(qtype):
     assert np.array_equal(out, REF[f"fused.{qtype}"].reshape(-1, nbytes)[:3].numpy())
 
 
+@pytest.mark.slow  # (it compiles every type again: cached code keeps no types)
 def test_the_loops_compute_in_float32_as_c_does():
     # numba gives float64 to a float32 mixed with a Python int or float: each such step would round otherwise than C
     for qtype, kernel in ggml_loops.KERNELS.items():
         block, nbytes = ggml.sizes(qtype)
-        fresh = numba.njit(nogil=True, error_model="numpy")(kernel.py_func)  # (cached code keeps no types)
+        fresh = numba.njit(nogil=True, error_model="numpy")(kernel.py_func)
         fresh(np.ones((1, block), np.float32), np.zeros((1, nbytes), np.uint8))
         typemap = next(iter(fresh.overloads.values())).type_annotation.typemap
         doubles = sorted(name for name, t in typemap.items() if str(t) == "float64")

@@ -3,9 +3,9 @@ Q3_K, Q2_K, IQ4_NL and IQ4_XS), byte for byte as ggml's reference quantizers mak
 ggml-quants.c, no importance matrix). `tests/test_ggml_quants.py` checks the bytes against vectors made by ggml
 itself.
 
-On the CPU the K-quants and IQ4 types run as compiled loops (`ggml_loops.py`, ggml's C transliterated for numba),
-in chunks side by side, one core each. The functions here are the same quantizers in torch, vectorized over every
-block at once: they make the 32-value types everywhere and the K-quants on CUDA. Their float operations are the same
+On the CPU every type runs as compiled loops (`ggml_loops.py`, ggml's C transliterated for numba), in chunks side by
+side, one core each. The functions here are the same quantizers in torch, vectorized over every block at once, for
+CUDA (and tested on the CPU against the same vectors). Their float operations are the same
 and in the same order within each element, and sums run left to right as ggml's loops add, so near ties between two
 candidate scales are decided as ggml decides them (ggml's own builds differ on a few, with and without FMA).
 
@@ -25,7 +25,7 @@ from fluxstudio.quant import ggml_loops
 from fluxstudio.quant.base import Precision, Rows, register
 
 QK_K = 256
-CHUNK = 1 << 17  # values per step: bounds torch's temporaries (about 60 bytes a value) and keeps them in a core's cache
+CHUNK = 1 << 17  # values a core takes at a time (on CUDA: bounds torch's temporaries, about 60 bytes a value)
 _ONE_AT_A_TIME = threading.Lock()  # torch's thread count is process-wide: one quantize() changes it at a time
 
 
@@ -54,32 +54,27 @@ def quantize(x: torch.Tensor, qtype: str) -> torch.Tensor:
     rows, n = x2.shape
     if n % block:
         raise ValueError(f"rows of {n} values do not fit {qtype} blocks of {block}")
-    fn = _QUANTIZERS[qtype]
-    loops = None if x.is_cuda else ggml_loops.KERNELS.get(qtype)
     flat = x2.reshape(-1, block)
     out = torch.empty(flat.shape[0], nbytes, dtype=torch.uint8)
     step = max(1, CHUNK // block)
-
-    def one(i: int) -> None:
-        chunk = flat[i : i + step].to(torch.float32)
-        if loops is None:
-            out[i : i + step] = fn(chunk).cpu()
-        else:  # (into its rows of `out`: a numpy view of the same memory)
-            loops(chunk.contiguous().numpy(), out[i : i + step].numpy())
-
     starts = range(0, flat.shape[0], step)
-    if x.is_cuda or len(starts) == 1:
+    if x.is_cuda:
         for i in starts:
-            one(i)
-    else:  # the many small row operations leave cores idle: run chunks side by side, each on one core
-        with _ONE_AT_A_TIME:  # (ops that split themselves too contend with the pool)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                with ThreadPoolExecutor(threads) as pool:
-                    list(pool.map(one, starts))
-            finally:
-                torch.set_num_threads(threads)
+            out[i : i + step] = _QUANTIZERS[qtype](flat[i : i + step].to(torch.float32)).cpu()
+        return out.reshape(rows, -1)
+    kernel = ggml_loops.KERNELS[qtype]
+
+    def one(i: int) -> None:  # into its rows of `out` (a numpy view of the same memory)
+        kernel(flat[i : i + step].to(torch.float32).contiguous().numpy(), out[i : i + step].numpy())
+
+    with _ONE_AT_A_TIME:  # chunks side by side, one core each (torch's own conversion on one thread each)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+                list(pool.map(one, starts))
+        finally:
+            torch.set_num_threads(threads)
     return out.reshape(rows, -1)
 
 

@@ -1,10 +1,13 @@
-"""ggml's K-quant and IQ4 reference quantizers as compiled loops (numba): Q6_K, Q5_K, Q4_K, Q3_K, Q2_K, IQ4_NL and
-IQ4_XS, byte for byte as `ggml_quantize_chunk` makes them with no importance matrix.
+"""ggml's reference quantizers as compiled loops (numba): Q8_0, Q5_0, Q4_0, Q5_1, Q4_1, the K-quants Q6_K, Q5_K,
+Q4_K, Q3_K, Q2_K, and IQ4_NL and IQ4_XS, byte for byte as `ggml_quantize_chunk` makes them with no importance
+matrix.
 
-Each function is ggml-quants.c's, line for line (`make_qx_quants`, `make_qkx2_quants`, `make_q3_quants`,
-`quantize_row_q*_K_ref`, `quantize_row_iq4_nl_impl`), in float32 with its operations in C's order: every integer and
+Each function follows ggml-quants.c's step for step (`make_qx_quants`, `make_qkx2_quants`, `make_q3_quants`,
+`quantize_row_q*_ref`, `quantize_row_iq4_nl_impl`), in float32 with its operations in C's order: every integer and
 constant that meets a float is made float32 first, as C converts it (numba would otherwise compute in float64), and
-nothing is fused or reordered (no fastmath). They run without the GIL, so `ggml.quantize` runs chunks of blocks side
+nothing is fused or reordered (no fastmath). Where C searches a block's sub-blocks one after the other, each on its
+own, some run them side by side (each still in C's order), which the compiler turns into vector instructions. They
+run without the GIL, so `ggml.quantize` runs chunks of blocks side
 by side, one core each, as ggml's threads do. The torch functions in `ggml.py` make the same bytes on CUDA.
 
 Compiled at first use (a few seconds per type) and cached on disk by numba.
@@ -19,6 +22,7 @@ from numba import njit
 
 F = np.float32
 EPS = F(1e-15)  # GROUP_MAX_EPS
+FLT_MAX = F(np.finfo(np.float32).max)
 TENTH, HALF = F(0.1), F(0.5)  # C's 0.1f and 0.5f (written here, a float literal in a loop would be a float64)
 # ggml's kvalues_iq4nl
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=F)
@@ -561,4 +565,130 @@ def iq4_xs(x, out):
         y[2], y[3] = scales_h & 255, scales_h >> 8
 
 
-KERNELS = {"Q6_K": q6_k, "Q5_K": q5_k, "Q4_K": q4_k, "Q3_K": q3_k, "Q2_K": q2_k, "IQ4_NL": iq4_nl, "IQ4_XS": iq4_xs}
+# -- the 32-value types: a scale (and a minimum) per block --------------------------------------------------------
+
+
+@_jit
+def q8_0(x, out):
+    """quantize_row_q8_0_ref: x [blocks, 32] -> out [blocks, 34]."""
+    for b in range(x.shape[0]):
+        xb, y = x[b], out[b]
+        amax = F(0)
+        for j in range(32):
+            amax = max(amax, abs(xb[j]))  # C's MAX(amax, fabsf(v))
+        d = amax / F(127)
+        inv = F(1) / d if d != 0 else F(0)
+        put_fp16(y, 0, d)
+        for j in range(32):
+            v = xb[j] * inv
+            r = np.trunc(v)  # roundf: halves away from zero (v - r is exact)
+            if abs(v - r) >= HALF:
+                r += np.sign(v)
+            y[2 + j] = int(r) & 255
+
+
+@_inline
+def pack_nibbles(levels, y, at):
+    """Value j in the low nibble of byte j, value 16 + j in its high one."""
+    for j in range(16):
+        y[at + j] = (levels[j] & 15) | ((levels[16 + j] & 15) << 4)
+
+
+@_inline
+def put_qh(levels, y, at):
+    """The 5-bit types' qh: bit j of a little-endian uint32 is the fifth bit of value j."""
+    qh = 0
+    for j in range(32):
+        qh |= ((levels[j] >> 4) & 1) << j
+    for k in range(4):
+        y[at + k] = (qh >> (8 * k)) & 255
+
+
+@_jit
+def q4_0(x, out):
+    """quantize_row_q4_0_ref: x [blocks, 32] -> out [blocks, 18]."""
+    levels = np.zeros(32, np.int64)
+    for b in range(x.shape[0]):
+        xb, y = x[b], out[b]
+        d = signed_max(xb, 32)[0] / F(-8)
+        inv = F(1) / d if d != 0 else F(0)
+        put_fp16(y, 0, d)
+        for j in range(32):
+            levels[j] = min(15, int(xb[j] * inv + (F(8) + HALF)))  # C: MIN(15, (int8_t)(x0 + 8.5f))
+        pack_nibbles(levels, y, 2)
+
+
+@_jit
+def q5_0(x, out):
+    """quantize_row_q5_0_ref: x [blocks, 32] -> out [blocks, 22]."""
+    levels = np.zeros(32, np.int64)
+    for b in range(x.shape[0]):
+        xb, y = x[b], out[b]
+        d = signed_max(xb, 32)[0] / F(-16)
+        inv = F(1) / d if d != 0 else F(0)
+        put_fp16(y, 0, d)
+        for j in range(32):
+            levels[j] = min(31, int(xb[j] * inv + (F(16) + HALF)))
+        put_qh(levels, y, 2)
+        pack_nibbles(levels, y, 6)
+
+
+@_inline
+def min_max(xb):
+    """quantize_row_q*_1_ref's min and max: from FLT_MAX and -FLT_MAX, the first of equal values kept."""
+    lo, hi = FLT_MAX, -FLT_MAX
+    for j in range(32):
+        if xb[j] < lo:
+            lo = xb[j]
+        if xb[j] > hi:
+            hi = xb[j]
+    return lo, hi
+
+
+@_jit
+def q4_1(x, out):
+    """quantize_row_q4_1_ref: x [blocks, 32] -> out [blocks, 20]."""
+    levels = np.zeros(32, np.int64)
+    for b in range(x.shape[0]):
+        xb, y = x[b], out[b]
+        lo, hi = min_max(xb)
+        d = (hi - lo) / F(15)
+        inv = F(1) / d if d != 0 else F(0)
+        put_fp16(y, 0, d)
+        put_fp16(y, 2, lo)
+        for j in range(32):
+            levels[j] = min(15, int((xb[j] - lo) * inv + HALF))
+        pack_nibbles(levels, y, 4)
+
+
+@_jit
+def q5_1(x, out):
+    """quantize_row_q5_1_ref: x [blocks, 32] -> out [blocks, 24]."""
+    levels = np.zeros(32, np.int64)
+    for b in range(x.shape[0]):
+        xb, y = x[b], out[b]
+        lo, hi = min_max(xb)
+        d = (hi - lo) / F(31)
+        inv = F(1) / d if d != 0 else F(0)
+        put_fp16(y, 0, d)
+        put_fp16(y, 2, lo)
+        for j in range(32):
+            levels[j] = int((xb[j] - lo) * inv + HALF) & 255  # C: (uint8_t)(x0 + 0.5f)
+        put_qh(levels, y, 4)
+        pack_nibbles(levels, y, 8)
+
+
+KERNELS = {
+    "Q8_0": q8_0,
+    "Q5_0": q5_0,
+    "Q4_0": q4_0,
+    "Q5_1": q5_1,
+    "Q4_1": q4_1,
+    "Q6_K": q6_k,
+    "Q5_K": q5_k,
+    "Q4_K": q4_k,
+    "Q3_K": q3_k,
+    "Q2_K": q2_k,
+    "IQ4_NL": iq4_nl,
+    "IQ4_XS": iq4_xs,
+}
