@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_size,
         default=0,
         metavar="SIZE",
-        help="gguf: make the file fit in SIZE (e.g. 12GB), each weight's type chosen from its measured error "
-        "(instead of --precision)",
+        help="gguf, comfyui: make the file fit in SIZE (e.g. 12GB), each weight's precision chosen from its "
+        "measured error (comfyui: among what --precision fit-fp8, fit-nvfp4 or fit-int8 names; fit-fp8 by default)",
     )
     f.add_argument(
         "--t5-precision",
@@ -272,12 +272,11 @@ def cmd_fuse(args: argparse.Namespace) -> int:
             "There are more --lora-scale values than --lora files.", "Give one scale per LoRA, in order."
         )
     scales = args.lora_scale + [1.0] * (len(args.lora) - len(args.lora_scale))
-    if args.fit and args.precision:
-        raise BadInputError("--fit chooses each weight's precision itself.", "Leave out --precision, or --fit.")
+
     req = studio.BuildRequest(
         base=args.base,
         loras=tuple(studio.LoraRef(r, s) for r, s in zip(args.lora, scales, strict=False)),
-        precision="fit" if args.fit else args.precision or FORMATS[args.format].default,
+        precision=args.precision or ("fit" if args.fit else FORMATS[args.format].default),
         fit_bytes=args.fit,
         format=args.format,
         t5_precision=args.t5_precision,

@@ -249,7 +249,7 @@ class Studio:
 
         fmt = get_format(format)
         free = free_bytes(self.output_dir)
-        if precision == "fit":
+        if precision in fmt.fit_keys:
             return Estimate(fit_bytes, free, False)
         try:
             base_dir = self.local_base(base)
@@ -297,7 +297,7 @@ class Studio:
         overwrite: bool = False,
         fit_gb: float = 0.0,
     ) -> BuildRequest:
-        """A build as the app asks for it. `fit_gb`: the size a fitted file (precision "fit") must fit in."""
+        """A build as the app asks for it. `fit_gb`: the size a fitted file (a `fitted` precision) must fit in."""
         fmt = get_format(format)
         precision = fmt.check(precision)
         return BuildRequest(
@@ -309,7 +309,7 @@ class Studio:
             shard_bytes=parse_size(shard),
             t5_precision=fmt.encoder_precision(t5_precision, precision),
             overwrite=overwrite and self.local,  # a shared session never replaces the owner's outputs
-            fit_bytes=int(max(fit_gb or 0, 0) * 1e9) if precision == "fit" else 0,
+            fit_bytes=int(max(fit_gb or 0, 0) * 1e9) if precision in fmt.fit_keys else 0,
         )
 
     def start(self, request: BuildRequest) -> Job:

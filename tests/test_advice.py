@@ -75,20 +75,39 @@ def test_fp8_native_cards_get_fp8_and_hear_what_it_buys():
 
 ONE_FILE = [
     # card, model, the one-file pick, what is offered beside it, facts its reason must name
-    ("RTX 4090 24 GB", FLUX1, "comfyui fp8", ["single-file fp8-scaled"], ["multiplies it in fp8", "8.9", "Forge"]),
+    # a ComfyUI file fitted to the card's room beside the uniform one, where the room is a tenth more but not bf16's
+    (
+        "RTX 4090 24 GB",
+        FLUX1,
+        "comfyui fp8",
+        ["single-file fp8-scaled", "comfyui fit-fp8 in 21.00 GB"],
+        ["multiplies it in fp8", "8.9", "Forge", "fp8 or bf16"],
+    ),
     ("H100 80 GB", FLUX1, "comfyui fp8", ["single-file fp8-scaled"], ["multiplies it in fp8", "9.0"]),
     ("L40S 48 GB", FLUX1, "comfyui fp8", ["single-file fp8-scaled"], ["8.9"]),
-    ("L4 24 GB", FLUX1, "comfyui fp8", ["single-file fp8-scaled"], ["8.9"]),
+    ("L4 24 GB", FLUX1, "comfyui fp8", ["single-file fp8-scaled", "comfyui fit-fp8 in 21.00 GB"], ["8.9"]),
     ("RTX 5090 32 GB", FLUX1, "comfyui nvfp4", ["comfyui fp8"], ["quarter", "12.0", "CUDA 13", "slower than fp8"]),
     ("B200 180 GB", FLUX2, "comfyui nvfp4", ["comfyui fp8"], ["10.0", "CUDA 13"]),
-    ("RTX 5080 16 GB", FLUX1, "comfyui nvfp4", [], ["~9.7 GB", "CUDA 13"]),  # fp8 does not fit; NVFP4 does
-    ("RTX 5070 12 GB", FLUX1, "comfyui nvfp4", [], ["~9.7 GB"]),
-    ("RTX 5060 8 GB", MODELS["flux2-klein-4b"], "comfyui nvfp4", ["comfyui fp8"], ["12.0"]),
+    ("RTX 5080 16 GB", FLUX1, "comfyui nvfp4", ["comfyui fit-nvfp4 in 13.00 GB"], ["~9.7 GB", "NVFP4, fp8, MXFP8"]),
+    ("RTX 5070 12 GB", FLUX1, "comfyui nvfp4", ["comfyui fit-nvfp4 in 9.00 GB"], ["~9.7 GB"]),
+    (
+        "RTX 5060 8 GB",
+        MODELS["flux2-klein-4b"],
+        "comfyui nvfp4",
+        ["comfyui fp8", "comfyui fit-nvfp4 in 4.00 GB"],
+        ["12.0"],
+    ),
     ("RTX 5060 8 GB", FLUX1, "gguf Q4_K_S", [], ["fits the RTX 5060"]),  # NVFP4 needs ~9.7 GB
     ("A100 80 GB", FLUX1, "single-file bf16", ["comfyui int8"], ["full quality", "INT8", "8.0", "30% faster"]),
     ("A100 40 GB", FLUX1, "single-file bf16", ["comfyui int8"], ["INT8"]),
     # a GGUF fitted to the VRAM less FLUX.1's 3 GB headroom (at most Q8_0's size), the one-type GGUF beside it
-    ("RTX 3090 24 GB", FLUX1, "gguf fit in 12.64 GB", ["gguf Q5_K_S", "comfyui int8"], ["INT8", "8.6"]),
+    (
+        "RTX 3090 24 GB",
+        FLUX1,
+        "gguf fit in 12.64 GB",
+        ["gguf Q5_K_S", "comfyui int8", "comfyui fit-int8 in 21.00 GB"],
+        ["INT8", "8.6", "INT8 or bf16"],
+    ),
     ("RTX 3060 12 GB", FLUX1, "gguf fit in 9.00 GB", ["gguf Q5_K_S"], ["12 GB less 3 GB"]),  # INT8's ~15 GB: no
     ("RTX 4080 16 GB", FLUX1, "gguf fit in 12.64 GB", ["gguf Q5_K_S"], ["GGUF"]),  # Ada: no NVFP4 nor INT8 path
     ("RTX 2080 Ti 11 GB", FLUX1, "gguf fit in 8.00 GB", ["gguf Q4_K_S"], ["11 GB less 3 GB"]),
@@ -103,7 +122,7 @@ def test_the_one_file_pick_is_what_the_card_multiplies_fastest_in_comfyui(card, 
         assert fact in rec.one_file_why, rec.one_file_why
     for p in rec.one_file_picks:  # every pick is one the format offers (a size to fit, where it fits sizes)
         fmt = FORMATS[p.format]
-        assert p.precision in fmt.precisions or (p.precision == "fit" and fmt.fits and p.fit_bytes > 0)
+        assert p.precision in fmt.precisions or (p.precision in fmt.fit_keys and p.fit_bytes > 0)
 
 
 def test_a100_gets_bf16_and_small_cards_nf4_with_a_gguf_for_one_file_users():

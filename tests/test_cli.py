@@ -135,7 +135,7 @@ def test_env_json(cli, isolated_home):
     comfy = {"format": "comfyui", "fit_bytes": 0}
     for card, precision, fact, one_file, also in (
         ("H100 80 GB", "fp8", "compute 9.0", comfy | {"precision": "fp8"}, ["fp8-scaled"]),
-        ("RTX 4090 24 GB", "fp8", "compute 8.9", comfy | {"precision": "fp8"}, ["fp8-scaled"]),
+        ("RTX 4090 24 GB", "fp8", "compute 8.9", comfy | {"precision": "fp8"}, ["fp8-scaled", "fit-fp8"]),
         ("RTX 5090 32 GB", "fp8", "compute 12.0", comfy | {"precision": "nvfp4"}, ["fp8"]),
         ("A100 80 GB", "bf16", "compute 8.0", {"format": "single-file", "precision": "bf16", "fit_bytes": 0}, ["int8"]),
         ("RTX 3080 10 GB", "nf4", "10 GB", {"format": "gguf", "precision": "fit", "fit_bytes": 7 * 10**9}, ["Q4_K_S"]),

@@ -1,6 +1,7 @@
 """ComfyUI's native quantized checkpoints (`comfy_quant`), made with comfy-kitchen: bit for bit what comfy-kitchen
 makes of the fused float32 weights, in the layout ComfyUI's loader reads (pinned below against its source), on
-FLUX.1 and FLUX.2, widened and padded bases and shapes that need padding; and the LoRA they keep."""
+FLUX.1 and FLUX.2, widened and padded bases and shapes that need padding; the LoRA they keep; and files fitted to a
+size, whose layers mix the precisions a generation of cards multiplies natively."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from helpers import FLUX1_TINY, FLUX1_WIDE, FLUX2_TINY, linear_shapes, peft_lora
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from fluxstudio import cli
 from fluxstudio.engine.fuse import execute, plan_tensors
 from fluxstudio.engine.lora import load_lora
 from fluxstudio.engine.models import open_base
+from fluxstudio.errors import BadInputError
 from fluxstudio.flows.build import build
 from fluxstudio.flows.request import BuildRequest, LoraRef
 from fluxstudio.formats import FORMATS
@@ -419,3 +422,64 @@ def test_a_build_on_cuda_keeps_the_lora(typical, wide_base, tmp_path):
         loras = (LoraRef(str(lora), 1.0),)
         result = build(BuildRequest(str(wide_base), loras, precision, tmp_path / precision, "comfyui", device="cuda"))
         assert abs(result.lora_retained - builds[precision].lora_retained) < 0.01, precision
+
+
+def test_a_file_fitted_for_rtx_50_mixes_precisions_per_layer_as_comfyui_reads_them(typical, wide_base, tmp_path):
+    """Fitted for RTX 50 (NVFP4, fp8, MXFP8 and bf16) to a tenth more than the uniform fp8 file: each layer carries
+    its own config and layout, the file fits, and it has less error than fp8 by the fit's measure (engine/fit.py)."""
+    lora, builds, _ = typical
+    budget = int(builds["fp8"].output_bytes * 1.1)
+    out = tmp_path / "fit.safetensors"
+    result = build(
+        BuildRequest(str(wide_base), (LoraRef(str(lora)),), "fit-nvfp4", out, format="comfyui", fit_bytes=budget)
+    )
+    mix = result.fit
+    print("\n".join(f"{k}: {v}" for k, v in mix["types"].items()), mix["error"], mix["presets"])
+    assert out.stat().st_size <= budget and result.precision == "fit-nvfp4"
+    assert len(mix["types"]) >= 2 and set(mix["types"]) <= {"nvfp4", "fp8", "mxfp8", "bf16"}
+    assert mix["error"] < mix["presets"]["fp8"]["error"]
+    assert result.lora_retained is not None and result.lora_retained >= builds["fp8"].lora_retained
+    with safe_open(str(out), "pt") as f:
+        header = json.loads(f.metadata()["_quantization_metadata"])
+    sd = load_file(str(out))
+    layers = quantized_layers(sd)
+    assert set(header["layers"]) == layers
+    by_config = {json.dumps(c, sort_keys=True): p for p, c in CONFIGS.items() if p != "int8-convrot"}
+    seen = set()
+    for layer in layers:
+        precision = by_config[json.dumps(header["layers"][layer], sort_keys=True)]
+        assert bytes(sd[layer + ".comfy_quant"].tolist()) == json.dumps(CONFIGS[precision]).encode("utf-8")
+        for name, (shape, dtype) in stored_shapes(precision, *sd[layer + ".weight"].shape).items():
+            if name != "weight":  # (the weight's own stored shape is what the padding made)
+                assert (tuple(sd[f"{layer}.{name}"].shape), sd[f"{layer}.{name}"].dtype) == (shape, dtype)
+        seen.add(precision)
+    assert seen | ({"bf16"} & set(mix["types"])) == set(mix["types"])  # the header holds the mix
+    for name in (k for k in sd if k.endswith(".weight") and k[: -len(".weight")] not in layers):
+        assert sd[name].dtype == torch.bfloat16
+    FORMATS["comfyui"].load_transformer(out, wide_base)  # the preview reads the mix (comfy-kitchen dequantizes)
+
+
+def test_a_fitted_file_below_its_smallest_precision_is_one_sentence_and_no_file(wide_base, tmp_path, capsys):
+    out = tmp_path / "outputs" / "small.safetensors"
+    with pytest.raises(BadInputError) as small:
+        build(BuildRequest(str(wide_base), (), "fit-int8", out, format="comfyui", fit_bytes=10**6))
+    assert small.value.message.count(". ") == 0 and "even int8 for every weight" in small.value.message
+    assert "GGUF" in small.value.hint
+    code = cli.main(
+        [
+            "fuse",
+            "--base",
+            str(wide_base),
+            "--format",
+            "comfyui",
+            "--precision",
+            "fit-fp8",
+            "--fit",
+            "1MB",
+            "--out",
+            str(out),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "even fp8 for every weight" in err and "Traceback" not in err
+    assert not out.parent.exists() or not list(out.parent.iterdir())

@@ -131,8 +131,10 @@ def test_a_budget_below_the_smallest_type_is_one_sentence_and_no_file(rows256, t
     print(err)
     assert code == 2 and "Q2_K makes" in err and "choose it" in err and "Traceback" not in err
     assert not out.parent.exists() or not list(out.parent.iterdir())
-    with pytest.raises(BadInputError, match="Only GGUF files"):
+    with pytest.raises(BadInputError, match="GGUF and ComfyUI-native files are fitted to a size, not the single-file"):
         build(BuildRequest(str(rows256), (), "fit", out, format="single-file", fit_bytes=10**9))
+    with pytest.raises(BadInputError, match="Q4_K_S is one precision for every weight"):
+        build(BuildRequest(str(rows256), (), "Q4_K_S", out, format="gguf", fit_bytes=10**9))
 
 
 def test_a_fitted_file_at_q4_k_s_size_is_a_mix_with_less_error_than_q4_k_s(rows256, attn_lora, tmp_path):

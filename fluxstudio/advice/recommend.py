@@ -29,6 +29,7 @@ from fluxstudio.advice.hardware import (
 
 ORDER = ("bf16", "fp8", "nf4")  # best quality first
 FIT_LEAST = 1.01  # a fitted GGUF needs at least Q3_K for every weight, and its small layers in F16/F32
+FIT_ROOM = 1.1  # a fitted ComfyUI file is offered where the room holds a tenth more than the uniform file
 
 
 @dataclass(frozen=True)
@@ -223,23 +224,43 @@ def recommend(card: Card | None, model: ModelSpec) -> Recommendation:
     return Recommendation(pick, reason, alternatives, card.name, one_file, _text_encoder(pick, card, model), why, also)
 
 
+def _room(card: Card, model: ModelSpec) -> int:
+    """What the card holds of the transformer's weights: its VRAM less the model's headroom."""
+    return int(card.vram_gb * GB - model.headroom_gb * GB)
+
+
+def _comfy_fit(card: Card, model: ModelSpec, uniform: str, kinds: str) -> tuple[tuple[Pick, ...], str]:
+    """A ComfyUI file fitted to the card's room for its generation (`fit-<uniform>`), offered beside the uniform
+    file where the room holds a tenth more than it but not bf16 throughout: the most sensitive layers in bf16."""
+    budget = _room(card, model)
+    if not FIT_ROOM * model.weight_bytes(uniform) <= budget < model.weight_bytes("bf16"):
+        return (), ""
+    return (Pick("comfyui", f"fit-{uniform}", budget),), (
+        f" A ComfyUI file fitted to {units.gb(budget)} is offered beside it: each Linear weight in {kinds}, "
+        "whichever keeps the most of the model and the LoRA in the room the card has."
+    )
+
+
 def _one_file(pick: str, card: Card, model: ModelSpec) -> tuple[Pick, str, tuple[Pick, ...]]:
     """The one-file output for ComfyUI / Forge users of this card, why, and what is offered beside it."""
     fits = [p for p in ("nvfp4", "int8", "Q8_0", "Q6_K", "Q5_K_S") if model.need_bytes(p) <= card.vram_gb * GB]
     if card.nvfp4 and "nvfp4" in fits:
         also = (Pick("comfyui", "fp8"),) if pick == "fp8" else ()
+        fitted, fit_why = _comfy_fit(card, model, "nvfp4", "NVFP4, fp8, MXFP8 or bf16")
         why = (
             f"NVFP4 ({_need(model, 'nvfp4')}): about a quarter of bf16's size, and the {card.name} multiplies it "
             f"natively (compute {_cap(card)}), near twice fp8's speed in ComfyUI. It needs a PyTorch built for "
             "CUDA 13 (cu130): with an older one ComfyUI runs NVFP4 slower than fp8"
         )
-        return Pick("comfyui", "nvfp4"), why + (", so ComfyUI's fp8 file is offered beside it." if also else "."), also
+        why += ", so ComfyUI's fp8 file is offered beside it." if also else "."
+        return Pick("comfyui", "nvfp4"), why + fit_why, also + fitted
     if pick == "fp8" and card.fp8:
+        fitted, fit_why = _comfy_fit(card, model, "fp8", "fp8 or bf16")
         why = (
             f"ComfyUI's own fp8 (comfy_quant): ComfyUI multiplies it in fp8 on the {card.name} (compute "
             f"{_cap(card)}). The older scaled-fp8 single file is for Forge and older ComfyUI, which compute it in bf16."
         )
-        return Pick("comfyui", "fp8"), why, (Pick("single-file", "fp8-scaled"),)
+        return Pick("comfyui", "fp8"), why + fit_why, (Pick("single-file", "fp8-scaled"), *fitted)
     int8 = (Pick("comfyui", "int8"),) if card.int8 and "int8" in fits else ()
     why = (
         f" INT8 for ComfyUI ({_need(model, 'int8')}) is offered beside it: fp8's size, and the {card.name} "
@@ -247,12 +268,14 @@ def _one_file(pick: str, card: Card, model: ModelSpec) -> tuple[Pick, str, tuple
         if int8
         else ""
     )
+    if int8 and pick != "bf16":
+        fitted, fit_why = _comfy_fit(card, model, "int8", "INT8 or bf16")
+        int8, why = int8 + fitted, why + fit_why
     if pick == "bf16":
         return Pick("single-file", "bf16"), "bf16 in one file: full quality." + why, int8
     gguf = [p for p in fits if p.startswith("Q")]
     q = gguf[0] if gguf and pick != "nf4" else ("Q5_K_S" if "Q5_K_S" in gguf else "Q4_K_S")
-    room = int(card.vram_gb * GB - model.headroom_gb * GB)
-    budget = min(room, model.weight_bytes("Q8_0"))  # past Q8_0, a fitted file gains next to nothing
+    budget = min(_room(card, model), model.weight_bytes("Q8_0"))  # past Q8_0, a fitted file gains next to nothing
     if budget >= FIT_LEAST * model.weight_bytes("Q3_K_S"):
         fitted = (
             f"GGUF fitted to {units.gb(budget)}: the {card.name}'s {card.vram_gb:.0f} GB less {model.headroom_gb:g} GB "

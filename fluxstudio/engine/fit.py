@@ -20,8 +20,9 @@ size (a file fitted to Q4_K_S's size keeps it as Q5_K_S would). Where the mix th
 keep less, the LoRA term is weighed up just enough (`choose_keeping`), and the model's error is made least under
 that condition.
 
-The pre-pass measures every candidate on evenly spaced sample rows (ggml's types quantize each row on its own, so a
-sampled row is stored exactly as in the whole tensor) and scales the sums by the rows' share of |W|² (a ratio
+The pre-pass measures every candidate on evenly spaced sample rows, each stored as in the whole tensor (ggml's types
+and INT8 quantize each row on its own, MXFP8 each 32 values; fp8's and NVFP4's scale of the whole tensor is taken
+from the whole tensor) and scales the sums by the rows' share of |W|² (a ratio
 estimate: a row's error follows its size, so rows of unequal scales are estimated as well as equal ones). The
 choice is the greedy one over each tensor's lower convex hull of (bytes, error): the cheapest error per byte first,
 which is the Lagrangian solution at every budget it passes (multiple-choice knapsack).
@@ -93,6 +94,7 @@ def measure(
     m, n = weight.shape
     idx = sample(m, count)
     x = weight[idx.to(weight.device)].to(made_from).to(torch.float32)
+    whole_made = weight.to(made_from)  # (a scale of the whole tensor is taken from it: fp8's, NVFP4's)
     step = max(1, (1 << 20) // n)  # every row's |w|², what the sample is scaled by: a chunk of rows at a time
     norms = torch.cat([weight[i : i + step].to(torch.float32).square().sum(1).cpu() for i in range(0, m, step)])
 
@@ -114,7 +116,7 @@ def measure(
     whole = scale(idx, 0, m)
     errors = {}
     for c in candidates:
-        stored = c.encode(name, x)
+        stored = c.encode_rows(name, x, whole_made)
         e = c.rows(name, stored, tuple(x.shape))(0, len(idx)).to(x.device).sub_(x)
         lost = sum(w * float((e[sel] @ basis).square().sum()) for sel, basis, w in parts)
         errors[c.key] = (float(e.square().sum()) * whole, lost)

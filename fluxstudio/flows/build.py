@@ -91,16 +91,23 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool, is_file: bool =
 
 
 def fitted(fmt: Format, req: BuildRequest) -> str:
-    """The precision a request asks of its format: "fit" where it names a size to fit in, once the format fits."""
+    """The precision a request asks of its format: with a size to fit in, the format's fitted precision it names
+    (its first where it names none)."""
     if req.fit_bytes:
         if not fmt.fits:
             raise BadInputError(
-                f"Only GGUF files are fitted to a size so far, not the {fmt.key} format.",
-                "Choose the GGUF format, or a precision instead of a size.",
+                f"GGUF and ComfyUI-native files are fitted to a size, not the {fmt.key} format.",
+                "Choose one of them, or a precision instead of a size.",
             )
-        return fmt.check("fit")
+        named = fmt.check(req.precision) if req.precision and req.precision.lower() != "fit" else ""
+        if named and named not in fmt.fit_keys:
+            raise BadInputError(
+                f"{named} is one precision for every weight: a size to fit chooses them itself.",
+                f"Give the size with {' or '.join(fmt.fit_keys)}, or {named} without a size.",
+            )
+        return named or fmt.fit_keys[0]
     precision = fmt.check(req.precision)
-    if precision == "fit":
+    if precision in fmt.fit_keys:
         raise BadInputError("A fitted file needs the size it must fit in.", "Give the size, such as 12GB.")
     return precision
 

@@ -89,7 +89,7 @@ class Settings:
     shard_bytes: int = 5 * 10**9
     double_quant: bool = False
     t5_precision: str = ""  # T5-XXL's precision where the format writes it on its own ("" as the transformer)
-    fit_bytes: int = 0  # the size a fitted output must fit in (formats that fit; precision "fit")
+    fit_bytes: int = 0  # the size a fitted output must fit in (a format's `fitted` precisions)
 
 
 @dataclass
@@ -147,16 +147,24 @@ class Format(ABC):
     encoder_options: tuple[str, ...] = ()  # T5-XXL's precisions, where the format writes T5 on its own
     writes_encoders: bool = True  # the fused text encoders of a LoRA that trains them (beside, or in the pipeline)
     links_base: bool = False  # takes the rest of the base's pipeline unchanged
-    fits: bool = False  # offers precision "fit": each weight's precision chosen to fit a size
+    fitted: tuple[Option, ...] = ()  # its precisions that fit a size: each weight's precision chosen to fit it
 
     # -- precisions ---------------------------------------------------------------------------------------------
     @property
     def precisions(self) -> tuple[str, ...]:
         return tuple(o.key for o in self.options)
 
+    @property
+    def fits(self) -> bool:
+        return bool(self.fitted)
+
+    @property
+    def fit_keys(self) -> tuple[str, ...]:
+        return tuple(o.key for o in self.fitted)
+
     def option(self, key: str) -> Option:
         """The precision called `key` (in any case: Q8_0 and q8_0 alike), or one sentence naming what there is."""
-        for o in self.options:
+        for o in self.options + self.fitted:
             if o.key.lower() == key.strip().lower():
                 return o
         raise BadInputError(
@@ -289,7 +297,10 @@ class Format(ABC):
 
     def prepare(self, planned: BuildPlan, device: str, run) -> dict:
         """What runs before the output is written (a fitted file's measuring pass); returns what the manifest adds."""
-        return {}
+        from fluxstudio.formats.fitting import Fitting
+
+        writer = planned.writer
+        return {"fit": writer.fit(device, run)} if isinstance(writer, Fitting) else {}
 
     def link(self, planned: BuildPlan, folder: Path) -> None:  # noqa: B027 - a hook: most formats take nothing
         """Bring in what the format takes from the base unchanged (a pipeline's other components)."""

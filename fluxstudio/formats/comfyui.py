@@ -7,18 +7,27 @@ The weights are quantized by comfy-kitchen (`fluxstudio.quant.comfy`) from the f
 Kept in bf16, as ComfyUI's own converters keep them: biases, norms and every 1-D tensor, FLUX.1's `img_in`, `txt_in`,
 `time_in`, `vector_in`, `guidance_in` and `final_layer`, and FLUX.2's stream-modulation Linears. ConvRot needs
 inputs in groups of 256: a Linear whose width does not divide is stored as plain INT8 per row, and a note says so.
+
+A file fitted to a size (`FITTED`: `fit-fp8`, `fit-nvfp4`, `fit-int8`, one per generation of cards) gives each Linear
+weight the precision, among those the generation multiplies natively and bf16, that makes the fit's measure least
+(engine/fit.py); ComfyUI reads each layer's own config, so they mix in one file.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fluxstudio import units
+from fluxstudio.engine import fit
 from fluxstudio.engine.fuse import FusePlan
 from fluxstudio.engine.models import BaseModel, Family
-from fluxstudio.formats.base import Option, Settings, Writer
+from fluxstudio.errors import BadInputError
+from fluxstudio.formats.base import Option, Runtime, Settings, Writer
+from fluxstudio.formats.fitting import Fitting
 from fluxstudio.formats.single_file import BflFormat, SingleFileWriter
 from fluxstudio.quant import Precision
 from fluxstudio.quant.comfy import FP8, INT8, INT8_CONVROT, MXFP8, NVFP4, ComfyPrecision, Int8
@@ -57,11 +66,95 @@ class ComfyWriter(SingleFileWriter):
         return {METADATA: json.dumps({"format_version": "1.0", "layers": layers})}
 
 
+@dataclass(frozen=True)
+class FitFor:
+    """A file fitted to a size for one generation of cards: each Linear weight at the candidate that makes the
+    measure least (engine/fit.py), among what those cards multiply natively in ComfyUI, and bf16."""
+
+    key: str
+    cards: str
+    candidates: tuple[Precision, ...]
+    runtime: Runtime = "own-file"
+    double_quant: bool | None = None
+
+    @property
+    def label(self) -> str:
+        kinds = ", ".join(c.key for c in self.candidates)
+        return f"Fit a size, for {self.cards} · each Linear weight in {kinds}, chosen to fit the size below"
+
+    @property
+    def note(self) -> str:
+        return (
+            f"ComfyUI native, fitted to a size for {self.cards}: each Linear weight in the precision (of "
+            f"{', '.join(c.key for c in self.candidates)}) that keeps the most of the model and the LoRA within it."
+        )
+
+    @property
+    def bytes_per_param(self) -> float:
+        return min(c.bytes_per_param for c in self.candidates)  # at least
+
+
+# What each generation of cards multiplies natively in ComfyUI (the advice's rule): a fitted file mixes only these
+FITTED = (
+    FitFor("fit-fp8", "RTX 40, L4, L40S and H100", (FP8, BF16)),
+    FitFor("fit-nvfp4", "RTX 50 and B200", (NVFP4, FP8, MXFP8, BF16)),
+    FitFor("fit-int8", "RTX 30 and A100", (INT8, BF16)),
+)
+OVERHEAD = 1 << 20  # the header's JSON (keys, shapes, the layers' configs, the manifest), at most
+
+
+class FittedComfyWriter(Fitting, ComfyWriter):
+    """A comfy_quant file whose Linear weights each take the candidate of `option` that makes the total error least
+    with the file within `budget` bytes; ComfyUI reads each layer's own `comfy_quant`, so a file may mix them."""
+
+    def __init__(self, option: FitFor, base: BaseModel, jobs, filename: str, budget: int) -> None:
+        first = option.candidates[0]
+        assert isinstance(first, ComfyPrecision)
+        ComfyWriter.__init__(self, first, base, jobs, filename)
+        self.option, self.budget = option, budget
+        self.choosable = {n: list(option.candidates) for n in self.shapes if self.quantized(n)}
+        self.fixed = OVERHEAD + sum(BF16.nbytes(s) for n, s in self.shapes.items() if n not in self.choosable)
+        if (least := self.least()) > budget:
+            raise BadInputError(
+                f"A {units.human_bytes(budget)} file cannot hold this model: even {first.key} for every weight makes "
+                f"{units.human_bytes(least)}.",
+                f"Allow at least {units.human_bytes(least)}, or fit a GGUF file to this size (its types go lower).",
+            )
+        self.summary = {}
+
+    def uniform(self) -> dict[str, tuple[dict[str, str], int]]:
+        return {
+            c.key: (
+                dict.fromkeys(self.choosable, c.key),
+                self.fixed + sum(c.nbytes(self.shapes[n]) for n in self.choosable),
+            )
+            for c in self.option.candidates
+            if c is not BF16
+        }
+
+    @property
+    def ladder(self) -> tuple[str, ...]:
+        sizes = {key: size for key, (_, size) in self.uniform().items()}
+        return tuple(sorted(sizes, key=sizes.__getitem__))
+
+    def apply(self, mix: dict[str, fit.Choice]) -> None:
+        by_key = {c.key: c for c in self.option.candidates}
+        for n, c in mix.items():
+            self.codecs[n] = by_key[c.key]
+
+    def planned_bytes(self) -> int:
+        return ComfyWriter.need_bytes(self) + OVERHEAD
+
+    def need_bytes(self) -> int:
+        return self.planned_bytes() if self.summary else self.budget  # before the choice: at most the budget
+
+
 class ComfyFormat(BflFormat):
     key = "comfyui"
     label = "ComfyUI native (comfy_quant): fp8 matmul, NVFP4 / MXFP8 for RTX 50, INT8 for RTX 30 and A100"
     extension = ".safetensors"
     options: tuple[Option, ...] = (FP8, NVFP4, MXFP8, INT8, INT8_CONVROT)
+    fitted: tuple[Option, ...] = FITTED
     default = "fp8"
     families = ("flux1", "flux2")
     where = (
@@ -73,6 +166,8 @@ class ComfyFormat(BflFormat):
 
     def main_writer(self, precision: str, base: BaseModel, plan: FusePlan, settings: Settings) -> Writer:
         codec = self.option(precision)
+        if isinstance(codec, FitFor):
+            return FittedComfyWriter(codec, base, plan.jobs, settings.filename, settings.fit_bytes)
         assert isinstance(codec, ComfyPrecision)
         return ComfyWriter(codec, base, plan.jobs, settings.filename)
 

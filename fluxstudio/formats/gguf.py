@@ -25,11 +25,11 @@ import torch
 
 from fluxstudio import units
 from fluxstudio.engine import fit, manifest
-from fluxstudio.engine.fuse import FusePlan, execute
+from fluxstudio.engine.fuse import FusePlan
 from fluxstudio.engine.models import BaseModel, Family
-from fluxstudio.engine.retention import change_size
 from fluxstudio.errors import BadInputError
-from fluxstudio.formats.base import PIPELINES, BuildPlan, Option, Runtime, Settings, Writer, pipeline_lines
+from fluxstudio.formats.base import PIPELINES, Option, Runtime, Settings, Writer, pipeline_lines
+from fluxstudio.formats.fitting import Fitting
 from fluxstudio.formats.single_file import BflFormat
 from fluxstudio.formats.writers import KEEP_HIGH, BflWriter
 from fluxstudio.quant import Precision, Rows, get
@@ -196,12 +196,15 @@ class GgufWriter(BflWriter):
         return self.written
 
 
-class FittedWriter(GgufWriter):
+class FittedWriter(Fitting, GgufWriter):
     """A GGUF file whose Linear weights each take the type (`CANDIDATES`) that makes the total error least with the
     file within `budget` bytes: `fit` measures every tensor in a first streaming pass, then chooses (engine/fit.py)."""
 
+    ladder = LADDER
+    made_from = torch.bfloat16  # GGUF is made from the bf16 rounding of the fused sums
+
     def __init__(self, base: BaseModel, jobs, filename: str, budget: int) -> None:
-        super().__init__(FIT, base, jobs, filename)
+        GgufWriter.__init__(self, FIT, base, jobs, filename)
         self.base, self.budget = base, budget
         self.choosable = {
             n: [c for k in CANDIDATES if (c := get(k)).fits(self.shapes[n])]  # type: ignore[attr-defined]
@@ -209,20 +212,31 @@ class FittedWriter(GgufWriter):
             if self._wanted(n) == FIT.weights
         }
         self.notes.clear()  # a uniform type's F16 fallback: here every candidate that fits is measured
-        self.fixed = sum(t.nbytes(self.shapes[n]) for n, t in self.types.items() if n not in self.choosable)
-        least = (
-            self.fixed
-            + self.overhead
-            + sum(min(c.nbytes(self.shapes[n]) for c in cs) for n, cs in self.choosable.items())
+        self.fixed = self.overhead + sum(
+            t.nbytes(self.shapes[n]) for n, t in self.types.items() if n not in self.choosable
         )
-        if least > budget:
+        if (least := self.least()) > budget:
             message, hint = self._too_small(least)
             raise BadInputError(message, hint)
-        self.summary: dict = {}
+        self.summary = {}
 
     def _presets(self) -> dict[str, GgufWriter]:
         """llama.cpp's own types and mixes planned for this model: each one's tensor types and size."""
         return {p.key: GgufWriter(p, self.base, self.jobs, self.filename) for p in PRESETS}
+
+    def uniform(self) -> dict[str, tuple[dict[str, str], int]]:
+        return {
+            key: ({n: w.types[n].key for n in self.choosable}, w.need_bytes())
+            for key, w in self._presets().items()
+            if w.preset.weights in CANDIDATES
+        }
+
+    def apply(self, mix: dict[str, fit.Choice]) -> None:
+        for n, c in mix.items():
+            self.types[n] = get(c.key)
+
+    def planned_bytes(self) -> int:
+        return GgufWriter.need_bytes(self)
 
     def _too_small(self, least: int) -> tuple[str, str]:
         sizes = {key: writer.need_bytes() for key, writer in self._presets().items()}
@@ -243,63 +257,8 @@ class FittedWriter(GgufWriter):
             f"The smallest type, {small}, makes {units.human_bytes(sizes[small])}: allow at least {units.human_bytes(least)}.",
         )
 
-    def _lora_inputs(self, name: str, width: int) -> list[fit.LoraInputs]:
-        parts, start = [], 0
-        group = self.groups[name]
-        for part, rows in zip(group.parts, self.rows[group.parts[0]], strict=False):
-            job = self.retention.jobs.get(part)
-            if job is not None and job.deltas:
-                ups = [d.up.to(torch.float32) * d.weight for d in job.deltas]
-                downs = [
-                    torch.nn.functional.pad(d.down.to(torch.float32), (0, width - d.down.shape[1])) for d in job.deltas
-                ]
-                parts.append(fit.LoraInputs(start, start + rows, torch.cat(downs), change_size(ups, downs)))
-            start += rows
-        return parts
-
     def need_bytes(self) -> int:
         return super().need_bytes() if self.summary else self.budget  # before the choice: at most the budget
-
-    def fit(self, device: str, run) -> dict:
-        """Measure every weight at every candidate (a streaming pass that writes nothing), then choose the types."""
-        measured: dict[str, fit.Measured] = {}
-
-        def take(name: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
-            done = self.assembler.add(name, fused, self.rows[name])
-            if done is not None and done[0] in self.choosable:
-                key, t = done
-                measured[key] = fit.measure(
-                    key, t, self.choosable[key], self._lora_inputs(key, t.shape[1]), torch.bfloat16
-                )
-            return {}
-
-        execute(self.jobs, take, lambda key, value: None, device, run, message="Measuring each weight at each type")
-        terms = fit.relative(measured)
-        nbytes = {n: {c.key: c.nbytes(self.shapes[n]) for c in cs} for n, cs in self.choosable.items()}
-        presets = {  # llama.cpp's own types and mixes by the same measure, for comparison
-            key: {
-                "error": sum(sum(terms[n][writer.types[n].key]) for n in terms),
-                "lora_error": sum(terms[n][writer.types[n].key][1] for n in terms),
-                "bytes": writer.need_bytes(),
-            }
-            for key, writer in self._presets().items()
-            if writer.preset.weights in CANDIDATES
-        }
-        fitting = [k for k in LADDER if presets[k]["bytes"] <= self.budget]
-        up = LADDER[LADDER.index(fitting[-1]) + 1] if fitting and fitting[-1] != LADDER[-1] else None
-        mix, weight = fit.choose_keeping(
-            terms, nbytes, self.budget - self.fixed - self.overhead, presets[up]["lora_error"] if up else None
-        )
-        for n, c in mix.items():
-            self.types[n] = get(c.key)
-        self.summary = fit.summary(mix, {n: math.prod(self.shapes[n]) for n in mix}, terms) | {
-            "budget_bytes": self.budget,
-            "planned_bytes": GgufWriter.need_bytes(self),
-            "presets": presets,
-            "lora_as": up,  # the type whose LoRA term the mix keeps within (the next one up from what fits)
-            "lora_weight": weight,
-        }
-        return self.summary
 
     @property
     def file_type(self) -> int:
@@ -320,10 +279,7 @@ class GgufFormat(BflFormat):
         "Forge: models/Stable-diffusion/. stable-diffusion.cpp: --diffusion-model FILE."
     )
 
-    fits = True
-
-    def option(self, key: str) -> Option:
-        return FIT if key.strip().lower() == FIT.key else super().option(key)
+    fitted: tuple[Option, ...] = (FIT,)
 
     def main_writer(self, precision: str, base: BaseModel, plan: FusePlan, settings: Settings) -> Writer:
         if precision == FIT.key:
@@ -331,10 +287,6 @@ class GgufFormat(BflFormat):
         preset = self.option(precision)
         assert isinstance(preset, Preset)
         return GgufWriter(preset, base, plan.jobs, settings.filename)
-
-    def prepare(self, planned: BuildPlan, device: str, run) -> dict:
-        writer = planned.writer
-        return {"fit": writer.fit(device, run)} if isinstance(writer, FittedWriter) else {}
 
     def snippet(self, path: str, precision: str, family: Family, t5: str = "", pipeline: str = "") -> str:
         cls = family.class_name

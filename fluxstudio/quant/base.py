@@ -30,6 +30,11 @@ class Precision(ABC):
     @abstractmethod
     def encode(self, key: str, weight: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
+    def encode_rows(self, key: str, rows: torch.Tensor, whole: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Some rows of `whole` stored as they are within it (what a fitted file's measure samples): each row on its
+        own here; a precision with a scale for the whole tensor overrides this."""
+        return self.encode(key, rows)
+
     def rows(self, key: str, stored: dict[str, torch.Tensor], shape: tuple[int, ...] | None = None) -> Rows:
         """Rows [start, stop) of what `encode` stored, in float32, a new tensor each call (`shape`: the weight's own,
         where the stored form is padded)."""

@@ -84,8 +84,13 @@ class ComfyPrecision(Precision):
         return None
 
     def encode(self, key: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._encode(key, weight, self.global_scale(weight))
+
+    def encode_rows(self, key: str, rows: torch.Tensor, whole: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._encode(key, rows, self.global_scale(whole))
+
+    def _encode(self, key: str, weight: torch.Tensor, scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
         tensor = _ck()
-        scale = self.global_scale(weight)
         step = _roundup(CHUNK_ROWS, self.block_rows)
         # in float32 (a bf16 weight the LoRA left alone too): comfy-kitchen scales in its input's dtype
         parts = [self.quantize(weight[i : i + step].float(), scale) for i in range(0, weight.shape[0], step)]

@@ -26,7 +26,7 @@ class Handles:
     shard: gr.Dropdown
     estimate: gr.Markdown
     t5: gr.Radio  # T5-XXL's precision, for pipeline exports
-    fit: gr.Number  # the size a fitted file must fit in, in GB (precision "fit")
+    fit: gr.Number  # the size a fitted file must fit in, in GB (a format's `fitted` precisions)
 
 
 def default_name() -> str:
@@ -40,7 +40,8 @@ def precision_choices(ctx: Context, base: str, format: str, model_key: str) -> l
     """The format's precisions, each with its size: from the base's own size when it is here, else the model
     table's; for a format that fits sizes, fitting one first."""
     sizes = [(f"{p} · ~{human_bytes(n)}", p) for p, n in ctx.studio.sizes(base, format, model_key).items()]
-    return ([(FIT_LABEL, "fit")] if FORMATS[format].fits else []) + sizes
+    fitted = [(FIT_LABEL if o.key == "fit" else o.label, o.key) for o in FORMATS[format].fitted]  # type: ignore[attr-defined]
+    return fitted + sizes
 
 
 def default_precision(format: str, advised: str, one_file: tuple[Pick, ...]) -> str:
@@ -53,7 +54,7 @@ def default_precision(format: str, advised: str, one_file: tuple[Pick, ...]) -> 
 
 
 def offered(format: str, precision: str) -> bool:
-    return precision in FORMATS[format].precisions or (precision == "fit" and FORMATS[format].fits)
+    return precision in FORMATS[format].precisions + FORMATS[format].fit_keys
 
 
 def precision_update(ctx: Context, base: str, format: str, model_key: str, rec) -> dict:
@@ -64,8 +65,9 @@ def precision_update(ctx: Context, base: str, format: str, model_key: str, rec) 
 
 def fit_update(format: str, precision: str, rec=None) -> dict:
     """The size field: shown while a size is fitted; the advice's size for the card (`rec`), where it fits one."""
-    shown = gr.update(visible=precision == "fit" and FORMATS[format].fits)
-    fitted = next((p for p in rec.one_file_picks if p.fit_bytes), None) if rec is not None else None
+    shown = gr.update(visible=precision in FORMATS[format].fit_keys)
+    picks = rec.one_file_picks if rec is not None else ()
+    fitted = next((p for p in picks if p.fit_bytes and p.format == format), None)
     return shown | ({"value": round(fitted.fit_bytes / 1e9, 2)} if fitted else {})
 
 
@@ -91,13 +93,13 @@ def estimate(
     if not offered(format, precision):
         return ""
     fit_bytes = int((fit_gb or 0) * 1e9)
-    if precision == "fit" and fit_bytes <= 0:
+    if precision in fmt.fit_keys and fit_bytes <= 0:
         return f"Give the size the file must fit in.  \n{fmt.option(precision).note}"
     est = ctx.studio.estimate(
         reference(choice, custom), [it["path"] for it in items or []], format, precision, model_key, t5, fit_bytes
     )
     warn = " — **not enough space**" if not est.fits else ""
-    if precision == "fit":
+    if precision in fmt.fit_keys:
         size = f"at most **{human_bytes(est.bytes)}**"
     else:
         size = "about **" + (human_bytes(est.bytes) if est.exact else f"~{human_bytes(est.bytes)}") + "**"
