@@ -60,6 +60,28 @@ def test_an_odd_number_of_blocks(qtype):
     assert np.array_equal(out, REF[f"fused.{qtype}"].reshape(-1, nbytes)[:3].numpy())
 
 
+def test_the_loops_half_conversions_are_ieee_round_to_nearest_even():
+    """The scales' float16 bytes, as F16C converts: every half's value back, and float32s all over the range (ties,
+    subnormals, overflow to infinity, signed zeros) to the nearest half, ties to even."""
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    back = np.array([ggml_loops.fp16_value(int(h)) for h in halves], dtype=np.float32)
+    want = halves.view(np.float16).astype(np.float32)
+    assert np.array_equal(np.isnan(back), np.isnan(want)) and np.array_equal(
+        back[~np.isnan(want)], want[~np.isnan(want)]
+    )
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32)
+    ties = (halves[:0x7C00].view(np.float16).astype(np.float32).view(np.uint32) | 0x1000).astype(
+        np.uint32
+    )  # halfway up
+    edge = np.array([0.0, -0.0, 65504.0, 65519.996, 65520.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 6.1e-5], np.float32)
+    values = np.concatenate([bits.view(np.float32), ties.view(np.float32), edge, -edge])
+    values = values[~np.isnan(values)]
+    ours = np.array([ggml_loops.fp16_bits(v) for v in values], dtype=np.uint32).astype(np.uint16)
+    with np.errstate(over="ignore"):  # (beyond 65520 numpy's cast says so: infinity is the answer)
+        assert np.array_equal(ours, values.astype(np.float16).view(np.uint16))
+
+
 @pytest.mark.slow  # (it compiles every type again: cached code keeps no types)
 def test_the_loops_compute_in_float32_as_c_does():
     # numba gives float64 to a float32 mixed with a Python int or float: each such step would round otherwise than C

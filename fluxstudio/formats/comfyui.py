@@ -145,9 +145,6 @@ class FittedComfyWriter(Fitting, ComfyWriter):
     def planned_bytes(self) -> int:
         return ComfyWriter.need_bytes(self) + OVERHEAD
 
-    def need_bytes(self) -> int:
-        return self.planned_bytes() if self.summary else self.budget  # before the choice: at most the budget
-
 
 class ComfyFormat(BflFormat):
     key = "comfyui"

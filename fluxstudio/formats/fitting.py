@@ -46,6 +46,9 @@ class Fitting:
     def planned_bytes(self) -> int:
         raise NotImplementedError
 
+    def need_bytes(self) -> int:
+        return self.planned_bytes() if self.summary else self.budget  # before the choice: at most the budget
+
     def least(self) -> int:
         """The smallest file the candidates make."""
         return self.fixed + sum(min(c.nbytes(self.shapes[n]) for c in cs) for n, cs in self.choosable.items())

@@ -257,9 +257,6 @@ class FittedWriter(Fitting, GgufWriter):
             f"The smallest type, {small}, makes {units.human_bytes(sizes[small])}: allow at least {units.human_bytes(least)}.",
         )
 
-    def need_bytes(self) -> int:
-        return super().need_bytes() if self.summary else self.budget  # before the choice: at most the budget
-
     @property
     def file_type(self) -> int:
         import gguf

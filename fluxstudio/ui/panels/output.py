@@ -40,7 +40,7 @@ def precision_choices(ctx: Context, base: str, format: str, model_key: str) -> l
     """The format's precisions, each with its size: from the base's own size when it is here, else the model
     table's; for a format that fits sizes, fitting one first."""
     sizes = [(f"{p} · ~{human_bytes(n)}", p) for p, n in ctx.studio.sizes(base, format, model_key).items()]
-    fitted = [(FIT_LABEL if o.key == "fit" else o.label, o.key) for o in FORMATS[format].fitted]  # type: ignore[attr-defined]
+    fitted = [(getattr(o, "label", FIT_LABEL), o.key) for o in FORMATS[format].fitted]
     return fitted + sizes
 
 
