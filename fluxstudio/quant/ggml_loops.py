@@ -604,78 +604,64 @@ def put_qh(levels, y, at):
         y[at + k] = (qh >> (8 * k)) & 255
 
 
-@_jit
-def q4_0(x, out):
-    """quantize_row_q4_0_ref: x [blocks, 32] -> out [blocks, 18]."""
+@_inline
+def q_0(x, out, half):
+    """quantize_row_q4_0_ref (half 8: out [blocks, 18]) and q5_0 (half 16: [blocks, 22]) of x [blocks, 32]."""
     levels = np.zeros(32, np.int64)
     for b in range(x.shape[0]):
         xb, y = x[b], out[b]
-        d = signed_max(xb, 32)[0] / F(-8)
+        d = signed_max(xb, 32)[0] / F(-half)
         inv = F(1) / d if d != 0 else F(0)
         put_fp16(y, 0, d)
+        for j in range(32):  # C: MIN(2*half - 1, (int8_t)(x0 + half + 0.5f))
+            levels[j] = min(2 * half - 1, int(xb[j] * inv + (F(half) + HALF)))
+        if half == 16:
+            put_qh(levels, y, 2)
+        pack_nibbles(levels, y, 2 if half == 8 else 6)
+
+
+@_inline
+def q_1(x, out, nmax):
+    """quantize_row_q4_1_ref (nmax 15: out [blocks, 20]) and q5_1 (31: [blocks, 24]) of x [blocks, 32]."""
+    levels = np.zeros(32, np.int64)
+    for b in range(x.shape[0]):
+        xb, y = x[b], out[b]
+        lo, hi = FLT_MAX, -FLT_MAX  # C's loop from FLT_MAX and -FLT_MAX: the first of equal values kept
         for j in range(32):
-            levels[j] = min(15, int(xb[j] * inv + (F(8) + HALF)))  # C: MIN(15, (int8_t)(x0 + 8.5f))
-        pack_nibbles(levels, y, 2)
+            if xb[j] < lo:
+                lo = xb[j]
+            if xb[j] > hi:
+                hi = xb[j]
+        d = (hi - lo) / F(nmax)
+        inv = F(1) / d if d != 0 else F(0)
+        put_fp16(y, 0, d)
+        put_fp16(y, 2, lo)
+        for j in range(32):  # C: MIN(15, (int8_t)(x0 + 0.5f)) for Q4_1, (uint8_t)(x0 + 0.5f) for Q5_1
+            v = int((xb[j] - lo) * inv + HALF)
+            levels[j] = min(15, v) if nmax == 15 else v & 255
+        if nmax == 31:
+            put_qh(levels, y, 4)
+        pack_nibbles(levels, y, 4 if nmax == 15 else 8)
+
+
+@_jit
+def q4_0(x, out):
+    q_0(x, out, 8)
 
 
 @_jit
 def q5_0(x, out):
-    """quantize_row_q5_0_ref: x [blocks, 32] -> out [blocks, 22]."""
-    levels = np.zeros(32, np.int64)
-    for b in range(x.shape[0]):
-        xb, y = x[b], out[b]
-        d = signed_max(xb, 32)[0] / F(-16)
-        inv = F(1) / d if d != 0 else F(0)
-        put_fp16(y, 0, d)
-        for j in range(32):
-            levels[j] = min(31, int(xb[j] * inv + (F(16) + HALF)))
-        put_qh(levels, y, 2)
-        pack_nibbles(levels, y, 6)
-
-
-@_inline
-def min_max(xb):
-    """quantize_row_q*_1_ref's min and max: from FLT_MAX and -FLT_MAX, the first of equal values kept."""
-    lo, hi = FLT_MAX, -FLT_MAX
-    for j in range(32):
-        if xb[j] < lo:
-            lo = xb[j]
-        if xb[j] > hi:
-            hi = xb[j]
-    return lo, hi
+    q_0(x, out, 16)
 
 
 @_jit
 def q4_1(x, out):
-    """quantize_row_q4_1_ref: x [blocks, 32] -> out [blocks, 20]."""
-    levels = np.zeros(32, np.int64)
-    for b in range(x.shape[0]):
-        xb, y = x[b], out[b]
-        lo, hi = min_max(xb)
-        d = (hi - lo) / F(15)
-        inv = F(1) / d if d != 0 else F(0)
-        put_fp16(y, 0, d)
-        put_fp16(y, 2, lo)
-        for j in range(32):
-            levels[j] = min(15, int((xb[j] - lo) * inv + HALF))
-        pack_nibbles(levels, y, 4)
+    q_1(x, out, 15)
 
 
 @_jit
 def q5_1(x, out):
-    """quantize_row_q5_1_ref: x [blocks, 32] -> out [blocks, 24]."""
-    levels = np.zeros(32, np.int64)
-    for b in range(x.shape[0]):
-        xb, y = x[b], out[b]
-        lo, hi = min_max(xb)
-        d = (hi - lo) / F(31)
-        inv = F(1) / d if d != 0 else F(0)
-        put_fp16(y, 0, d)
-        put_fp16(y, 2, lo)
-        for j in range(32):
-            levels[j] = int((xb[j] - lo) * inv + HALF) & 255  # C: (uint8_t)(x0 + 0.5f)
-        put_qh(levels, y, 4)
-        pack_nibbles(levels, y, 8)
+    q_1(x, out, 31)
 
 
 KERNELS = {
