@@ -293,6 +293,26 @@ def transposed(xb, n, x, at):
 
 
 @_inline
+def from_columns(LT, n, m, L):
+    """The levels back in C's order: L[n*s + i] = LT[i, s] for the first m columns."""
+    for s in range(m):
+        for i in range(n):
+            L[n * s + i] = LT[i, s]
+
+
+@_inline
+def largest(scales, mins, m):
+    """(max_scale, max_min) of the first m sub-blocks as C's loops find them: from 0, the first of equals kept."""
+    max_scale, max_min = F(0), F(0)
+    for j in range(m):
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+    return max_scale, max_min
+
+
+@_inline
 def k_pair(x, b, nmax, rmin, nstep, xt, w, LT, scales, mins, t):
     """make_qkx2_quants with Q4_K's and Q5_K's weights for blocks b and b + 1 (all zero for a missing second)."""
     xt[:] = 0
@@ -315,15 +335,8 @@ def k_pair(x, b, nmax, rmin, nstep, xt, w, LT, scales, mins, t):
 def k_scales(xb, y, nmax, L, LT, scales, mins):
     """The rest of the steps Q4_K and Q5_K share, for one block whose 8 sub-blocks' make_qkx2_quants are in
     scales[:8], mins[:8] and LT[:, :8]: the 6-bit scales and mins into y[0:16], levels into L."""
-    for s in range(8):
-        for i in range(32):
-            L[32 * s + i] = LT[i, s]
-    max_scale, max_min = F(0), F(0)
-    for j in range(8):
-        if scales[j] > max_scale:
-            max_scale = scales[j]
-        if mins[j] > max_min:
-            max_min = mins[j]
+    from_columns(LT, 32, 8, L)
+    max_scale, max_min = largest(scales, mins, 8)
     inv_scale = F(63) / max_scale if max_scale > 0 else F(0)
     inv_min = F(63) / max_min if max_min > 0 else F(0)
     for j in range(8):
@@ -438,15 +451,8 @@ def q2_k(x, out):
             for s in range(16):
                 w[i, s] = abs(xt[i, s])
         make_qkx2_quants(16, 3, xt, w, LT, -HALF, 15, True, scales, mins, t)
-        for s in range(16):
-            for i in range(16):
-                L[16 * s + i] = LT[i, s]
-        max_scale, max_min = F(0), F(0)
-        for j in range(16):
-            if scales[j] > max_scale:
-                max_scale = scales[j]
-            if mins[j] > max_min:
-                max_min = mins[j]
+        from_columns(LT, 16, 16, L)
+        max_scale, max_min = largest(scales, mins, 16)
         if max_scale > 0:
             iscale = F(15) / max_scale
             for j in range(16):
