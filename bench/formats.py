@@ -7,7 +7,7 @@ precisions given with `--full-precisions` (`gguf:fit=7GB`: a GGUF fitted to 7 GB
 largest fused group (a single block's linear1), which both models share. Each build runs in its own process;
 peak anonymous memory is sampled every 10 ms from /proc. Linux only.
 
-The quantizer speed compares FluxStudio's quantizers (the K-quants and IQ4 as compiled loops) with ggml's `ggml_quantize_chunk` (its reference
+The quantizer speed compares FluxStudio's quantizers (on the CPU, ggml's C as numba-compiled loops) with ggml's `ggml_quantize_chunk` (its reference
 quantizers, no importance matrix) on the same 2 threads, when `--ggml` names a libggml-base built from llama.cpp's
 sources (see tools/ggml_reference.py); without it, only FluxStudio's speed is printed.
 
